@@ -1,0 +1,154 @@
+//! wharf-agent command line.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, ValueEnum};
+use tracing::info;
+use wharf_agent::{
+    ebpf::{Dataplane, Reconciler},
+    netdev, standalone,
+};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ProxyMode {
+    /// eBPF socket-LB, TC and XDP.
+    Ebpf,
+}
+
+/// wharf node agent.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// This node's name: keys its pinned state under <bpffs>/wharf/<name>.
+    #[arg(long, default_value_t = default_node_name())]
+    node_name: String,
+
+    /// How services are forwarded.
+    #[arg(long, value_enum, default_value = "ebpf")]
+    proxy_mode: ProxyMode,
+
+    /// Take services from manifests instead of an API server.
+    #[arg(long, requires = "services_from")]
+    standalone: bool,
+
+    /// Service + EndpointSlice YAML: a file or a directory, watched.
+    #[arg(long)]
+    services_from: Option<PathBuf>,
+
+    /// External devices: XDP (native where the driver has it) and TC.
+    /// Their IPv4 addresses answer NodePort frontends.
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<String>,
+
+    /// Pod-facing devices: TC only.
+    #[arg(long, value_delimiter = ',')]
+    pod_devices: Vec<String>,
+
+    /// cgroup v2 directory whose processes get socket-LB.
+    #[arg(long, default_value_os_t = default_cgroup())]
+    cgroup: PathBuf,
+
+    /// Skip socket-LB: every packet is translated by TC/XDP instead.
+    #[arg(long)]
+    no_socket_lb: bool,
+
+    /// Extra node addresses that answer NodePort frontends.
+    #[arg(long, value_delimiter = ',')]
+    node_ip: Vec<Ipv4Addr>,
+
+    /// Where bpffs is (mounted there if it is not).
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
+
+    /// Remove this node's programs and maps, then exit.
+    #[arg(long, conflicts_with = "standalone")]
+    teardown: bool,
+}
+
+fn default_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "node".into())
+}
+
+/// The cgroup v2 mount: hybrid hosts (like this project's CI) have it at
+/// /sys/fs/cgroup/unified, unified hosts at /sys/fs/cgroup.
+fn default_cgroup() -> PathBuf {
+    let unified = PathBuf::from("/sys/fs/cgroup/unified");
+    if unified.join("cgroup.procs").exists() {
+        unified
+    } else {
+        PathBuf::from("/sys/fs/cgroup")
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = Args::parse();
+
+    if args.teardown {
+        Dataplane::teardown(&args.bpffs, &args.node_name).context("teardown")?;
+        info!(node = %args.node_name, "dataplane removed");
+        return Ok(());
+    }
+    let (true, Some(services_from)) = (args.standalone, args.services_from.clone()) else {
+        bail!(
+            "wharf-agent needs --standalone --services-from PATH (the API-server mode is not built yet)"
+        );
+    };
+    let ProxyMode::Ebpf = args.proxy_mode;
+
+    let mut dataplane =
+        Dataplane::load(&args.bpffs, &args.node_name).context("loading the eBPF dataplane")?;
+    let mut node_addresses = args.node_ip.clone();
+    for device in &args.devices {
+        node_addresses.extend(
+            netdev::ipv4_addresses(device).with_context(|| format!("addresses of {device}"))?,
+        );
+        let native = dataplane
+            .attach_xdp(device)
+            .with_context(|| format!("XDP on {device}"))?;
+        dataplane
+            .attach_tc(device)
+            .with_context(|| format!("TC on {device}"))?;
+        info!(device, xdp = native, "external device attached");
+    }
+    for device in &args.pod_devices {
+        dataplane
+            .attach_tc(device)
+            .with_context(|| format!("TC on {device}"))?;
+        info!(device, "pod-facing device attached");
+    }
+    if !args.no_socket_lb {
+        dataplane.attach_cgroup(&args.cgroup).context("socket-LB")?;
+    }
+    dataplane
+        .set_node_addresses(&node_addresses)
+        .context("node addresses")?;
+    info!(node = %args.node_name, addresses = ?node_addresses, "dataplane ready");
+
+    let mut reconciler = Reconciler::new(dataplane.maps()?).context("reading the pinned maps")?;
+    standalone::run(&mut reconciler, services_from, shutdown_signal()).await?;
+    // Programs and maps stay pinned: forwarding continues while the agent
+    // is away, and the next start picks up where this one stopped.
+    info!("shutting down; dataplane left in place");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,9 @@
+//! Kubernetes Service and EndpointSlice objects to desired state, with
+//! kube-proxy's semantics, and the YAML files standalone mode reads them
+//! from.
+
+mod files;
+mod translate;
+
+pub use files::{ManifestError, load_path};
+pub use translate::{TranslateError, desired_state};

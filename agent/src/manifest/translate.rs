@@ -1,0 +1,422 @@
+//! Services + EndpointSlices -> `DesiredState`, as kube-proxy reads them:
+//! - a service port's endpoints are the EndpointSlice ports of the same
+//!   name (and protocol) in slices labelled `kubernetes.io/service-name`;
+//! - an endpoint is active when `ready` (unset means ready), terminating
+//!   when not ready but `serving`; anything else is left out;
+//! - frontends: the ClusterIP(s), the NodePort (NodePort and LoadBalancer
+//!   types), `externalIPs` and load-balancer ingress IPs, each per port;
+//! - headless services (`clusterIP: None`) and services without a
+//!   selector-less IPv4 address get no frontends; SCTP and IPv6 are
+//!   skipped (the dataplane is IPv4 TCP/UDP).
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use crate::proxy::{
+    Backend, BackendState, DesiredState, Frontend, FrontendKey, FrontendKind, Protocol,
+    ServicePortName,
+};
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TranslateError {
+    #[error("{object}: {field}: {reason}")]
+    Invalid {
+        object: String,
+        field: &'static str,
+        reason: String,
+    },
+    #[error("{object}: frontend {frontend} is also claimed by {other}")]
+    Conflict {
+        object: String,
+        frontend: FrontendKey,
+        other: String,
+    },
+}
+
+/// Builds the desired state from every Service and EndpointSlice.
+pub fn desired_state(
+    services: &[Service],
+    slices: &[EndpointSlice],
+) -> Result<DesiredState, TranslateError> {
+    let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in slices {
+        let namespace = slice
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        else {
+            continue;
+        };
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        by_service
+            .entry((namespace, service.clone()))
+            .or_default()
+            .push(slice);
+    }
+
+    let mut state = DesiredState::default();
+    for service in services {
+        let namespace = service
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let name = service.metadata.name.clone().unwrap_or_default();
+        let object = format!("Service {namespace}/{name}");
+        if name.is_empty() {
+            return Err(invalid(&object, "metadata.name", "must be set"));
+        }
+        let Some(spec) = &service.spec else { continue };
+        let slices = by_service
+            .get(&(namespace.clone(), name.clone()))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let cluster_ips = cluster_ips(&object, spec)?;
+        let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+        if service_type == "ExternalName" {
+            continue;
+        }
+        let mut external: Vec<(Ipv4Addr, FrontendKind)> = Vec::new();
+        for ip in spec.external_ips.iter().flatten() {
+            if let Some(address) = ipv4(&object, "spec.externalIPs", ip)? {
+                external.push((address, FrontendKind::ExternalIp));
+            }
+        }
+        let ingress = service
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for entry in ingress.into_iter().flatten() {
+            if let Some(ip) = &entry.ip {
+                if let Some(address) = ipv4(&object, "status.loadBalancer.ingress.ip", ip)? {
+                    external.push((address, FrontendKind::LoadBalancer));
+                }
+            }
+        }
+
+        for port in spec.ports.iter().flatten() {
+            let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => Protocol::Tcp,
+                "UDP" => Protocol::Udp,
+                "SCTP" => continue,
+                other => {
+                    return Err(invalid(
+                        &object,
+                        "spec.ports.protocol",
+                        format!("unknown protocol {other:?}"),
+                    ));
+                }
+            };
+            let service_port = u16::try_from(port.port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| {
+                    invalid(
+                        &object,
+                        "spec.ports.port",
+                        format!("{} is not a port", port.port),
+                    )
+                })?;
+            let port_name = port.name.clone().unwrap_or_default();
+            let backends = backends(slices, &port_name, protocol)?;
+            let frontend = |kind| Frontend {
+                kind,
+                service: ServicePortName {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    port: port_name.clone(),
+                },
+                backends: backends.clone(),
+            };
+            let mut add = |address: Ipv4Addr, port: u16, kind| {
+                let key = FrontendKey {
+                    address,
+                    port,
+                    protocol,
+                };
+                insert(&mut state, &object, key, frontend(kind))
+            };
+            for address in &cluster_ips {
+                add(*address, service_port, FrontendKind::ClusterIp)?;
+            }
+            for (address, kind) in &external {
+                add(*address, service_port, *kind)?;
+            }
+            if matches!(service_type, "NodePort" | "LoadBalancer") {
+                if let Some(node_port) = port.node_port {
+                    let node_port = u16::try_from(node_port)
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or_else(|| {
+                            invalid(
+                                &object,
+                                "spec.ports.nodePort",
+                                format!("{node_port} is not a port"),
+                            )
+                        })?;
+                    add(Ipv4Addr::UNSPECIFIED, node_port, FrontendKind::NodePort)?;
+                }
+            }
+        }
+    }
+    Ok(state)
+}
+
+fn insert(
+    state: &mut DesiredState,
+    object: &str,
+    key: FrontendKey,
+    frontend: Frontend,
+) -> Result<(), TranslateError> {
+    if let Some(other) = state.frontends.get(&key) {
+        return Err(TranslateError::Conflict {
+            object: object.to_string(),
+            frontend: key,
+            other: other.service.to_string(),
+        });
+    }
+    state.frontends.insert(key, frontend);
+    Ok(())
+}
+
+fn cluster_ips(
+    object: &str,
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+) -> Result<Vec<Ipv4Addr>, TranslateError> {
+    let mut ips: Vec<&String> = spec.cluster_ips.iter().flatten().collect();
+    if ips.is_empty() {
+        ips.extend(spec.cluster_ip.as_ref());
+    }
+    let mut out = Vec::new();
+    for ip in ips {
+        if ip == "None" || ip.is_empty() {
+            continue;
+        }
+        if let Some(address) = ipv4(object, "spec.clusterIP", ip)? {
+            out.push(address);
+        }
+    }
+    Ok(out)
+}
+
+/// Parses an address, skipping IPv6 (valid, but not this dataplane's).
+fn ipv4(object: &str, field: &'static str, text: &str) -> Result<Option<Ipv4Addr>, TranslateError> {
+    match text.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(address)) => Ok(Some(address)),
+        Ok(std::net::IpAddr::V6(_)) => Ok(None),
+        Err(_) => Err(invalid(
+            object,
+            field,
+            format!("{text:?} is not an IP address"),
+        )),
+    }
+}
+
+fn backends(
+    slices: &[&EndpointSlice],
+    port_name: &str,
+    protocol: Protocol,
+) -> Result<Vec<Backend>, TranslateError> {
+    let mut out = BTreeMap::new();
+    for slice in slices {
+        let object = format!(
+            "EndpointSlice {}/{}",
+            slice.metadata.namespace.as_deref().unwrap_or("default"),
+            slice.metadata.name.as_deref().unwrap_or_default()
+        );
+        let Some(port) = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or_default() == port_name
+                && p.protocol.as_deref().unwrap_or("TCP") == protocol.to_string()
+        }) else {
+            continue;
+        };
+        let Some(number) = port.port else { continue };
+        let number = u16::try_from(number)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| invalid(&object, "ports.port", format!("{number} is not a port")))?;
+        for endpoint in &slice.endpoints {
+            let conditions = endpoint.conditions.as_ref();
+            // Unset `ready` means ready (discovery/v1 API doc).
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+            let state = match (ready, serving) {
+                (true, _) => BackendState::Active,
+                (false, true) => BackendState::Terminating,
+                (false, false) => continue,
+            };
+            for address in &endpoint.addresses {
+                let Some(address) = ipv4(&object, "endpoints.addresses", address)? else {
+                    continue;
+                };
+                let backend = Backend {
+                    address,
+                    port: number,
+                    state,
+                };
+                // The same endpoint in two slices (mid-migration): active wins.
+                out.entry((address, number))
+                    .and_modify(|b: &mut Backend| {
+                        if state == BackendState::Active {
+                            b.state = state;
+                        }
+                    })
+                    .or_insert(backend);
+            }
+        }
+    }
+    Ok(out.into_values().collect())
+}
+
+fn invalid(object: &str, field: &'static str, reason: impl Into<String>) -> TranslateError {
+    TranslateError::Invalid {
+        object: object.to_string(),
+        field,
+        reason: reason.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse<T: serde::de::DeserializeOwned>(yaml: &str) -> T {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn web_service(extra: &str) -> Service {
+        parse(&format!(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: demo}}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, protocol: TCP{extra}}}
+  - {{name: dns, port: 53, protocol: UDP}}
+"#
+        ))
+    }
+
+    fn web_slice() -> EndpointSlice {
+        parse(
+            r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  namespace: demo
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+- {name: dns, port: 5353, protocol: UDP}
+endpoints:
+- addresses: [10.0.1.2]
+  conditions: {ready: true}
+- addresses: [10.0.1.3]
+- addresses: [10.0.1.4]
+  conditions: {ready: false, serving: true, terminating: true}
+- addresses: [10.0.1.5]
+  conditions: {ready: false, serving: false}
+"#,
+        )
+    }
+
+    fn key(address: [u8; 4], port: u16, protocol: Protocol) -> FrontendKey {
+        FrontendKey {
+            address: Ipv4Addr::from(address),
+            port,
+            protocol,
+        }
+    }
+
+    #[test]
+    fn cluster_ip_ports_map_to_named_endpoint_ports() {
+        let state = desired_state(&[web_service("")], &[web_slice()]).unwrap();
+        let http = &state.frontends[&key([10, 96, 0, 10], 80, Protocol::Tcp)];
+        assert_eq!(http.kind, FrontendKind::ClusterIp);
+        assert_eq!(http.service.to_string(), "demo/web:http");
+        let got: Vec<_> = http
+            .backends
+            .iter()
+            .map(|b| (b.address.octets()[3], b.port, b.state))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (2, 8080, BackendState::Active),
+                (3, 8080, BackendState::Active),
+                (4, 8080, BackendState::Terminating)
+            ]
+        );
+        let dns = &state.frontends[&key([10, 96, 0, 10], 53, Protocol::Udp)];
+        assert!(dns.backends.iter().all(|b| b.port == 5353));
+        assert_eq!(state.frontends.len(), 2);
+    }
+
+    #[test]
+    fn node_port_only_for_node_port_types() {
+        let mut service = web_service(", nodePort: 30080");
+        let state = desired_state(std::slice::from_ref(&service), &[web_slice()]).unwrap();
+        assert!(
+            !state
+                .frontends
+                .contains_key(&key([0, 0, 0, 0], 30080, Protocol::Tcp))
+        );
+        service.spec.as_mut().unwrap().type_ = Some("NodePort".into());
+        let state = desired_state(&[service], &[web_slice()]).unwrap();
+        assert_eq!(
+            state.frontends[&key([0, 0, 0, 0], 30080, Protocol::Tcp)].kind,
+            FrontendKind::NodePort
+        );
+    }
+
+    #[test]
+    fn headless_and_unlabelled_have_nothing_to_forward() {
+        let mut service = web_service("");
+        service.spec.as_mut().unwrap().cluster_ip = Some("None".into());
+        assert!(
+            desired_state(&[service], &[web_slice()])
+                .unwrap()
+                .frontends
+                .is_empty()
+        );
+        let mut slice = web_slice();
+        slice.metadata.labels = None;
+        let state = desired_state(&[web_service("")], &[slice]).unwrap();
+        assert!(state.frontends.values().all(|f| f.backends.is_empty()));
+    }
+
+    #[test]
+    fn bad_addresses_and_conflicts_are_reported_with_the_object() {
+        let mut service = web_service("");
+        service.spec.as_mut().unwrap().cluster_ip = Some("10.96.0.300".into());
+        let error = desired_state(&[service], &[]).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("Service demo/web: spec.clusterIP"),
+            "{error}"
+        );
+
+        let mut twin = web_service("");
+        twin.metadata.name = Some("twin".into());
+        let error = desired_state(&[web_service(""), twin], &[]).unwrap_err();
+        assert!(matches!(error, TranslateError::Conflict { .. }), "{error}");
+    }
+}

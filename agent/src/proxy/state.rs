@@ -1,0 +1,145 @@
+//! Desired state: what the node should forward, independent of any mode.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+/// L4 protocols a service port can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// IANA protocol number.
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => dataplane_common::protocol::TCP,
+            Protocol::Udp => dataplane_common::protocol::UDP,
+        }
+    }
+
+    pub const fn from_number(number: u8) -> Option<Self> {
+        match number {
+            dataplane_common::protocol::TCP => Some(Protocol::Tcp),
+            dataplane_common::protocol::UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+/// Where a frontend listens. NodePort frontends use `0.0.0.0`: they answer
+/// on every node address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrontendKey {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for FrontendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.address, self.port, self.protocol)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+/// `namespace/name:port-name`, as kube-proxy names a service port.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    pub port: String,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port.is_empty() {
+            write!(f, ":{}", self.port)?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether a backend takes new flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BackendState {
+    /// Ready: eligible for new flows.
+    Active,
+    /// Serving but terminating: keeps its flows, gets no new ones.
+    Terminating,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub state: BackendState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    pub kind: FrontendKind,
+    pub service: ServicePortName,
+    /// Sorted by (address, port), so equal sets compare equal.
+    pub backends: Vec<Backend>,
+}
+
+impl Frontend {
+    /// Backends eligible for new flows.
+    pub fn active(&self) -> impl Iterator<Item = &Backend> {
+        self.backends
+            .iter()
+            .filter(|b| b.state == BackendState::Active)
+    }
+}
+
+/// Everything the node should forward.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub frontends: BTreeMap<FrontendKey, Frontend>,
+}
+
+/// Where new flows to each frontend can go, as read back from a dataplane:
+/// the active backends' addresses. Service names, frontend kinds and
+/// terminating backends are not part of it: a dataplane stores none of
+/// them per frontend.
+pub type Forwarding = BTreeMap<FrontendKey, BTreeSet<SocketAddrV4>>;
+
+impl DesiredState {
+    /// The forwarding this state asks for, to compare with a dump.
+    pub fn forwarding(&self) -> Forwarding {
+        self.frontends
+            .iter()
+            .map(|(key, frontend)| {
+                (
+                    *key,
+                    frontend
+                        .active()
+                        .map(|b| SocketAddrV4::new(b.address, b.port))
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+}

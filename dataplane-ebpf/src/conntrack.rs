@@ -1,0 +1,77 @@
+//! Conntrack: two entries per translated flow, one per direction, so the
+//! first lookup of every packet finds what to do with it.
+
+use aya_ebpf::bindings::BPF_NOEXIST;
+use dataplane_common::{Backend, CT_FLAG_REPLY, CT_FLAG_SNAT, CtKey, CtValue, counters::Reason};
+
+use crate::{maps::WHARF_CT, parse::Flow};
+
+/// SNAT source ports: above Linux's default ephemeral range (32768-60999)
+/// so they never collide with the node's own connections to a backend.
+const NAT_PORT_MIN: u32 = 61_000;
+const NAT_PORT_COUNT: u32 = 65_536 - NAT_PORT_MIN;
+/// Ports tried before giving up; each try is one map insert.
+const NAT_PORT_TRIES: u32 = 4;
+/// Spreads the tries over the range (prime, coprime to the range size).
+const NAT_PORT_STRIDE: u32 = 1_009;
+
+#[inline(always)]
+pub fn lookup(key: &CtKey) -> Option<CtValue> {
+    // SAFETY: plain data; LRU eviction of this entry while we read it can
+    // at worst yield a stale copy, which is what any lookup can return.
+    unsafe { WHARF_CT.get(key) }.copied()
+}
+
+/// Opens conntrack for a new flow: the reply entry (choosing a free SNAT
+/// port when `entry` says to SNAT), then the original-direction entry.
+/// Returns the original-direction entry as stored.
+#[inline(always)]
+pub fn open(
+    flow: &Flow,
+    mut entry: CtValue,
+    backend: &Backend,
+    hash: u32,
+) -> Result<CtValue, Reason> {
+    let mut reply = CtValue {
+        flags: entry.flags | CT_FLAG_REPLY,
+        nat_address: flow.saddr,
+        nat_port: flow.sport,
+        ..entry
+    };
+    if entry.flags & CT_FLAG_SNAT != 0 {
+        let mut chosen = None;
+        for attempt in 0..NAT_PORT_TRIES {
+            let port = (NAT_PORT_MIN + (hash + attempt * NAT_PORT_STRIDE) % NAT_PORT_COUNT) as u16;
+            let port = port.to_be();
+            let key = CtKey::new(
+                backend.address,
+                entry.nat_address,
+                backend.port,
+                port,
+                flow.protocol,
+            );
+            if WHARF_CT.insert(&key, &reply, BPF_NOEXIST as u64).is_ok() {
+                chosen = Some(port);
+                break;
+            }
+        }
+        entry.nat_port = chosen.ok_or(Reason::DropNatPortsExhausted)?;
+    } else {
+        reply.nat_address = 0;
+        reply.nat_port = 0;
+        let key = CtKey::new(
+            backend.address,
+            flow.saddr,
+            backend.port,
+            flow.sport,
+            flow.protocol,
+        );
+        WHARF_CT
+            .insert(&key, &reply, 0)
+            .map_err(|_| Reason::DropStaleService)?;
+    }
+    WHARF_CT
+        .insert(&flow.ct_key(), &entry, 0)
+        .map_err(|_| Reason::DropStaleService)?;
+    Ok(entry)
+}

@@ -1,0 +1,200 @@
+//! Service lookup, backend selection and the per-packet pipeline shared by
+//! TC and XDP.
+//!
+//! XDP is an accelerator: whatever it cannot finish itself (a route that
+//! leaves by another device, a neighbour not yet resolved, ICMP errors) it
+//! passes *untouched*, and TC, attached to the same devices, does the work.
+//! Both hooks share conntrack, so a flow TC opened is accelerated by XDP
+//! from its next packet on.
+
+use dataplane_common::{
+    Backend, CT_FLAG_REPLY, CtValue, SERVICE_FLAG_NODEPORT, ServiceKey, ServiceValue,
+    counters::Reason,
+    flow_hash::{flow_hash, maglev_slot},
+};
+
+use crate::{
+    conntrack,
+    counters::count,
+    icmp,
+    maps::{WHARF_BACKENDS, WHARF_MAGLEV, WHARF_NODEADDRS, WHARF_SERVICES},
+    nat::{self, Route, RouteStatus},
+    packet::Packet,
+    parse::{self, Flow, Parsed},
+};
+
+/// What to do with the packet once the pipeline is done with it.
+#[derive(Clone, Copy)]
+pub enum Verdict {
+    Pass,
+    Drop,
+    /// Out of `ifindex` with MAC addresses already set (XDP: only the
+    /// ingress device, as XDP_TX).
+    Redirect {
+        ifindex: u32,
+    },
+    /// Out of `ifindex`, letting the kernel resolve the neighbour (TC only).
+    RedirectNeigh {
+        ifindex: u32,
+    },
+}
+
+/// A frontend's slot-0 entry.
+#[derive(Clone, Copy)]
+pub struct Frontend {
+    pub key: ServiceKey,
+    pub value: ServiceValue,
+}
+
+impl Frontend {
+    #[inline(always)]
+    pub fn is_nodeport(&self) -> bool {
+        self.value.flags & SERVICE_FLAG_NODEPORT != 0
+    }
+}
+
+pub fn process<P: Packet>(pkt: &mut P) -> Verdict {
+    match parse::ipv4(pkt) {
+        Parsed::Pass => Verdict::Pass,
+        Parsed::Malformed => drop(pkt, Reason::DropMalformed),
+        Parsed::Fragment => {
+            count(Reason::PassFragment, pkt.len());
+            Verdict::Pass
+        }
+        Parsed::IcmpError(error) if !P::XDP => icmp::reply_error(pkt, &error),
+        Parsed::IcmpError(_) => Verdict::Pass,
+        Parsed::Flow(flow) => flow_packet(pkt, &flow),
+    }
+}
+
+#[inline(always)]
+pub fn drop<P: Packet>(pkt: &P, reason: Reason) -> Verdict {
+    count(reason, pkt.len());
+    Verdict::Drop
+}
+
+#[inline(always)]
+fn flow_packet<P: Packet>(pkt: &mut P, flow: &Flow) -> Verdict {
+    if let Some(entry) = conntrack::lookup(&flow.ct_key()) {
+        if entry.flags & CT_FLAG_REPLY != 0 {
+            return nat::reply(pkt, flow, &entry);
+        }
+        if let Some(backend) = established_backend(&entry, flow) {
+            return nat::forward(pkt, flow, &entry, &backend, &Route::UNKNOWN);
+        }
+    }
+    match lookup_frontend(flow.daddr, flow.dport, flow.protocol) {
+        Some(frontend) => new_flow(pkt, flow, &frontend),
+        None => Verdict::Pass,
+    }
+}
+
+/// The backend an existing flow keeps, unless a new TCP connection (SYN)
+/// reuses the 5-tuple of one whose backend is now terminating or gone.
+#[inline(always)]
+fn established_backend(entry: &CtValue, flow: &Flow) -> Option<Backend> {
+    let backend = backend(entry.backend_id)?;
+    if flow.syn && backend.flags & dataplane_common::BACKEND_FLAG_TERMINATING != 0 {
+        return None;
+    }
+    Some(backend)
+}
+
+fn new_flow<P: Packet>(pkt: &mut P, flow: &Flow, frontend: &Frontend) -> Verdict {
+    if frontend.value.count == 0 {
+        return drop(pkt, Reason::DropNoBackend);
+    }
+    let hash = flow_hash(
+        flow.saddr,
+        flow.daddr,
+        flow.sport,
+        flow.dport,
+        flow.protocol,
+    );
+    let Some(backend_id) = select_backend(frontend, hash) else {
+        return drop(pkt, Reason::DropStaleService);
+    };
+    let Some(backend) = backend(backend_id) else {
+        return drop(pkt, Reason::DropStaleService);
+    };
+    let mut entry = CtValue {
+        backend_id,
+        rev_nat_id: frontend.value.rev_nat_id,
+        node_address: if frontend.is_nodeport() {
+            flow.daddr
+        } else {
+            0
+        },
+        ..CtValue::default()
+    };
+    let mut route = Route::UNKNOWN;
+    if frontend.is_nodeport() {
+        route = nat::route(pkt, flow.saddr, backend.address, flow);
+        if route.egress() == Some(pkt.ingress_ifindex()) {
+            // The backend sits behind the device the client came in by:
+            // without SNAT it would answer the client directly, and the
+            // client would drop a reply from an address it never called.
+            if P::XDP && route.status != RouteStatus::Resolved {
+                return Verdict::Pass;
+            }
+            entry.flags |= dataplane_common::CT_FLAG_SNAT;
+            entry.nat_address = flow.daddr;
+        }
+    }
+    let entry = match conntrack::open(flow, entry, &backend, hash) {
+        Ok(entry) => entry,
+        Err(reason) => return drop(pkt, reason),
+    };
+    nat::forward(pkt, flow, &entry, &backend, &route)
+}
+
+/// Finds the frontend for a destination: an exact (VIP, port) match, or a
+/// NodePort frontend when the address is one of this node's.
+#[inline(always)]
+pub fn lookup_frontend(address: u32, port: u16, protocol: u8) -> Option<Frontend> {
+    let key = ServiceKey::new(address, port, protocol, 0);
+    // SAFETY: service entries are plain data; a concurrent update can only
+    // make us read a whole older or newer value (hash map values are
+    // replaced, not written in place, by the agent).
+    if let Some(value) = unsafe { WHARF_SERVICES.get(&key) } {
+        return Some(Frontend { key, value: *value });
+    }
+    // SAFETY: as above.
+    unsafe { WHARF_NODEADDRS.get(&address) }?;
+    let key = ServiceKey::new(0, port, protocol, 0);
+    // SAFETY: as above.
+    let value = *unsafe { WHARF_SERVICES.get(&key) }?;
+    (value.flags & SERVICE_FLAG_NODEPORT != 0).then_some(Frontend { key, value })
+}
+
+/// Picks a backend for a new flow: the frontend's Maglev table when it has
+/// one (so every node picks the same backend for the same flow), else
+/// `hash % count` over its slots.
+#[inline(always)]
+pub fn select_backend(frontend: &Frontend, hash: u32) -> Option<u32> {
+    if let Some(table) = WHARF_MAGLEV.get_ptr(frontend.value.rev_nat_id) {
+        // SAFETY: `table` is a valid map value pointer from a successful
+        // lookup; `maglev_slot` is < MAGLEV_TABLE_SIZE, the array's length.
+        let id = unsafe { *(*table).backend_ids.get(maglev_slot(hash))? };
+        return (id != 0).then_some(id);
+    }
+    let slot = (hash % frontend.value.count as u32) as u16 + 1;
+    slot_backend(frontend, slot)
+}
+
+/// The backend id in one of a frontend's slots.
+#[inline(always)]
+pub fn slot_backend(frontend: &Frontend, slot: u16) -> Option<u32> {
+    let key = ServiceKey {
+        backend_slot: slot,
+        ..frontend.key
+    };
+    // SAFETY: plain data, see `lookup_frontend`.
+    unsafe { WHARF_SERVICES.get(&key) }.map(|value| value.backend_id)
+}
+
+#[inline(always)]
+pub fn backend(id: u32) -> Option<Backend> {
+    // SAFETY: plain data, see `lookup_frontend`.
+    unsafe { WHARF_BACKENDS.get(&id) }.copied()
+}

@@ -1,0 +1,283 @@
+//! One view of a packet for both hooks. XDP rewrites the frame through
+//! direct packet access and updates checksums in software (frames from the
+//! wire carry full checksums); TC goes through the kernel's helpers, which
+//! also keep `CHECKSUM_PARTIAL`/`COMPLETE` skbs consistent.
+
+use core::{ffi::c_void, mem::size_of, ptr};
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, xdp_action},
+    helpers::{bpf_redirect, bpf_redirect_neigh},
+    programs::{TcContext, XdpContext},
+};
+use dataplane_common::checksum;
+
+use crate::lb::Verdict;
+
+/// Where an L4 checksum lives and how it treats zero.
+#[derive(Clone, Copy)]
+pub struct L4Csum {
+    pub off: usize,
+    /// UDP over IPv4: a zero checksum means "none" and stays zero.
+    pub udp: bool,
+    /// The rewritten field is part of the pseudo header (an address).
+    pub pseudo: bool,
+}
+
+/// Every bounds check reads `data_end` afresh (volatile): LLVM then cannot
+/// prove one check redundant with an earlier one on a differently computed
+/// pointer and drop it, which would leave the verifier without the range
+/// for the pointer actually dereferenced.
+pub trait Packet {
+    /// True for XDP: the hook that must hand anything it cannot finish on
+    /// to TC untouched (see `lb`).
+    const XDP: bool;
+
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    fn len(&self) -> u32;
+    fn ctx_ptr(&self) -> *mut c_void;
+    fn ingress_ifindex(&self) -> u32;
+    /// Writes `value` at `off`.
+    fn store<T: Copy>(&mut self, off: usize, value: T) -> Result<(), ()>;
+    /// Updates the IPv4 header checksum at `csum_off` for a 4-byte change.
+    fn l3_csum_replace(&mut self, csum_off: usize, old: u32, new: u32) -> Result<(), ()>;
+    /// Updates an L4 (or ICMP) checksum for a 4-byte change.
+    fn l4_csum_replace4(&mut self, csum: L4Csum, old: u32, new: u32) -> Result<(), ()>;
+    /// Updates an L4 (or ICMP) checksum for a 2-byte change.
+    fn l4_csum_replace2(&mut self, csum: L4Csum, old: u16, new: u16) -> Result<(), ()>;
+}
+
+/// Reads a `T` at `off`, or `None` past the end of the linear data.
+#[inline(always)]
+pub fn load<P: Packet, T: Copy>(pkt: &P, off: usize) -> Option<T> {
+    let start = pkt.data();
+    if start + off + size_of::<T>() > pkt.data_end() {
+        return None;
+    }
+    // SAFETY: `[start + off, start + off + size_of::<T>())` was just checked
+    // to lie inside the packet; the read is unaligned-safe and `T` is plain
+    // data (integers), valid for any bit pattern.
+    Some(unsafe { ptr::read_unaligned((start + off) as *const T) })
+}
+
+/// The address of a `len`-byte header at `off`, or `None` if the packet is
+/// shorter. Read its fields with [`read`] at constant offsets: the verifier
+/// ties the bounds check to this one pointer, so every field read through
+/// it is known in bounds however `off` was computed (IPv4 options make
+/// the L4 offset variable).
+#[inline(always)]
+pub fn header_at<P: Packet>(pkt: &P, off: usize, len: usize) -> Option<usize> {
+    let header = pkt.data() + off;
+    if header + len > pkt.data_end() {
+        return None;
+    }
+    Some(header)
+}
+
+/// Reads a `T` at `field` bytes into a header from [`header_at`].
+///
+/// # Safety
+///
+/// `header` must come from `header_at` with a `len` of at least
+/// `field + size_of::<T>()`, on the current packet data.
+#[inline(always)]
+pub unsafe fn read<T: Copy>(header: usize, field: usize) -> T {
+    // SAFETY: the caller guarantees the bytes are inside the packet.
+    unsafe { ptr::read_unaligned((header as *const u8).add(field) as *const T) }
+}
+
+pub struct XdpPacket {
+    ctx: XdpContext,
+}
+
+impl XdpPacket {
+    pub fn new(ctx: XdpContext) -> Self {
+        Self { ctx }
+    }
+
+    pub fn finish(verdict: Verdict) -> u32 {
+        match verdict {
+            Verdict::Pass => xdp_action::XDP_PASS,
+            Verdict::Drop => xdp_action::XDP_DROP,
+            // `lb` only asks XDP to forward back out of the ingress device
+            // (XDP_TX); other egress devices are left to TC.
+            Verdict::Redirect { .. } | Verdict::RedirectNeigh { .. } => xdp_action::XDP_TX,
+        }
+    }
+
+    /// Writes `value` at `off` in place.
+    #[inline(always)]
+    fn write<T: Copy>(&self, off: usize, value: T) -> Result<(), ()> {
+        let start = self.ctx.data();
+        if start + off + size_of::<T>() > self.data_end() {
+            return Err(());
+        }
+        // SAFETY: bounds checked just above; XDP frames are writable.
+        unsafe { ptr::write_unaligned((start + off) as *mut T, value) };
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn update_csum(&self, off: usize, udp: bool, f: impl FnOnce(u16) -> u16) -> Result<(), ()> {
+        let check: u16 = load(self, off).ok_or(())?;
+        let updated = f(check);
+        let updated = if udp {
+            checksum::udp_mangled(check, updated)
+        } else {
+            updated
+        };
+        self.write(off, updated)
+    }
+}
+
+impl Packet for XdpPacket {
+    const XDP: bool = true;
+
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.ctx.data()
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        // SAFETY: `ctx` is the program's context pointer, valid for the run.
+        unsafe { ptr::read_volatile(&(*self.ctx.ctx).data_end) as usize }
+    }
+
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        (self.ctx.data_end() - self.ctx.data()) as u32
+    }
+
+    fn ctx_ptr(&self) -> *mut c_void {
+        self.ctx.as_ptr()
+    }
+
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        self.ctx.ingress_ifindex() as u32
+    }
+
+    #[inline(always)]
+    fn store<T: Copy>(&mut self, off: usize, value: T) -> Result<(), ()> {
+        self.write(off, value)
+    }
+
+    #[inline(always)]
+    fn l3_csum_replace(&mut self, csum_off: usize, old: u32, new: u32) -> Result<(), ()> {
+        self.update_csum(csum_off, false, |check| {
+            checksum::replace_u32(check, old, new)
+        })
+    }
+
+    #[inline(always)]
+    fn l4_csum_replace4(&mut self, csum: L4Csum, old: u32, new: u32) -> Result<(), ()> {
+        self.update_csum(csum.off, csum.udp, |check| {
+            checksum::replace_u32(check, old, new)
+        })
+    }
+
+    #[inline(always)]
+    fn l4_csum_replace2(&mut self, csum: L4Csum, old: u16, new: u16) -> Result<(), ()> {
+        self.update_csum(csum.off, csum.udp, |check| {
+            checksum::replace_u16(check, old, new)
+        })
+    }
+}
+
+pub struct TcPacket {
+    ctx: TcContext,
+}
+
+impl TcPacket {
+    pub fn new(ctx: TcContext) -> Self {
+        Self { ctx }
+    }
+
+    pub fn finish(verdict: Verdict) -> i32 {
+        match verdict {
+            Verdict::Pass => aya_ebpf::bindings::TC_ACT_OK as i32,
+            Verdict::Drop => TC_ACT_SHOT as i32,
+            // SAFETY: plain helper calls; ifindex comes from a FIB lookup.
+            Verdict::Redirect { ifindex } => unsafe { bpf_redirect(ifindex, 0) as i32 },
+            // SAFETY: a NULL neighbour lets the kernel resolve the next hop
+            // from its FIB (kernel >= 5.10), as documented for the helper.
+            Verdict::RedirectNeigh { ifindex } => unsafe {
+                bpf_redirect_neigh(ifindex, ptr::null_mut(), 0, 0) as i32
+            },
+        }
+    }
+
+    #[inline(always)]
+    fn csum_flags(csum: L4Csum, size: u64) -> u64 {
+        let mut flags = size;
+        if csum.pseudo {
+            flags |= BPF_F_PSEUDO_HDR as u64;
+        }
+        if csum.udp {
+            flags |= BPF_F_MARK_MANGLED_0 as u64;
+        }
+        flags
+    }
+}
+
+impl Packet for TcPacket {
+    const XDP: bool = false;
+
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.ctx.data()
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        // SAFETY: `skb` is the program's context pointer, valid for the run.
+        unsafe { ptr::read_volatile(&(*self.ctx.skb.skb).data_end) as usize }
+    }
+
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        self.ctx.len()
+    }
+
+    fn ctx_ptr(&self) -> *mut c_void {
+        self.ctx.as_ptr()
+    }
+
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: `skb` is the program's context pointer, valid for the
+        // whole run; `ingress_ifindex` is a readable __sk_buff field.
+        unsafe { (*self.ctx.skb.skb).ingress_ifindex }
+    }
+
+    #[inline(always)]
+    fn store<T: Copy>(&mut self, off: usize, value: T) -> Result<(), ()> {
+        self.ctx.store(off, &value, 0).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn l3_csum_replace(&mut self, csum_off: usize, old: u32, new: u32) -> Result<(), ()> {
+        self.ctx
+            .l3_csum_replace(csum_off, old as u64, new as u64, 4)
+            .map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn l4_csum_replace4(&mut self, csum: L4Csum, old: u32, new: u32) -> Result<(), ()> {
+        let flags = Self::csum_flags(csum, 4);
+        self.ctx
+            .l4_csum_replace(csum.off, old as u64, new as u64, flags)
+            .map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn l4_csum_replace2(&mut self, csum: L4Csum, old: u16, new: u16) -> Result<(), ()> {
+        let flags = Self::csum_flags(csum, 2);
+        self.ctx
+            .l4_csum_replace(csum.off, old as u64, new as u64, flags)
+            .map_err(|_| ())
+    }
+}
