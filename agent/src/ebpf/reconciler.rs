@@ -580,20 +580,21 @@ fn frontend_key(key: &ServiceKey) -> Option<FrontendKey> {
 
 /// New slot contents: backends in `old` (the first `count` slots) that
 /// stay keep their slot; a leaving backend's slot takes the last survivor;
-/// newcomers are appended in the order given.
+/// newcomers are appended in the order given. A backend found in two slots
+/// (a sync that failed between filling a hole and shrinking) keeps one.
 fn stable_slots(old: &[u32], ids: &[u32], count: usize) -> Vec<u32> {
     let keep: HashSet<u32> = ids.iter().copied().collect();
     let mut slots: Vec<u32> = old.iter().take(count).copied().collect();
+    let mut kept = HashSet::new();
     let mut index = 0;
     while index < slots.len() {
-        if keep.contains(&slots[index]) {
+        if keep.contains(&slots[index]) && kept.insert(slots[index]) {
             index += 1;
         } else {
             slots.swap_remove(index);
         }
     }
-    let present: HashSet<u32> = slots.iter().copied().collect();
-    slots.extend(ids.iter().filter(|id| !present.contains(id)));
+    slots.extend(ids.iter().filter(|id| !kept.contains(id)));
     slots
 }
 
@@ -613,4 +614,465 @@ fn allocate(
         }
     }
     Err(ReconcileError::IdsExhausted { kind, limit })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::rc::Rc;
+
+    use dataplane_common::{CT_FLAG_REPLY, names};
+
+    use super::*;
+    use crate::{
+        ebpf::table::{FakeTable, FaultPlan},
+        proxy::{Backend, ServicePortName},
+    };
+
+    /// Handles on the fake maps, shared with the reconciler under test.
+    #[derive(Clone)]
+    struct Fakes {
+        plan: Rc<FaultPlan>,
+        services: FakeTable<ServiceKey, ServiceValue>,
+        backends: FakeTable<u32, BackendEntry>,
+        rev_nat: FakeTable<u32, RevNat>,
+        maglev: FakeTable<u32, MaglevTable>,
+        conntrack: FakeTable<CtKey, CtValue>,
+    }
+
+    impl Fakes {
+        fn new() -> Self {
+            let plan = Rc::new(FaultPlan::default());
+            Self {
+                services: FakeTable::new(names::SERVICES, &plan),
+                backends: FakeTable::new(names::BACKENDS, &plan),
+                rev_nat: FakeTable::new(names::REV_NAT, &plan),
+                maglev: FakeTable::new(names::MAGLEV, &plan),
+                conntrack: FakeTable::new(names::CONNTRACK, &plan),
+                plan,
+            }
+        }
+
+        fn maps(&self) -> Maps {
+            Maps {
+                services: Box::new(self.services.clone()),
+                backends: Box::new(self.backends.clone()),
+                rev_nat: Box::new(self.rev_nat.clone()),
+                maglev: Box::new(self.maglev.clone()),
+                conntrack: Box::new(self.conntrack.clone()),
+            }
+        }
+
+        fn reconciler(&self) -> Reconciler {
+            Reconciler::new(self.maps()).unwrap()
+        }
+
+        /// What the datapath relies on, at any instant: a header's count
+        /// covers only written slots, slots and Maglev tables point at
+        /// existing backends, and every header has its reverse-NAT entry.
+        fn check_datapath_invariants(&self) {
+            for (key, header) in self.services.entries().unwrap() {
+                if key.backend_slot != 0 {
+                    continue;
+                }
+                assert!(
+                    self.rev_nat.get(&header.rev_nat_id).is_some(),
+                    "{key:?} has no reverse NAT"
+                );
+                for slot in 1..=header.count {
+                    let entry = self.services.get(&ServiceKey {
+                        backend_slot: slot,
+                        ..key
+                    });
+                    let entry = entry.unwrap_or_else(|| {
+                        panic!("{key:?}: slot {slot} of {} missing", header.count)
+                    });
+                    assert!(
+                        self.backends.get(&entry.backend_id).is_some(),
+                        "{key:?}: slot {slot} dangles"
+                    );
+                }
+                if let Some(table) = self.maglev.get(&header.rev_nat_id) {
+                    for id in table.backend_ids {
+                        assert!(
+                            self.backends.get(&id).is_some(),
+                            "{key:?}: Maglev points at missing backend {id}"
+                        );
+                    }
+                }
+            }
+        }
+
+        fn sizes(&self) -> [usize; 4] {
+            [
+                self.services.len(),
+                self.backends.len(),
+                self.rev_nat.len(),
+                self.maglev.len(),
+            ]
+        }
+    }
+
+    fn frontend(kind: FrontendKind, backends: &[(u8, BackendState)]) -> Frontend {
+        Frontend {
+            kind,
+            service: ServicePortName {
+                namespace: "test".into(),
+                name: "svc".into(),
+                port: String::new(),
+            },
+            backends: backends
+                .iter()
+                .map(|(host, state)| Backend {
+                    address: Ipv4Addr::new(10, 0, 0, *host),
+                    port: 8080,
+                    state: *state,
+                })
+                .collect(),
+        }
+    }
+
+    fn vip(last: u8, port: u16, protocol: Protocol) -> FrontendKey {
+        FrontendKey {
+            address: Ipv4Addr::new(10, 96, 0, last),
+            port,
+            protocol,
+        }
+    }
+
+    fn active(hosts: impl IntoIterator<Item = u8>) -> Vec<(u8, BackendState)> {
+        hosts
+            .into_iter()
+            .map(|h| (h, BackendState::Active))
+            .collect()
+    }
+
+    /// A ClusterIP with TCP and UDP ports and a NodePort, sharing backends.
+    fn web(backends: &[(u8, BackendState)]) -> DesiredState {
+        let mut state = DesiredState::default();
+        state.frontends.insert(
+            vip(1, 80, Protocol::Tcp),
+            frontend(FrontendKind::ClusterIp, backends),
+        );
+        state.frontends.insert(
+            vip(1, 53, Protocol::Udp),
+            frontend(FrontendKind::ClusterIp, backends),
+        );
+        let node_port = FrontendKey {
+            address: Ipv4Addr::UNSPECIFIED,
+            port: 30080,
+            protocol: Protocol::Tcp,
+        };
+        state
+            .frontends
+            .insert(node_port, frontend(FrontendKind::NodePort, backends));
+        state
+    }
+
+    /// A walk through the life of a service: creation, scale-up, a
+    /// backend terminating, scale-down, scale to zero and back, deletion.
+    fn lifecycle() -> Vec<DesiredState> {
+        vec![
+            web(&active([1, 2])),
+            web(&active([1, 2, 3, 4])),
+            web(&[
+                (1, BackendState::Active),
+                (2, BackendState::Terminating),
+                (3, BackendState::Active),
+            ]),
+            web(&active([3])),
+            web(&[]),
+            web(&active([5, 6])),
+            DesiredState::default(),
+        ]
+    }
+
+    #[test]
+    fn programs_the_desired_state_and_converges() {
+        let fakes = Fakes::new();
+        let mut reconciler = fakes.reconciler();
+        for desired in lifecycle() {
+            let stats = reconciler.sync(&desired).unwrap();
+            assert!(stats.map_operations > 0);
+            assert_eq!(reconciler.dump().unwrap(), desired.forwarding());
+            fakes.check_datapath_invariants();
+            // Level-triggered and idempotent: nothing left to do.
+            assert_eq!(reconciler.sync(&desired).unwrap(), SyncStats::default());
+        }
+        assert_eq!(fakes.sizes(), [0, 0, 0, 0], "a flush leaves nothing behind");
+    }
+
+    #[test]
+    fn node_port_header_carries_the_flag() {
+        let fakes = Fakes::new();
+        fakes.reconciler().sync(&web(&active([1]))).unwrap();
+        let header = fakes
+            .services
+            .get(&ServiceKey::new(0, 30080u16.to_be(), 6, 0))
+            .unwrap();
+        assert_eq!(header.flags, SERVICE_FLAG_NODEPORT);
+        assert_eq!(header.count, 1);
+    }
+
+    #[test]
+    fn every_intermediate_state_is_safe_for_the_datapath() {
+        let fakes = Fakes::new();
+        let observer = fakes.clone();
+        fakes
+            .plan
+            .observe(move || observer.check_datapath_invariants());
+        let mut reconciler = fakes.reconciler();
+        for desired in lifecycle() {
+            reconciler.sync(&desired).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_failed_write_anywhere_leaves_a_safe_state_and_the_next_sync_repairs_it() {
+        let steps = lifecycle();
+        for (from, to) in steps.iter().zip(steps.iter().skip(1)) {
+            let writes = {
+                let fakes = Fakes::new();
+                let mut reconciler = fakes.reconciler();
+                reconciler.sync(from).unwrap();
+                let before = fakes.plan.writes();
+                reconciler.sync(to).unwrap();
+                fakes.plan.writes() - before
+            };
+            let clean = {
+                let fakes = Fakes::new();
+                fakes.reconciler().sync(to).unwrap();
+                fakes.sizes()
+            };
+            for fail_at in 0..writes {
+                let fakes = Fakes::new();
+                let mut reconciler = fakes.reconciler();
+                reconciler.sync(from).unwrap();
+                fakes.plan.fail_write(fail_at);
+                let error = reconciler.sync(to).unwrap_err();
+                assert!(
+                    matches!(error, ReconcileError::Map(TableError::Injected { .. })),
+                    "{error}"
+                );
+                fakes.check_datapath_invariants();
+                reconciler.sync(to).unwrap();
+                assert_eq!(
+                    reconciler.dump().unwrap(),
+                    to.forwarding(),
+                    "failing write {fail_at}"
+                );
+                assert_eq!(fakes.sizes(), clean, "failing write {fail_at} left orphans");
+            }
+        }
+    }
+
+    #[test]
+    fn one_endpoint_change_touches_only_its_frontend() {
+        let fakes = Fakes::new();
+        let mut reconciler = fakes.reconciler();
+        let mut desired = DesiredState::default();
+        for i in 0..200u16 {
+            let key = FrontendKey {
+                address: Ipv4Addr::new(10, 96, (i >> 8) as u8, i as u8),
+                port: 80,
+                protocol: Protocol::Tcp,
+            };
+            desired
+                .frontends
+                .insert(key, frontend(FrontendKind::ClusterIp, &active([1, 2, 3])));
+        }
+        reconciler.sync(&desired).unwrap();
+        let key = FrontendKey {
+            address: Ipv4Addr::new(10, 96, 0, 7),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        desired.frontends.insert(
+            key,
+            frontend(FrontendKind::ClusterIp, &active([1, 2, 3, 4])),
+        );
+        let stats = reconciler.sync(&desired).unwrap();
+        // New backend, Maglev table, new slot, header.
+        assert_eq!(stats.map_operations, 4, "{stats:?}");
+        assert_eq!((stats.frontends_updated, stats.backends_added), (1, 1));
+    }
+
+    #[test]
+    fn surviving_backends_keep_their_slots() {
+        let fakes = Fakes::new();
+        let mut reconciler = fakes.reconciler();
+        let key = vip(1, 80, Protocol::Tcp);
+        let slot = |n: u16| {
+            fakes
+                .services
+                .get(&service_key(&key, n))
+                .map(|v| v.backend_id)
+        };
+        reconciler.sync(&web(&active([1, 2, 3]))).unwrap();
+        let (first, third) = (slot(1), slot(3));
+        reconciler.sync(&web(&active([1, 3]))).unwrap();
+        assert_eq!(slot(1), first);
+        assert_eq!(slot(2), third, "the last backend fills the hole");
+        assert_eq!(slot(3), None);
+    }
+
+    #[test]
+    fn terminating_backends_keep_flows_but_get_no_slot() {
+        let fakes = Fakes::new();
+        let mut reconciler = fakes.reconciler();
+        reconciler.sync(&web(&active([1, 2]))).unwrap();
+        let id_of = |host: u8| {
+            let address = u32::from(Ipv4Addr::new(10, 0, 0, host)).to_be();
+            fakes
+                .backends
+                .entries()
+                .unwrap()
+                .into_iter()
+                .find(|(_, b)| b.address == address)
+                .map(|(id, _)| id)
+        };
+        let (one, two) = (id_of(1).unwrap(), id_of(2).unwrap());
+        let flow = |id: u32, sport: u16| {
+            let key = CtKey::new(1, 2, sport, 80, 17);
+            fakes.conntrack.insert_directly(
+                key,
+                CtValue {
+                    backend_id: id,
+                    rev_nat_id: 1,
+                    ..CtValue::default()
+                },
+            );
+            fakes.conntrack.insert_directly(
+                key.reversed(),
+                CtValue {
+                    backend_id: id,
+                    flags: CT_FLAG_REPLY,
+                    ..CtValue::default()
+                },
+            );
+        };
+        flow(one, 1000);
+        flow(two, 2000);
+
+        reconciler
+            .sync(&web(&[
+                (1, BackendState::Active),
+                (2, BackendState::Terminating),
+            ]))
+            .unwrap();
+        assert_eq!(
+            fakes.backends.get(&two).unwrap().flags,
+            BACKEND_FLAG_TERMINATING
+        );
+        assert_eq!(
+            fakes.conntrack.len(),
+            4,
+            "a terminating backend keeps its flows"
+        );
+        let forwarding = reconciler.dump().unwrap();
+        assert!(forwarding.values().all(|targets| targets.len() == 1));
+
+        let stats = reconciler.sync(&web(&active([1]))).unwrap();
+        assert_eq!(
+            stats.flows_purged, 2,
+            "both directions of the removed backend's flow"
+        );
+        assert!(
+            fakes
+                .conntrack
+                .entries()
+                .unwrap()
+                .iter()
+                .all(|(_, v)| v.backend_id == one)
+        );
+    }
+
+    #[test]
+    fn removed_frontends_lose_their_flows() {
+        let fakes = Fakes::new();
+        let mut reconciler = fakes.reconciler();
+        reconciler.sync(&web(&active([1]))).unwrap();
+        let header = fakes
+            .services
+            .get(&service_key(&vip(1, 53, Protocol::Udp), 0))
+            .unwrap();
+        fakes.conntrack.insert_directly(
+            CtKey::new(1, 2, 3, 53, 17),
+            CtValue {
+                backend_id: 999,
+                rev_nat_id: header.rev_nat_id,
+                ..CtValue::default()
+            },
+        );
+        let mut desired = web(&active([1]));
+        desired.frontends.remove(&vip(1, 53, Protocol::Udp));
+        assert_eq!(reconciler.sync(&desired).unwrap().flows_purged, 1);
+    }
+
+    #[test]
+    fn a_restarted_reconciler_adopts_the_maps() {
+        let fakes = Fakes::new();
+        fakes.reconciler().sync(&web(&active([1, 2, 3]))).unwrap();
+        let before = fakes.services.entries().unwrap();
+        let mut restarted = fakes.reconciler();
+        assert_eq!(
+            restarted.sync(&web(&active([1, 2, 3]))).unwrap(),
+            SyncStats::default()
+        );
+        let mut after = fakes.services.entries().unwrap();
+        let mut before = before;
+        before.sort_by_key(|(k, _)| *k);
+        after.sort_by_key(|(k, _)| *k);
+        assert_eq!(before, after);
+    }
+
+    #[test]
+    fn maglev_tables_agree_across_nodes_with_different_ids() {
+        let node_a = Fakes::new();
+        let node_b = Fakes::new();
+        node_a.reconciler().sync(&web(&active([1, 2, 3]))).unwrap();
+        // Node B learnt other backends first, so its ids differ.
+        let mut b = node_b.reconciler();
+        b.sync(&web(&active([7, 8]))).unwrap();
+        b.sync(&web(&active([3, 2, 1]))).unwrap();
+
+        let table = |fakes: &Fakes| {
+            let header = fakes
+                .services
+                .get(&service_key(&vip(1, 80, Protocol::Tcp), 0))
+                .unwrap();
+            let table = fakes.maglev.get(&header.rev_nat_id).unwrap();
+            table
+                .backend_ids
+                .map(|id| fakes.backends.get(&id).unwrap().address)
+        };
+        assert_ne!(node_a.backends.entries().unwrap().len(), 0);
+        assert_eq!(table(&node_a), table(&node_b));
+    }
+
+    #[test]
+    fn stable_slots_fill_holes_from_the_end() {
+        assert_eq!(stable_slots(&[1, 2, 3, 4], &[1, 3, 4], 4), [1, 4, 3]);
+        assert_eq!(stable_slots(&[1, 2], &[2, 5, 1], 2), [1, 2, 5]);
+        assert_eq!(
+            stable_slots(&[1, 2, 9], &[1, 2], 2),
+            [1, 2],
+            "slots past the count are ignored"
+        );
+        assert_eq!(
+            stable_slots(&[1, 5, 5], &[1, 5], 3),
+            [1, 5],
+            "a duplicate from a failed sync goes"
+        );
+    }
+
+    #[test]
+    fn ids_wrap_and_exhaust() {
+        let mut hint = 3;
+        assert_eq!(allocate(&mut hint, 3, "test", |id| id == 1).unwrap(), 3);
+        assert_eq!(allocate(&mut hint, 3, "test", |id| id == 1).unwrap(), 2);
+        assert!(matches!(
+            allocate(&mut hint, 3, "test", |_| true),
+            Err(ReconcileError::IdsExhausted { .. })
+        ));
+    }
 }
