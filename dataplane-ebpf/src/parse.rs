@@ -144,6 +144,9 @@ fn header<P: Packet>(pkt: &P, off: usize) -> Option<Ipv4> {
         return None;
     }
     let tot_len = u16::from_be(load(pkt, off + 2)?);
+    if (tot_len as usize) < ihl * 4 {
+        return None;
+    }
     let frag_off = u16::from_be(load(pkt, off + 6)?);
     Some(Ipv4 {
         // IHL <= 15, so options (up to 40 bytes) are skipped with a bounded
@@ -161,6 +164,16 @@ fn header<P: Packet>(pkt: &P, off: usize) -> Option<Ipv4> {
 fn ports<P: Packet>(pkt: &P, ip: &Ipv4) -> Option<Flow> {
     // The whole fixed L4 header must be there, so checksum rewrites later
     // stay in bounds.
+    let l4_len = if ip.protocol == protocol::TCP {
+        TCP_HLEN
+    } else {
+        UDP_HLEN
+    };
+    // The IPv4 length must cover the L4 header the rewrite touches (the
+    // kernel drops such packets anyway; translating them would be noise).
+    if (ip.tot_len as usize) < ip.l4_off - L3_OFF + l4_len {
+        return None;
+    }
     let (l4, syn) = if ip.protocol == protocol::TCP {
         let l4 = header_at(pkt, ip.l4_off, TCP_HLEN)?;
         // SAFETY: `l4` covers TCP_HLEN bytes; the flags byte is inside.

@@ -1,1 +1,7 @@
+//! Helpers shared by wharf's integration suites and benchmarks: frames
+//! built and checked independently of the dataplane's own code, a loaded
+//! dataplane with private pins, and network-namespace plumbing.
 
+pub mod fixture;
+pub mod frame;
+pub mod services;

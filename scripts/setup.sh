@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs everything wharf needs to build and test on a Debian machine of
+# this kind (see ../shared/notes/PLATFORM.md). Idempotent: each step checks
+# first, so a second run takes a second or two.
+set -euo pipefail
+
+die() { echo "setup: $*" >&2; exit 1; }
+step() { echo "setup: $*" >&2; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root: it installs apt packages and later loads eBPF programs"
+command -v apt-get >/dev/null || die "apt-get not found: this script targets Debian"
+command -v rustup >/dev/null || die "rustup not found: the machine's Rust toolchain is missing"
+
+# Debian packages: LLVM 22 for bpf-linker, iproute2/ethtool for the netns
+# tests and demo, curl for the demo.
+packages=(llvm-22-dev libzstd-dev zlib1g-dev iproute2 ethtool curl)
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  step "installing ${missing[*]}"
+  apt-get update -qq || die "apt-get update failed"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
+    || die "apt-get install ${missing[*]} failed"
+fi
+
+# The eBPF crate builds with nightly's build-std, which needs rust-src.
+rustup toolchain list | grep -q '^nightly' \
+  || die "no nightly toolchain: the eBPF crate needs it (it is preinstalled on this machine kind)"
+if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'; then
+  step "adding rust-src to nightly"
+  rustup component add rust-src --toolchain nightly >/dev/null || die "rustup component add rust-src failed"
+fi
+
+# bpf-linker links the eBPF object; built against Debian's LLVM 22, never
+# the image's LLVM 14 (PLATFORM.md).
+BPF_LINKER_VERSION=0.13.0
+if ! bpf-linker --version 2>/dev/null | grep -qx "bpf-linker $BPF_LINKER_VERSION"; then
+  step "building bpf-linker $BPF_LINKER_VERSION (about 80 s)"
+  LLVM_PREFIX=/usr/lib/llvm-22 LLVM_SYS_221_PREFIX=/usr/lib/llvm-22 \
+    cargo install --quiet --locked bpf-linker --version "$BPF_LINKER_VERSION" \
+      --no-default-features --features llvm-22 \
+    || die "cargo install bpf-linker failed"
+fi
+
+# bpffs: the agent mounts it itself, but tests and the demo check pins.
+if ! mountpoint -q /sys/fs/bpf; then
+  mkdir -p /sys/fs/bpf && mount -t bpf bpf /sys/fs/bpf || die "cannot mount bpffs at /sys/fs/bpf"
+fi
+step "ready"
