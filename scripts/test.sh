@@ -8,4 +8,6 @@ cd "$(dirname "$0")/.."
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The netns suites run the agent binary itself.
+cargo build --workspace --bins --quiet
 cargo test --workspace

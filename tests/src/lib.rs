@@ -4,4 +4,5 @@
 
 pub mod fixture;
 pub mod frame;
+pub mod lab;
 pub mod services;

@@ -283,32 +283,7 @@ impl Dataplane {
 
     /// Datapath counters summed over CPUs, by reason.
     pub fn counters(&self) -> Result<Vec<(Reason, Counter)>, LoadError> {
-        let map = self
-            .ebpf
-            .map(names::COUNTERS)
-            .ok_or(LoadError::MissingMap {
-                name: names::COUNTERS,
-            })?;
-        let array = PerCpuArray::<_, Counter>::try_from(map).map_err(|source| LoadError::Map {
-            name: names::COUNTERS,
-            source,
-        })?;
-        Reason::ALL
-            .iter()
-            .map(|reason| {
-                let values = array
-                    .get(&(*reason as u32), 0)
-                    .map_err(|source| LoadError::Map {
-                        name: names::COUNTERS,
-                        source,
-                    })?;
-                let total = values.iter().fold(Counter::default(), |sum, c| Counter {
-                    packets: sum.packets + c.packets,
-                    bytes: sum.bytes + c.bytes,
-                });
-                Ok((*reason, total))
-            })
-            .collect()
+        read_counters_in(&self.pin_dir)
     }
 
     /// A loaded program by name, for tests and benchmarks (test runs).
@@ -340,6 +315,33 @@ impl Dataplane {
         .map_err(|source| LoadError::Map { name, source })?;
         Ok(KernelTable::new(name, map))
     }
+}
+
+/// A node's datapath counters summed over CPUs, read from its pinned map
+/// (the node's agent need not be running).
+pub fn read_counters(bpffs: &Path, node: &str) -> Result<Vec<(Reason, Counter)>, LoadError> {
+    read_counters_in(&Dataplane::pin_dir(bpffs, node))
+}
+
+fn read_counters_in(pin_dir: &Path) -> Result<Vec<(Reason, Counter)>, LoadError> {
+    let name = names::COUNTERS;
+    let map_error = |source| LoadError::Map { name, source };
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_error)?;
+    let array = PerCpuArray::<_, Counter>::try_from(
+        aya::maps::Map::from_map_data(data).map_err(map_error)?,
+    )
+    .map_err(map_error)?;
+    Reason::ALL
+        .iter()
+        .map(|reason| {
+            let values = array.get(&(*reason as u32), 0).map_err(map_error)?;
+            let total = values.iter().fold(Counter::default(), |sum, c| Counter {
+                packets: sum.packets + c.packets,
+                bytes: sum.bytes + c.bytes,
+            });
+            Ok((*reason, total))
+        })
+        .collect()
 }
 
 fn program_error(program: &'static str, source: ProgramError) -> LoadError {

@@ -2,6 +2,7 @@
 //! of YAML (or JSON) files, several documents per file allowed.
 
 use std::{
+    collections::HashMap,
     fs, io,
     path::{Path, PathBuf},
 };
@@ -42,6 +43,8 @@ pub enum ManifestError {
 pub fn load_path(path: &Path) -> Result<DesiredState, ManifestError> {
     let mut services = Vec::new();
     let mut slices = Vec::new();
+    // Which file each object came from, to say where a bad one is.
+    let mut origins: HashMap<String, PathBuf> = HashMap::new();
     for file in manifest_files(path)? {
         let text = fs::read_to_string(&file).map_err(|source| ManifestError::Read {
             path: file.clone(),
@@ -63,6 +66,7 @@ pub fn load_path(path: &Path) -> Result<DesiredState, ManifestError> {
                 .unwrap_or_default()
                 .to_string();
             let object = describe(&value, &kind);
+            origins.insert(object.clone(), file.clone());
             let error = |reason: String| ManifestError::Object {
                 path: file.clone(),
                 object: object.clone(),
@@ -88,7 +92,21 @@ pub fn load_path(path: &Path) -> Result<DesiredState, ManifestError> {
             }
         }
     }
-    Ok(desired_state(&services, &slices)?)
+    desired_state(&services, &slices).map_err(|error| {
+        let object = match &error {
+            TranslateError::Invalid { object, .. } | TranslateError::Conflict { object, .. } => {
+                object
+            }
+        };
+        match origins.get(object) {
+            Some(path) => ManifestError::Object {
+                path: path.clone(),
+                object: object.clone(),
+                reason: error.to_string(),
+            },
+            None => ManifestError::Translate(error),
+        }
+    })
 }
 
 /// `Kind namespace/name` for messages.
@@ -163,6 +181,21 @@ mod tests {
         assert_eq!(
             backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
             ["10.0.0.5:8080"]
+        );
+    }
+
+    #[test]
+    fn invalid_field_values_name_the_file_too() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("svc.yaml"),
+            SERVICE.replace("10.96.0.1", "nope"),
+        )
+        .unwrap();
+        let error = load_path(dir.path()).unwrap_err().to_string();
+        assert!(
+            error.contains("svc.yaml") && error.contains("spec.clusterIP"),
+            "{error}"
         );
     }
 

@@ -1,0 +1,293 @@
+//! A throwaway lab of network namespaces, veths, a cgroup and processes,
+//! all named after the test and this process, and all removed when the
+//! `Lab` is dropped, including when the test panics.
+//!
+//! Processes enter only a namespace's *network* namespace (setns before
+//! exec), never `ip netns exec`: that one remounts /sys and would hide
+//! bpffs and the cgroup v2 tree (../shared/notes/PLATFORM.md).
+
+use std::{
+    fs,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use dataplane_common::counters::Reason;
+use wharf_agent::ebpf::Dataplane;
+
+use crate::fixture::{BPFFS, require_root};
+
+/// cgroup v2 root on this machine kind (hybrid hierarchy).
+const CGROUP2: &str = "/sys/fs/cgroup/unified";
+
+#[derive(Debug)]
+pub struct Lab {
+    /// Short and unique: namespace names are `<prefix>-<name>`.
+    prefix: String,
+    namespaces: Vec<String>,
+    cgroup: Option<PathBuf>,
+    children: Vec<Child>,
+    /// Agent node names whose pins to remove.
+    nodes: Vec<String>,
+    pub dir: PathBuf,
+}
+
+impl Lab {
+    pub fn new(test: &str) -> Self {
+        require_root();
+        let prefix = format!("wt{}-{test}", std::process::id());
+        let dir = std::env::temp_dir().join(&prefix);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("lab directory");
+        Self {
+            prefix,
+            namespaces: Vec::new(),
+            cgroup: None,
+            children: Vec::new(),
+            nodes: Vec::new(),
+            dir,
+        }
+    }
+
+    /// Creates namespace `name` with loopback up; returns its full name.
+    pub fn netns(&mut self, name: &str) -> String {
+        let full = format!("{}-{name}", self.prefix);
+        command("ip", &["netns", "add", &full]);
+        self.namespaces.push(full.clone());
+        command("ip", &["-n", &full, "link", "set", "lo", "up"]);
+        full
+    }
+
+    /// Runs `ip -n NS ARGS...`.
+    pub fn ip(&self, ns: &str, args: &str) {
+        let mut all = vec!["-n", ns];
+        all.extend(args.split_whitespace());
+        command("ip", &all);
+    }
+
+    /// A veth pair between two namespaces, both ends up. Named directly in
+    /// their namespaces, so parallel labs never clash in the host's.
+    pub fn veth(&self, ns_a: &str, name_a: &str, ns_b: &str, name_b: &str) {
+        command(
+            "ip",
+            &[
+                "link", "add", name_a, "netns", ns_a, "type", "veth", "peer", "name", name_b,
+                "netns", ns_b,
+            ],
+        );
+        self.ip(ns_a, &format!("link set {name_a} up"));
+        self.ip(ns_b, &format!("link set {name_b} up"));
+    }
+
+    /// Writes a sysctl inside a namespace.
+    pub fn sysctl(&self, ns: &str, key: &str, value: &str) {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        command(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                ns,
+                "sh",
+                "-c",
+                &format!("echo {value} > {path}"),
+            ],
+        );
+    }
+
+    /// Turns checksum offloads off: veth otherwise hands CHECKSUM_PARTIAL
+    /// packets around, whose checksums nobody verifies (PLATFORM.md).
+    pub fn offloads_off(&self, ns: &str, device: &str) {
+        command(
+            "ip",
+            &[
+                "netns", "exec", ns, "ethtool", "-K", device, "tx", "off", "rx", "off",
+            ],
+        );
+    }
+
+    /// The lab's own cgroup v2 directory, created on first use.
+    pub fn cgroup(&mut self) -> PathBuf {
+        self.cgroup
+            .get_or_insert_with(|| {
+                let path = Path::new(CGROUP2).join(format!("wharf-{}", self.prefix));
+                fs::create_dir_all(&path).expect("creating the lab cgroup");
+                path
+            })
+            .clone()
+    }
+
+    /// A command that will run in `ns` (and the lab cgroup if `in_cgroup`).
+    pub fn command(&mut self, ns: &str, in_cgroup: bool, program: &Path, args: &[&str]) -> Command {
+        let netns = fs::File::open(format!("/run/netns/{ns}")).expect("namespace file");
+        let procs = in_cgroup.then(|| {
+            fs::OpenOptions::new()
+                .write(true)
+                .open(self.cgroup().join("cgroup.procs"))
+                .expect("cgroup.procs")
+        });
+        let mut command = Command::new(program);
+        command.args(args);
+        let (netns_fd, procs_fd) = (netns.as_raw_fd(), procs.as_ref().map(|f| f.as_raw_fd()));
+        // SAFETY: the closure runs in the forked child before exec and only
+        // makes async-signal-safe syscalls on descriptors the parent keeps
+        // open until spawn returns (they are moved into the closure).
+        unsafe {
+            command.pre_exec(move || {
+                let _keep = (&netns, &procs);
+                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = procs_fd {
+                    // "0" moves the writing process itself.
+                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        command
+    }
+
+    /// Runs to completion; returns stdout lines, panicking on failure.
+    pub fn run(&mut self, ns: &str, in_cgroup: bool, program: &Path, args: &[&str]) -> Vec<String> {
+        let output = self.try_run(ns, in_cgroup, program, args);
+        assert!(
+            output.status.success(),
+            "{} {args:?} in {ns} failed: {}",
+            program.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    pub fn try_run(&mut self, ns: &str, in_cgroup: bool, program: &Path, args: &[&str]) -> Output {
+        self.command(ns, in_cgroup, program, args)
+            .output()
+            .expect("spawn")
+    }
+
+    /// Starts a long-running process whose stdout and stderr go to
+    /// `<lab dir>/<log>`; it is killed when the lab is dropped.
+    pub fn spawn(
+        &mut self,
+        ns: &str,
+        in_cgroup: bool,
+        program: &Path,
+        args: &[&str],
+        log: &str,
+    ) -> usize {
+        let file = fs::File::create(self.dir.join(log)).expect("log file");
+        let child = self
+            .command(ns, in_cgroup, program, args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", program.display()));
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
+    /// Sends SIGTERM to a spawned process and waits for it to exit.
+    pub fn stop(&mut self, index: usize) {
+        let child = &mut self.children[index];
+        // SAFETY: kill(2) on a child we own and have not reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = child.wait();
+    }
+
+    /// Waits for a spawned process to exit; returns its log.
+    pub fn wait(&mut self, index: usize, log: &str) -> String {
+        let _ = self.children[index].wait();
+        self.log(log)
+    }
+
+    pub fn log(&self, log: &str) -> String {
+        fs::read_to_string(self.dir.join(log)).unwrap_or_default()
+    }
+
+    /// Waits until `log` contains `needle` at least `count` times.
+    pub fn wait_for_log(&self, log: &str, needle: &str, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.log(log).matches(needle).count() < count {
+            assert!(
+                Instant::now() < deadline,
+                "{log} never showed {needle:?} {count} times:\n{}",
+                self.log(log)
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Registers an agent node name whose pins the lab removes.
+    pub fn node(&mut self, name: &str) -> String {
+        let full = format!("{}-{name}", self.prefix);
+        self.nodes.push(full.clone());
+        full
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for node in &self.nodes {
+            let _ = Dataplane::teardown(Path::new(BPFFS), node);
+        }
+        for ns in &self.namespaces {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        if let Some(cgroup) = &self.cgroup {
+            let _ = fs::remove_dir(cgroup);
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs a setup command, panicking with its stderr on failure.
+pub fn command(program: &str, args: &[&str]) {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The wharf-agent binary next to the test binaries (target/<profile>/).
+pub fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("wharf-agent");
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (cargo build -p wharf-agent)",
+        path.display()
+    );
+    path
+}
+
+/// A node's datapath packet counters, read from its pinned map.
+pub fn counter(node: &str, reason: Reason) -> u64 {
+    let counters = wharf_agent::ebpf::read_counters(Path::new(BPFFS), node).expect("counters");
+    counters
+        .into_iter()
+        .find(|(r, _)| *r == reason)
+        .map_or(0, |(_, c)| c.packets)
+}
