@@ -13,9 +13,9 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 /// obscure EPERM from the kernel.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
     assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
+        euid, 0,
         "this test loads eBPF programs and must run as root"
     );
 }
@@ -100,12 +100,9 @@ impl Fixture {
     }
 }
 
-fn run<P: aya::programs::TestRun<Result = aya::programs::TestRunResult>>(
-    program: &P,
-    frame: &[u8],
-) -> (u32, Vec<u8>)
+fn run<P>(program: &P, frame: &[u8]) -> (u32, Vec<u8>)
 where
-    for<'a> P: aya::programs::TestRun<Opts<'a> = TestRunOptions<'a>>,
+    for<'a> P: aya::programs::TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
 {
     let mut out = vec![0u8; frame.len() + 256];
     let options = TestRunOptions {

@@ -272,10 +272,13 @@ impl Reconciler {
             self.maps.backends.remove(id)?;
             stats.map_operations += 1;
             stats.backends_removed += 1;
-            if let Some(entry) = self.backends.remove(id) {
-                if let Some(addr) = BackendAddr::from_entry(&entry) {
-                    self.backend_ids.remove(&addr);
-                }
+            if let Some(addr) = self
+                .backends
+                .remove(id)
+                .as_ref()
+                .and_then(BackendAddr::from_entry)
+            {
+                self.backend_ids.remove(&addr);
             }
         }
 

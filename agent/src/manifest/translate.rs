@@ -99,11 +99,13 @@ pub fn desired_state(
             .as_ref()
             .and_then(|s| s.load_balancer.as_ref())
             .and_then(|lb| lb.ingress.as_ref());
-        for entry in ingress.into_iter().flatten() {
-            if let Some(ip) = &entry.ip {
-                if let Some(address) = ipv4(&object, "status.loadBalancer.ingress.ip", ip)? {
-                    external.push((address, FrontendKind::LoadBalancer));
-                }
+        for ip in ingress
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| entry.ip.as_ref())
+        {
+            if let Some(address) = ipv4(&object, "status.loadBalancer.ingress.ip", ip)? {
+                external.push((address, FrontendKind::LoadBalancer));
             }
         }
 
@@ -155,20 +157,20 @@ pub fn desired_state(
             for (address, kind) in &external {
                 add(*address, service_port, *kind)?;
             }
-            if matches!(service_type, "NodePort" | "LoadBalancer") {
-                if let Some(node_port) = port.node_port {
-                    let node_port = u16::try_from(node_port)
-                        .ok()
-                        .filter(|p| *p != 0)
-                        .ok_or_else(|| {
-                            invalid(
-                                &object,
-                                "spec.ports.nodePort",
-                                format!("{node_port} is not a port"),
-                            )
-                        })?;
-                    add(Ipv4Addr::UNSPECIFIED, node_port, FrontendKind::NodePort)?;
-                }
+            if matches!(service_type, "NodePort" | "LoadBalancer")
+                && let Some(node_port) = port.node_port
+            {
+                let node_port = u16::try_from(node_port)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| {
+                        invalid(
+                            &object,
+                            "spec.ports.nodePort",
+                            format!("{node_port} is not a port"),
+                        )
+                    })?;
+                add(Ipv4Addr::UNSPECIFIED, node_port, FrontendKind::NodePort)?;
             }
         }
     }
