@@ -6,7 +6,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, ValueEnum};
 use tracing::info;
 use wharf_agent::{
-    ebpf::{Dataplane, Reconciler},
+    ebpf::{Dataplane, Reconciler, read_counters},
     netdev, standalone,
 };
 
@@ -62,8 +62,13 @@ struct Args {
     bpffs: PathBuf,
 
     /// Remove this node's programs and maps, then exit.
-    #[arg(long, conflicts_with = "standalone")]
+    #[arg(long, conflicts_with_all = ["standalone", "counters"])]
     teardown: bool,
+
+    /// Print this node's datapath counters (packets and bytes by reason),
+    /// then exit.
+    #[arg(long, conflicts_with = "standalone")]
+    counters: bool,
 }
 
 fn default_node_name() -> String {
@@ -97,6 +102,12 @@ async fn main() -> anyhow::Result<()> {
     if args.teardown {
         Dataplane::teardown(&args.bpffs, &args.node_name).context("teardown")?;
         info!(node = %args.node_name, "dataplane removed");
+        return Ok(());
+    }
+    if args.counters {
+        for (reason, counter) in read_counters(&args.bpffs, &args.node_name).context("reading counters")? {
+            println!("{:<26} {:>12} packets {:>14} bytes", reason.name(), counter.packets, counter.bytes);
+        }
         return Ok(());
     }
     let (true, Some(services_from)) = (args.standalone, args.services_from.clone()) else {
