@@ -105,8 +105,15 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if args.counters {
-        for (reason, counter) in read_counters(&args.bpffs, &args.node_name).context("reading counters")? {
-            println!("{:<26} {:>12} packets {:>14} bytes", reason.name(), counter.packets, counter.bytes);
+        for (reason, counter) in
+            read_counters(&args.bpffs, &args.node_name).context("reading counters")?
+        {
+            println!(
+                "{:<26} {:>12} packets {:>14} bytes",
+                reason.name(),
+                counter.packets,
+                counter.bytes
+            );
         }
         return Ok(());
     }

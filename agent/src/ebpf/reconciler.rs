@@ -124,6 +124,12 @@ pub struct Reconciler {
     rev_nat_ids: BTreeSet<u32>,
     /// Maglev tables in the map, whether or not a frontend uses them.
     maglev_ids: BTreeSet<u32>,
+    /// Each frontend as last fully programmed; unchanged ones are skipped.
+    synced: BTreeMap<FrontendKey, Frontend>,
+    /// How many programmed frontends use each backend, and how.
+    users: HashMap<BackendAddr, Users>,
+    /// The mirror was just rebuilt from the maps: look for orphans.
+    sweep: bool,
     /// Where the next id search starts.
     next_backend_id: u32,
     next_rev_nat_id: u32,
@@ -142,6 +148,9 @@ impl Reconciler {
             backend_ids: HashMap::new(),
             rev_nat_ids: BTreeSet::new(),
             maglev_ids: BTreeSet::new(),
+            synced: BTreeMap::new(),
+            users: HashMap::new(),
+            sweep: true,
             next_backend_id: 1,
             next_rev_nat_id: 1,
             stale: true,
@@ -195,6 +204,9 @@ impl Reconciler {
             .into_iter()
             .map(|(id, _)| id)
             .collect();
+        self.synced.clear();
+        self.users.clear();
+        self.sweep = true;
         self.stale = false;
         Ok(())
     }
@@ -217,56 +229,71 @@ impl Reconciler {
         desired: &DesiredState,
         stats: &mut SyncStats,
     ) -> Result<(), ReconcileError> {
-        // 1. Backends every desired frontend uses, with their state.
-        let mut wanted: HashMap<BackendAddr, BackendState> = HashMap::new();
-        for (key, frontend) in &desired.frontends {
-            for backend in &frontend.backends {
-                let addr = BackendAddr {
-                    address: backend.address,
-                    port: backend.port,
-                    protocol: key.protocol,
-                };
-                let state = wanted.entry(addr).or_insert(backend.state);
-                // A backend active for any frontend is active.
-                if backend.state == BackendState::Active {
-                    *state = BackendState::Active;
-                }
-            }
-        }
-        let mut wanted_addrs: Vec<_> = wanted.iter().collect();
-        wanted_addrs.sort();
-        for (addr, state) in wanted_addrs {
-            self.upsert_backend(addr, *state, stats)?;
-        }
-
-        // 2. Desired frontends.
-        for (key, frontend) in &desired.frontends {
-            self.sync_frontend(key, frontend, stats)?;
-        }
-
-        // 3. Frontends no longer desired, header first.
+        // Only frontends whose desired version differs from the one last
+        // programmed are looked at: one endpoint change costs one
+        // frontend's diff, not a pass over every service.
+        let changed: Vec<(&FrontendKey, &Frontend)> = desired
+            .frontends
+            .iter()
+            .filter(|(key, frontend)| self.synced.get(key) != Some(frontend))
+            .collect();
         let removed: Vec<FrontendKey> = self
             .frontends
             .keys()
             .filter(|key| !desired.frontends.contains_key(key))
             .copied()
             .collect();
-        for key in removed {
-            self.remove_frontend(&key, stats)?;
+
+        // 1. Move backend references from each changed or removed
+        //    frontend's programmed version to its desired one.
+        let mut touched = BTreeSet::new();
+        for (key, frontend) in &changed {
+            if let Some(old) = self.synced.get(key) {
+                release(&mut self.users, key.protocol, old, &mut touched);
+            }
+            acquire(&mut self.users, key.protocol, frontend, &mut touched);
+        }
+        for key in &removed {
+            if let Some(old) = self.synced.get(key) {
+                release(&mut self.users, key.protocol, old, &mut touched);
+            }
+        }
+        let mut unused = Vec::new();
+        if self.sweep {
+            // After a restore every backend in the maps is judged, and
+            // entries this version cannot read are dropped.
+            touched.extend(self.backend_ids.keys().copied());
+            unused.extend(
+                self.backends
+                    .iter()
+                    .filter(|(_, entry)| BackendAddr::from_entry(entry).is_none())
+                    .map(|(id, _)| *id),
+            );
         }
 
-        // 4. Backends nothing points at any more.
-        let used: HashSet<u32> = wanted
-            .keys()
-            .filter_map(|addr| self.backend_ids.get(addr))
-            .copied()
-            .collect();
-        let mut unused: Vec<u32> = self
-            .backends
-            .keys()
-            .filter(|id| !used.contains(id))
-            .copied()
-            .collect();
+        // 2. Backends in use, written before anything points at them
+        //    (sorted, so ids are allocated in the same order every time).
+        for addr in &touched {
+            match self.users.get(addr).and_then(Users::state) {
+                Some(state) => self.upsert_backend(addr, state, stats)?,
+                None => unused.extend(self.backend_ids.get(addr)),
+            }
+        }
+
+        // 3. Changed frontends.
+        for (key, frontend) in changed {
+            self.sync_frontend(key, frontend, stats)?;
+            self.synced.insert(*key, frontend.clone());
+        }
+
+        // 4. Frontends no longer desired, header first.
+        let mut dead_rev_nat = BTreeSet::new();
+        for key in removed {
+            dead_rev_nat.extend(self.remove_frontend(&key, stats)?);
+            self.synced.remove(&key);
+        }
+
+        // 5. Backends nothing points at any more.
         unused.sort_unstable();
         for id in &unused {
             self.maps.backends.remove(id)?;
@@ -282,31 +309,29 @@ impl Reconciler {
             }
         }
 
-        // 5. Reverse-NAT ids and Maglev tables no frontend uses.
-        let live: HashSet<u32> = self
-            .frontends
-            .values()
-            .filter_map(|p| p.header.map(|h| h.rev_nat_id))
-            .collect();
-        let dead_rev_nat: BTreeSet<u32> = self
-            .rev_nat_ids
-            .iter()
-            .filter(|id| !live.contains(id))
-            .copied()
-            .collect();
-        let dead_maglev: Vec<u32> = self
-            .maglev_ids
-            .iter()
-            .filter(|id| !live.contains(id))
-            .copied()
-            .collect();
-        for id in dead_maglev {
-            self.maps.maglev.remove(&id)?;
-            self.maglev_ids.remove(&id);
-            stats.map_operations += 1;
+        // 6. After a restore: reverse-NAT ids and Maglev tables that no
+        //    frontend uses (left by a sync that failed half-way).
+        if self.sweep {
+            let live: HashSet<u32> = self
+                .frontends
+                .values()
+                .filter_map(|p| p.header.map(|h| h.rev_nat_id))
+                .collect();
+            dead_rev_nat.extend(self.rev_nat_ids.iter().filter(|id| !live.contains(id)));
+            let dead_maglev: Vec<u32> = self
+                .maglev_ids
+                .iter()
+                .filter(|id| !live.contains(id))
+                .copied()
+                .collect();
+            for id in dead_maglev {
+                self.maps.maglev.remove(&id)?;
+                self.maglev_ids.remove(&id);
+                stats.map_operations += 1;
+            }
         }
 
-        // 6. Flows of removed backends and frontends: after steps 3-4 no
+        // 7. Flows of removed backends and frontends: after steps 4-5 no
         //    new flow can pick them, so purged entries are not re-created.
         //    UDP included: a stale entry would black-hole the 5-tuple.
         if !unused.is_empty() || !dead_rev_nat.is_empty() {
@@ -320,6 +345,7 @@ impl Reconciler {
             self.rev_nat_ids.remove(&id);
             stats.map_operations += 1;
         }
+        self.sweep = false;
         Ok(())
     }
 
@@ -488,14 +514,17 @@ impl Reconciler {
         Ok(())
     }
 
+    /// Removes a frontend; returns its reverse-NAT id, which the caller
+    /// deletes once the frontend's flows are purged.
     fn remove_frontend(
         &mut self,
         key: &FrontendKey,
         stats: &mut SyncStats,
-    ) -> Result<(), ReconcileError> {
+    ) -> Result<Option<u32>, ReconcileError> {
         let Some(programmed) = self.frontends.get_mut(key) else {
-            return Ok(());
+            return Ok(None);
         };
+        let rev_nat_id = programmed.header.map(|h| h.rev_nat_id);
         if let Some(header) = programmed.header {
             self.maps.services.remove(&service_key(key, 0))?;
             stats.map_operations += 1;
@@ -518,7 +547,7 @@ impl Reconciler {
         }
         self.frontends.remove(key);
         stats.frontends_removed += 1;
-        Ok(())
+        Ok(rev_nat_id)
     }
 
     fn purge_conntrack(
@@ -561,6 +590,74 @@ impl Reconciler {
             forwarding.insert(frontend, targets);
         }
         Ok(forwarding)
+    }
+}
+
+/// How many programmed frontends reference a backend, by the state they
+/// give it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Users {
+    active: usize,
+    terminating: usize,
+}
+
+impl Users {
+    /// A backend active for any frontend is active.
+    fn state(&self) -> Option<BackendState> {
+        if self.active > 0 {
+            Some(BackendState::Active)
+        } else if self.terminating > 0 {
+            Some(BackendState::Terminating)
+        } else {
+            None
+        }
+    }
+
+    fn count(&mut self, state: BackendState) -> &mut usize {
+        match state {
+            BackendState::Active => &mut self.active,
+            BackendState::Terminating => &mut self.terminating,
+        }
+    }
+}
+
+fn acquire(
+    users: &mut HashMap<BackendAddr, Users>,
+    protocol: Protocol,
+    frontend: &Frontend,
+    touched: &mut BTreeSet<BackendAddr>,
+) {
+    for backend in &frontend.backends {
+        let addr = BackendAddr {
+            address: backend.address,
+            port: backend.port,
+            protocol,
+        };
+        *users.entry(addr).or_default().count(backend.state) += 1;
+        touched.insert(addr);
+    }
+}
+
+fn release(
+    users: &mut HashMap<BackendAddr, Users>,
+    protocol: Protocol,
+    frontend: &Frontend,
+    touched: &mut BTreeSet<BackendAddr>,
+) {
+    for backend in &frontend.backends {
+        let addr = BackendAddr {
+            address: backend.address,
+            port: backend.port,
+            protocol,
+        };
+        if let Some(entry) = users.get_mut(&addr) {
+            let count = entry.count(backend.state);
+            *count = count.saturating_sub(1);
+            if entry.state().is_none() {
+                users.remove(&addr);
+            }
+        }
+        touched.insert(addr);
     }
 }
 
