@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs the benchmarks (as root: they load eBPF programs): criterion's
+# per-packet and sync benchmarks, then the interleaved flatness check
+# (median per-packet cost from 1 to 100k services, max/min within 10%).
+# The summary is also written as JSON next to criterion's reports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+. scripts/env.sh
+cargo bench -p wharf-benches "$@"
+python3 - "$CARGO_TARGET_DIR/criterion" <<'PY'
+import json, os, sys
+root = sys.argv[1]
+def mean_ns(*path):
+    with open(os.path.join(root, *path, "new", "estimates.json")) as f:
+        return json.load(f)["mean"]["point_estimate"]
+summary = {"criterion_per_packet_ns": {}, "sync_ms": {}}
+print(f"{'criterion mean ns':<18}" + "".join(f"{n:>10}" for n in ("1", "1k", "10k", "100k")))
+for hook in ("xdp", "tc"):
+    values = [mean_ns("per_packet", hook, str(n)) for n in (1, 1000, 10000, 100000)]
+    summary["criterion_per_packet_ns"][hook] = dict(zip(("1", "1000", "10000", "100000"), values))
+    print(f"{hook:<18}" + "".join(f"{v:>10.1f}" for v in values))
+for name in ("full_10k_services_x10", "one_endpoint_change_at_10k"):
+    summary["sync_ms"][name] = mean_ns("sync", name) / 1e6
+    print(f"sync {name:<35} {summary['sync_ms'][name]:>10.2f} ms")
+with open(os.path.join(root, "wharf-flatness.json")) as f:
+    flatness = json.load(f)
+summary["flatness_median_ns"] = flatness
+flat = all(v["max_over_min"] <= 1.10 for v in flatness.values())
+summary["per_packet_flat_within_10_percent"] = flat
+with open(os.path.join(root, "wharf-summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+print("per-packet cost flat within 10% (interleaved medians):", "yes" if flat else "NO")
+PY
