@@ -10,7 +10,7 @@ use std::{fs, path::PathBuf};
 mod ping_pong;
 use ping_pong::{REPEAT, SERVICE_COUNTS, fixtures};
 
-const ROUNDS: usize = 15;
+const ROUNDS: usize = 31;
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {

@@ -227,6 +227,28 @@ impl Lab {
         }
     }
 
+    /// Attaches XDP to `device` in `ns` from a dataplane of its own with no
+    /// services (it passes everything). veth only wakes a peer for XDP_TX
+    /// frames when the peer runs an XDP program; a real external host's
+    /// NIC has no such need.
+    pub fn passthrough_xdp(&mut self, ns: &str, device: &str) {
+        let node = self.node(&format!("xdp-{ns}-{device}"));
+        let netns = fs::File::open(format!("/run/netns/{ns}")).expect("namespace file");
+        let device = device.to_string();
+        thread::spawn(move || {
+            // SAFETY: setns on a descriptor we own, for this thread only.
+            let entered = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(entered, 0, "setns: {}", std::io::Error::last_os_error());
+            let mut dataplane = Dataplane::load(Path::new(BPFFS), &node).expect("loading");
+            assert!(
+                dataplane.attach_xdp(&device).expect("attaching XDP"),
+                "no native XDP on {device}"
+            );
+        })
+        .join()
+        .expect("attaching the passthrough XDP program");
+    }
+
     /// Registers an agent node name whose pins the lab removes.
     pub fn node(&mut self, name: &str) -> String {
         let full = format!("{}-{name}", self.prefix);
