@@ -15,7 +15,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray},
+    maps::{HashMap as BpfHashMap, MapData, MapError, MapInfo, PerCpuArray},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp,
         XdpMode,
@@ -24,7 +24,10 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use dataplane_common::{Counter, counters::Reason, names};
+use dataplane_common::{
+    Backend, Counter, CtKey, CtValue, MaglevTable, RevNat, ServiceKey, ServiceValue, SockRevKey,
+    SockRevValue, capacity, counters::Reason, names,
+};
 use tracing::{info, warn};
 
 use super::{
@@ -130,6 +133,7 @@ impl Dataplane {
             path: links,
             source,
         })?;
+        drop_incompatible_pins(&pin_dir)?;
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
             .load(OBJECT)?;
@@ -315,6 +319,92 @@ impl Dataplane {
         .map_err(|source| LoadError::Map { name, source })?;
         Ok(KernelTable::new(name, map))
     }
+}
+
+/// The shape each pinned map must have to be reused: (name, key size,
+/// value size, capacity).
+const MAP_LAYOUTS: [(&str, usize, usize, u32); 8] = [
+    (
+        names::SERVICES,
+        size_of::<ServiceKey>(),
+        size_of::<ServiceValue>(),
+        capacity::SERVICES,
+    ),
+    (
+        names::BACKENDS,
+        size_of::<u32>(),
+        size_of::<Backend>(),
+        capacity::BACKENDS,
+    ),
+    (
+        names::REV_NAT,
+        size_of::<u32>(),
+        size_of::<RevNat>(),
+        capacity::REV_NAT,
+    ),
+    (
+        names::CONNTRACK,
+        size_of::<CtKey>(),
+        size_of::<CtValue>(),
+        capacity::CONNTRACK,
+    ),
+    (
+        names::SOCK_REV_NAT,
+        size_of::<SockRevKey>(),
+        size_of::<SockRevValue>(),
+        capacity::SOCK_REV_NAT,
+    ),
+    (
+        names::MAGLEV,
+        size_of::<u32>(),
+        size_of::<MaglevTable>(),
+        capacity::MAGLEV,
+    ),
+    (
+        names::NODE_ADDRS,
+        size_of::<u32>(),
+        size_of::<u8>(),
+        capacity::NODE_ADDRS,
+    ),
+    (
+        names::COUNTERS,
+        size_of::<u32>(),
+        size_of::<Counter>(),
+        Reason::COUNT,
+    ),
+];
+
+/// Removes pinned maps whose shape differs from what this build's programs
+/// declare (an upgrade changed a layout): the loader would otherwise
+/// reuse them and the verifier reject the programs. The new maps start
+/// empty; the reconciler reprograms services, and flows of the old layout
+/// are lost, which a layout change makes unavoidable.
+fn drop_incompatible_pins(pin_dir: &Path) -> Result<(), LoadError> {
+    for (name, key_size, value_size, max_entries) in MAP_LAYOUTS {
+        let path = pin_dir.join(name);
+        let info = match MapInfo::from_pin(&path) {
+            Ok(info) => info,
+            Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
+                continue;
+            }
+            Err(source) => return Err(LoadError::Map { name, source }),
+        };
+        let found = (
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        );
+        if found != (key_size, value_size, max_entries) {
+            warn!(
+                map = name,
+                ?found,
+                expected = ?(key_size, value_size, max_entries),
+                "pinned map has another layout (key size, value size, capacity); recreating it"
+            );
+            fs::remove_file(&path).map_err(|source| LoadError::Pin { path, source })?;
+        }
+    }
+    Ok(())
 }
 
 /// A node's datapath counters summed over CPUs, read from its pinned map
