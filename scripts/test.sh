@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The eBPF crate is only compiled for real on its own target (the host
+# build above sees an empty main).
+(cd dataplane-ebpf && CARGO_TARGET_DIR="$CARGO_TARGET_DIR/ebpf-clippy" rustup run nightly \
+  cargo clippy --quiet --release --target bpfel-unknown-none -Z build-std=core -- -D warnings)
 # The netns suites run the agent binary itself.
 cargo build --workspace --bins --quiet
 cargo test --workspace

@@ -50,7 +50,7 @@ pub fn open(
                 port,
                 flow.protocol,
             );
-            if WHARF_CT.insert(&key, &reply, BPF_NOEXIST as u64).is_ok() {
+            if WHARF_CT.insert(key, reply, BPF_NOEXIST as u64).is_ok() {
                 chosen = Some(port);
                 break;
             }
@@ -67,11 +67,11 @@ pub fn open(
             flow.protocol,
         );
         WHARF_CT
-            .insert(&key, &reply, 0)
+            .insert(key, reply, 0)
             .map_err(|_| Reason::DropStaleService)?;
     }
     WHARF_CT
-        .insert(&flow.ct_key(), &entry, 0)
+        .insert(flow.ct_key(), entry, 0)
         .map_err(|_| Reason::DropStaleService)?;
     Ok(entry)
 }

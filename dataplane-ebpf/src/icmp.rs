@@ -37,7 +37,7 @@ pub fn reply_error<P: Packet>(pkt: &mut P, error: &IcmpError) -> Verdict {
         return Verdict::Pass;
     }
     // SAFETY: plain data, see `lb::lookup_frontend`.
-    let Some(rev_nat) = (unsafe { WHARF_REV_NAT.get(&entry.rev_nat_id) }).copied() else {
+    let Some(rev_nat) = (unsafe { WHARF_REV_NAT.get(entry.rev_nat_id) }).copied() else {
         return Verdict::Pass;
     };
     let frontend = if rev_nat.address != 0 {

@@ -156,14 +156,14 @@ pub fn lookup_frontend(address: u32, port: u16, protocol: u8) -> Option<Frontend
     // SAFETY: service entries are plain data; a concurrent update can only
     // make us read a whole older or newer value (hash map values are
     // replaced, not written in place, by the agent).
-    if let Some(value) = unsafe { WHARF_SERVICES.get(&key) } {
+    if let Some(value) = unsafe { WHARF_SERVICES.get(key) } {
         return Some(Frontend { key, value: *value });
     }
     // SAFETY: as above.
-    unsafe { WHARF_NODEADDRS.get(&address) }?;
+    unsafe { WHARF_NODEADDRS.get(address) }?;
     let key = ServiceKey::new(0, port, protocol, 0);
     // SAFETY: as above.
-    let value = *unsafe { WHARF_SERVICES.get(&key) }?;
+    let value = *unsafe { WHARF_SERVICES.get(key) }?;
     (value.flags & SERVICE_FLAG_NODEPORT != 0).then_some(Frontend { key, value })
 }
 
@@ -190,11 +190,11 @@ pub fn slot_backend(frontend: &Frontend, slot: u16) -> Option<u32> {
         ..frontend.key
     };
     // SAFETY: plain data, see `lookup_frontend`.
-    unsafe { WHARF_SERVICES.get(&key) }.map(|value| value.backend_id)
+    unsafe { WHARF_SERVICES.get(key) }.map(|value| value.backend_id)
 }
 
 #[inline(always)]
 pub fn backend(id: u32) -> Option<Backend> {
     // SAFETY: plain data, see `lookup_frontend`.
-    unsafe { WHARF_BACKENDS.get(&id) }.copied()
+    unsafe { WHARF_BACKENDS.get(id) }.copied()
 }

@@ -72,7 +72,7 @@ mod programs {
     #[classifier]
     pub fn wharf_tc(ctx: TcContext) -> i32 {
         match lb::process(&mut TcPacket::new(ctx)) {
-            lb::Verdict::Pass => TC_ACT_OK as i32,
+            lb::Verdict::Pass => TC_ACT_OK,
             verdict => TcPacket::finish(verdict),
         }
     }

@@ -145,7 +145,7 @@ pub fn forward<P: Packet>(
 #[inline(always)]
 pub fn reply<P: Packet>(pkt: &mut P, flow: &Flow, entry: &CtValue) -> Verdict {
     // SAFETY: plain data, see `lb::lookup_frontend`.
-    let Some(rev_nat) = (unsafe { WHARF_REV_NAT.get(&entry.rev_nat_id) }).copied() else {
+    let Some(rev_nat) = (unsafe { WHARF_REV_NAT.get(entry.rev_nat_id) }).copied() else {
         // The service is gone; its entries are being purged.
         return Verdict::Pass;
     };

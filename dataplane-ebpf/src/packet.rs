@@ -198,8 +198,8 @@ impl TcPacket {
 
     pub fn finish(verdict: Verdict) -> i32 {
         match verdict {
-            Verdict::Pass => aya_ebpf::bindings::TC_ACT_OK as i32,
-            Verdict::Drop => TC_ACT_SHOT as i32,
+            Verdict::Pass => aya_ebpf::bindings::TC_ACT_OK,
+            Verdict::Drop => TC_ACT_SHOT,
             // SAFETY: plain helper calls; ifindex comes from a FIB lookup.
             Verdict::Redirect { ifindex } => unsafe { bpf_redirect(ifindex, 0) as i32 },
             // SAFETY: a NULL neighbour lets the kernel resolve the next hop

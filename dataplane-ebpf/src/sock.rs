@@ -87,7 +87,7 @@ fn translate(ctx: &SockAddrContext, pick: impl FnOnce(u64) -> u32) -> i32 {
     // Without the reverse entry replies would show the backend's address;
     // an LRU map only fails to insert on memory pressure, so refusing is
     // the honest answer.
-    if WHARF_SOCK_REV.insert(&key, &value, 0).is_err() {
+    if WHARF_SOCK_REV.insert(key, value, 0).is_err() {
         return REFUSE;
     }
     // SAFETY: `user_ip4`/`user_port` are writable in connect4/sendmsg4.
@@ -117,7 +117,7 @@ pub fn reverse4(ctx: &SockAddrContext) -> i32 {
         _pad: 0,
     };
     // SAFETY: plain data, see `lb::lookup_frontend`.
-    if let Some(value) = unsafe { WHARF_SOCK_REV.get(&key) } {
+    if let Some(value) = unsafe { WHARF_SOCK_REV.get(key) } {
         // SAFETY: `user_ip4`/`user_port` are writable in these hooks.
         unsafe {
             (*addr).user_ip4 = value.address;
