@@ -140,10 +140,26 @@ impl Node {
 
     /// Writes the web service's manifests with these backends ready.
     fn publish(&mut self, ready: &[&str]) {
+        self.publish_with(ready, &[]);
+    }
+
+    /// Writes the web service's manifests with `ready` backends ready and
+    /// `terminating` ones serving but terminating.
+    fn publish_with(&mut self, ready: &[&str], terminating: &[&str]) {
         let endpoints: String = BACKENDS
             .iter()
-            .filter(|(name, _)| ready.contains(name))
-            .map(|(_, ip)| format!("- addresses: [{ip}]\n  conditions: {{ready: true}}\n"))
+            .filter_map(|(name, ip)| {
+                let conditions = if ready.contains(name) {
+                    "ready: true"
+                } else if terminating.contains(name) {
+                    "ready: false, serving: true, terminating: true"
+                } else {
+                    return None;
+                };
+                Some(format!(
+                    "- addresses: [{ip}]\n  conditions: {{{conditions}}}\n"
+                ))
+            })
             .collect();
         let endpoints = if endpoints.is_empty() {
             "[]\n".to_string()
@@ -245,7 +261,10 @@ fn socket_lb_translates_tcp_and_udp_at_the_socket() {
     both(&tally(&http, "10.96.0.10:80"));
     let udp = node.client(true, &["udp", "10.96.0.10:53", "--count", "40"]);
     both(&tally(&udp, "10.96.0.10:53"));
-    assert!(node.counter(Reason::SockTranslated) >= 80);
+    // NodePort on the node's own address, from a pod.
+    let node_port = node.client(true, &["get", "192.168.77.1:30080", "--count", "40"]);
+    both(&tally(&node_port, "192.168.77.1:30080"));
+    assert!(node.counter(Reason::SockTranslated) >= 120);
     assert_eq!(
         node.counter(Reason::TcDnat),
         0,
@@ -370,6 +389,45 @@ fn endpoint_changes_apply_and_removed_backends_leave_no_black_hole() {
     node.publish(&["b1", "b2"]);
     assert_eq!(node.client(false, &udp).len(), 1);
     assert!(node.counter(Reason::DropNoBackend) >= 1);
+}
+
+#[test]
+fn terminating_backends_keep_their_connections_and_get_no_new_ones() {
+    let mut node = Node::new("terminating");
+    node.start_agent();
+    node.publish(&["b1"]);
+    let probe = node.probe.clone();
+    let mut holds = Vec::new();
+    for (socket_lb, log) in [(true, "hold-sock.log"), (false, "hold-tc.log")] {
+        let ns = node.client_ns.clone();
+        let args = [
+            "hold",
+            "10.96.0.10:80",
+            "--duration-ms",
+            "3000",
+            "--interval-ms",
+            "50",
+        ];
+        holds.push((node.lab.spawn(&ns, socket_lb, &probe, &args, log), log));
+        node.lab.wait_for_log(log, "connected", 1);
+    }
+    thread::sleep(Duration::from_millis(300));
+    node.publish_with(&["b2"], &["b1"]);
+    for socket_lb in [true, false] {
+        let fresh = tally(
+            &node.client(socket_lb, &["get", "10.96.0.10:80", "--count", "20"]),
+            "10.96.0.10:80",
+        );
+        assert_eq!(
+            fresh.keys().collect::<Vec<_>>(),
+            ["b2"],
+            "new connections avoid the terminating backend"
+        );
+    }
+    for (index, log) in holds {
+        let output = node.lab.wait(index, log);
+        assert!(output.contains("failed=0 backends=b1"), "{log}: {output}");
+    }
 }
 
 #[test]
