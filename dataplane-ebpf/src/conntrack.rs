@@ -22,6 +22,18 @@ pub fn lookup(key: &CtKey) -> Option<CtValue> {
     unsafe { WHARF_CT.get(key) }.copied()
 }
 
+/// A client opening a direct connection (a SYN to no service) on a
+/// 5-tuple whose reverse is a translated flow's reply entry: that flow is
+/// over (the client reused its source port), and the entry would rewrite
+/// the new connection's SYN-ACK to come from the frontend. Forget it.
+#[inline(always)]
+pub fn forget_stale_reply(flow: &Flow) {
+    let reverse = flow.ct_key().reversed();
+    if lookup(&reverse).is_some_and(|entry| entry.flags & CT_FLAG_REPLY != 0) {
+        let _ = WHARF_CT.remove(reverse);
+    }
+}
+
 /// Opens conntrack for a new flow: the reply entry (choosing a free SNAT
 /// port when `entry` says to SNAT), then the original-direction entry.
 /// Returns the original-direction entry as stored.

@@ -85,7 +85,12 @@ fn flow_packet<P: Packet>(pkt: &mut P, flow: &Flow) -> Verdict {
     }
     match lookup_frontend(flow.daddr, flow.dport, flow.protocol) {
         Some(frontend) => new_flow(pkt, flow, &frontend),
-        None => Verdict::Pass,
+        None => {
+            if flow.syn {
+                conntrack::forget_stale_reply(flow);
+            }
+            Verdict::Pass
+        }
     }
 }
 

@@ -38,7 +38,7 @@ mod programs {
 
     use crate::{
         lb,
-        packet::{TcPacket, XdpPacket},
+        packet::{self, TcPacket, XdpPacket},
         sock,
     };
 
@@ -71,6 +71,9 @@ mod programs {
     /// devices: DNAT, conntrack, reverse NAT, ICMP errors.
     #[classifier]
     pub fn wharf_tc(ctx: TcContext) -> i32 {
+        if packet::translated_by_xdp(&ctx) {
+            return TC_ACT_OK;
+        }
         match lb::process(&mut TcPacket::new(ctx)) {
             lb::Verdict::Pass => TC_ACT_OK,
             verdict => TcPacket::finish(verdict),

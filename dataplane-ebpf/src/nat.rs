@@ -64,7 +64,13 @@ pub fn route<P: Packet>(pkt: &P, saddr: u32, daddr: u32, flow: &Flow) -> Route {
     let mut params: bpf_fib_lookup = unsafe { zeroed() };
     params.family = AF_INET;
     params.l4_protocol = flow.protocol;
-    params.__bindgen_anon_1.tot_len = flow.tot_len;
+    // XDP frames are never GSO, so their length is checked against the
+    // route MTU. TC leaves it 0: the kernel then checks the skb itself,
+    // which lets GSO super-packets (tens of KB) through instead of
+    // answering FRAG_NEEDED for them.
+    if P::XDP {
+        params.__bindgen_anon_1.tot_len = flow.tot_len;
+    }
     params.ifindex = pkt.ingress_ifindex();
     params.__bindgen_anon_3.ipv4_src = saddr;
     params.__bindgen_anon_4.ipv4_dst = daddr;
@@ -135,6 +141,7 @@ pub fn forward<P: Packet>(
     if snat {
         deliver(pkt, route)
     } else {
+        pkt.hand_off_translated();
         Verdict::Pass
     }
 }

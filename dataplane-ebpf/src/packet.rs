@@ -8,7 +8,7 @@ use core::{ffi::c_void, mem::size_of, ptr};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, xdp_action},
-    helpers::{bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_meta},
     programs::{TcContext, XdpContext},
 };
 use dataplane_common::checksum;
@@ -47,6 +47,34 @@ pub trait Packet {
     fn l4_csum_replace4(&mut self, csum: L4Csum, old: u32, new: u32) -> Result<(), ()>;
     /// Updates an L4 (or ICMP) checksum for a 2-byte change.
     fn l4_csum_replace2(&mut self, csum: L4Csum, old: u16, new: u16) -> Result<(), ()>;
+
+    /// XDP: tells TC on the same device that this packet is already
+    /// translated (in XDP metadata, as Cilium's transfer flags do), so TC
+    /// neither translates it again nor mistakes its backend-addressed
+    /// 5-tuple for a new direct connection. Call last: it moves the
+    /// packet's metadata pointer.
+    fn hand_off_translated(&mut self);
+}
+
+/// The XDP metadata word that marks a packet XDP translated.
+const TRANSLATED_BY_XDP: u32 = 0x5748_5844; // "WHXD"
+
+/// Whether XDP on this device already translated the packet.
+#[inline(always)]
+pub fn translated_by_xdp(ctx: &TcContext) -> bool {
+    // SAFETY: `skb` is the program's context pointer; data_meta and data
+    // are readable __sk_buff fields (direct packet access for sched_cls).
+    let (meta, data) = unsafe {
+        (
+            (*ctx.skb.skb).data_meta as usize,
+            (*ctx.skb.skb).data as usize,
+        )
+    };
+    if meta + size_of::<u32>() > data {
+        return false;
+    }
+    // SAFETY: the 4 bytes before `data` are XDP metadata, checked above.
+    unsafe { ptr::read_unaligned(meta as *const u32) == TRANSLATED_BY_XDP }
 }
 
 /// Reads a `T` at `off`, or `None` past the end of the linear data.
@@ -185,14 +213,42 @@ impl Packet for XdpPacket {
             checksum::replace_u16(check, old, new)
         })
     }
+
+    #[inline(always)]
+    fn hand_off_translated(&mut self) {
+        // SAFETY: plain helper call on the program's own context.
+        if unsafe { bpf_xdp_adjust_meta(self.ctx.ctx, -(size_of::<u32>() as i32)) } != 0 {
+            return; // no metadata room: TC finds no flow or service and passes
+        }
+        let meta = self.ctx.metadata();
+        if meta + size_of::<u32>() > self.ctx.metadata_end() {
+            return;
+        }
+        // SAFETY: [meta, meta + 4) lies before `data`, checked above.
+        unsafe { ptr::write_unaligned(meta as *mut u32, TRANSLATED_BY_XDP) };
+    }
 }
 
 pub struct TcPacket {
     ctx: TcContext,
 }
 
+/// Bytes of headers the pipeline may read: Ethernet, IPv4 with the
+/// longest options, and an ICMP error's header plus its quote (or a TCP
+/// header).
+const TC_HEADERS: u32 = 14 + 60 + 8 + 20 + 8;
+
 impl TcPacket {
+    /// Wraps the context, first pulling the headers into the linear data
+    /// if the skb has them partly in fragments (GRO'd or tunnelled skbs):
+    /// `data_end` only covers the linear part.
     pub fn new(ctx: TcContext) -> Self {
+        let wanted = ctx.len().min(TC_HEADERS);
+        if ((ctx.data_end() - ctx.data()) as u32) < wanted {
+            // A failed pull leaves the packet as it was; parsing then sees
+            // what is linear and passes or drops it, counted.
+            let _ = ctx.pull_data(wanted);
+        }
         Self { ctx }
     }
 
@@ -280,4 +336,6 @@ impl Packet for TcPacket {
             .l4_csum_replace(csum.off, old as u64, new as u64, flags)
             .map_err(|_| ())
     }
+
+    fn hand_off_translated(&mut self) {}
 }

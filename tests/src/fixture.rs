@@ -63,10 +63,22 @@ impl Fixture {
         self.reconciler.sync(desired).expect("sync");
     }
 
-    /// Runs the XDP program once on `frame`: (verdict, frame after).
+    /// Runs the XDP program once on `frame`: (verdict, frame after),
+    /// without the XDP metadata the program may have added (see
+    /// [`Fixture::run_xdp_with_metadata`]).
     pub fn run_xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let (verdict, _metadata, out) = self.run_xdp_with_metadata(frame);
+        (verdict, out)
+    }
+
+    /// Runs the XDP program once: (verdict, metadata, frame after). The
+    /// kernel returns metadata and frame together; the programs never
+    /// change a frame's length, so whatever precedes it is metadata.
+    pub fn run_xdp_with_metadata(&mut self, frame: &[u8]) -> (u32, Vec<u8>, Vec<u8>) {
         let program: &mut Xdp = self.dataplane.program("wharf_xdp").expect("xdp program");
-        run(program, frame)
+        let (verdict, mut out) = run(program, frame);
+        let metadata = out.drain(..out.len().saturating_sub(frame.len())).collect();
+        (verdict, metadata, out)
     }
 
     /// Runs the TC program once on `frame`: (verdict, frame after).

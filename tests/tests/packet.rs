@@ -145,6 +145,26 @@ fn syn_to_a_vip_goes_to_a_backend_with_valid_checksums() {
 }
 
 #[test]
+fn xdp_tells_tc_what_it_translated() {
+    let mut fixture = fixture("handoff");
+    let syn = frame::tcp(
+        sa([10, 244, 2, 5], 48000),
+        SocketAddrV4::new(VIP, 80),
+        TCP_SYN,
+    );
+    let (verdict, metadata, translated) = fixture.run_xdp_with_metadata(&syn);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(
+        metadata, b"DXHW",
+        "the hand-off word, as stored (little-endian)"
+    );
+    // Untranslated traffic carries no mark.
+    let other = frame::tcp(sa([10, 244, 2, 5], 48001), sa([10, 96, 0, 99], 80), TCP_SYN);
+    assert_eq!(fixture.run_xdp_with_metadata(&other).1, b"");
+    assert!(backends().contains(&frame::headers(&translated).dst));
+}
+
+#[test]
 fn new_flows_spread_over_all_backends() {
     let mut fixture = fixture("spread");
     let mut seen = std::collections::HashMap::new();
@@ -475,4 +495,22 @@ fn fuzzed_frames_get_legal_verdicts_and_only_correct_rewrites() {
             }
         }
     }
+}
+
+#[test]
+fn a_direct_connection_on_a_reused_port_is_not_reverse_natted() {
+    let mut fixture = fixture("reuse");
+    let client = sa([10, 244, 2, 9], 47000);
+    // A translated connection leaves a reply entry backend -> client:47000.
+    let (_, out) = fixture.run_tc(&frame::tcp(client, SocketAddrV4::new(VIP, 80), TCP_SYN));
+    let backend = frame::headers(&out).dst;
+    // Later the client reuses port 47000 to talk to the backend directly
+    // (socket-LB, or plain pod-to-pod traffic).
+    let direct = frame::tcp(client, backend, TCP_SYN);
+    let (verdict, out) = fixture.run_tc(&direct);
+    assert_eq!((verdict, out), (TC_ACT_OK, direct));
+    // Its SYN-ACK must keep the backend's address.
+    let syn_ack = frame::tcp(backend, client, TCP_SYN | TCP_ACK);
+    let (_, out) = fixture.run_tc(&syn_ack);
+    assert_eq!(out, syn_ack);
 }

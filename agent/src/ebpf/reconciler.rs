@@ -280,8 +280,32 @@ impl Reconciler {
             }
         }
 
-        // 3. Changed frontends.
+        // 3. Changed frontends. Backends that leave one (removed from its
+        //    endpoints, though maybe still serving another) lose that
+        //    frontend's flows below.
+        let mut left = HashSet::new();
         for (key, frontend) in changed {
+            if let (Some(old), Some(header)) = (
+                self.synced.get(key),
+                self.frontends.get(key).and_then(|p| p.header),
+            ) {
+                for gone in old
+                    .backends
+                    .iter()
+                    .filter(|b| !frontend.backends.iter().any(|n| same_endpoint(b, n)))
+                {
+                    let addr = BackendAddr {
+                        address: gone.address,
+                        port: gone.port,
+                        protocol: key.protocol,
+                    };
+                    left.extend(
+                        self.backend_ids
+                            .get(&addr)
+                            .map(|id| (header.rev_nat_id, *id)),
+                    );
+                }
+            }
             self.sync_frontend(key, frontend, stats)?;
             self.synced.insert(*key, frontend.clone());
         }
@@ -293,23 +317,7 @@ impl Reconciler {
             self.synced.remove(&key);
         }
 
-        // 5. Backends nothing points at any more.
-        unused.sort_unstable();
-        for id in &unused {
-            self.maps.backends.remove(id)?;
-            stats.map_operations += 1;
-            stats.backends_removed += 1;
-            if let Some(addr) = self
-                .backends
-                .remove(id)
-                .as_ref()
-                .and_then(BackendAddr::from_entry)
-            {
-                self.backend_ids.remove(&addr);
-            }
-        }
-
-        // 6. After a restore: reverse-NAT ids and Maglev tables that no
+        // 5. After a restore: reverse-NAT ids and Maglev tables that no
         //    frontend uses (left by a sync that failed half-way).
         if self.sweep {
             let live: HashSet<u32> = self
@@ -331,14 +339,39 @@ impl Reconciler {
             }
         }
 
-        // 7. Flows of removed backends and frontends: after steps 4-5 no
-        //    new flow can pick them, so purged entries are not re-created.
+        // 6. Flows of removed backends and frontends, before their ids are
+        //    freed (a crash in between must not leave flows pointing at an
+        //    id that a new backend reuses). No slot or Maglev table points
+        //    at them any more, so no new flow re-creates what is purged.
         //    UDP included: a stale entry would black-hole the 5-tuple.
-        if !unused.is_empty() || !dead_rev_nat.is_empty() {
-            let unused: HashSet<u32> = unused.into_iter().collect();
-            stats.flows_purged += self.purge_conntrack(|value| {
-                unused.contains(&value.backend_id) || dead_rev_nat.contains(&value.rev_nat_id)
-            })?;
+        //    After a restore, also flows whose backend no longer exists.
+        unused.sort_unstable();
+        unused.dedup();
+        if !unused.is_empty() || !dead_rev_nat.is_empty() || !left.is_empty() || self.sweep {
+            let unused: HashSet<u32> = unused.iter().copied().collect();
+            let (sweep, known) = (self.sweep, &self.backends);
+            let dead = |value: &CtValue| {
+                unused.contains(&value.backend_id)
+                    || dead_rev_nat.contains(&value.rev_nat_id)
+                    || left.contains(&(value.rev_nat_id, value.backend_id))
+                    || (sweep && !known.contains_key(&value.backend_id))
+            };
+            stats.flows_purged += purge_conntrack(self.maps.conntrack.as_mut(), dead)?;
+        }
+
+        // 7. Backends nothing points at any more.
+        for id in &unused {
+            self.maps.backends.remove(id)?;
+            stats.map_operations += 1;
+            stats.backends_removed += 1;
+            if let Some(addr) = self
+                .backends
+                .remove(id)
+                .as_ref()
+                .and_then(BackendAddr::from_entry)
+            {
+                self.backend_ids.remove(&addr);
+            }
         }
         for id in dead_rev_nat {
             self.maps.rev_nat.remove(&id)?;
@@ -550,20 +583,6 @@ impl Reconciler {
         Ok(rev_nat_id)
     }
 
-    fn purge_conntrack(
-        &mut self,
-        dead: impl Fn(&CtValue) -> bool,
-    ) -> Result<usize, ReconcileError> {
-        let mut purged = 0;
-        for (key, value) in self.maps.conntrack.entries()? {
-            if dead(&value) {
-                self.maps.conntrack.remove(&key)?;
-                purged += 1;
-            }
-        }
-        Ok(purged)
-    }
-
     /// What the maps forward, read back from them (not from the mirror).
     pub fn dump(&self) -> Result<Forwarding, ReconcileError> {
         let backends: HashMap<u32, BackendEntry> =
@@ -659,6 +678,26 @@ fn release(
         }
         touched.insert(addr);
     }
+}
+
+/// Deletes the conntrack entries `dead` picks; returns how many.
+fn purge_conntrack(
+    conntrack: &mut dyn Table<CtKey, CtValue>,
+    dead: impl Fn(&CtValue) -> bool,
+) -> Result<usize, ReconcileError> {
+    let mut purged = 0;
+    for (key, value) in conntrack.entries()? {
+        if dead(&value) {
+            conntrack.remove(&key)?;
+            purged += 1;
+        }
+    }
+    Ok(purged)
+}
+
+/// The same endpoint (address and port), whatever its state.
+fn same_endpoint(a: &crate::proxy::Backend, b: &crate::proxy::Backend) -> bool {
+    a.address == b.address && a.port == b.port
 }
 
 fn service_key(key: &FrontendKey, slot: u16) -> ServiceKey {
@@ -1084,6 +1123,67 @@ mod tests {
                 .iter()
                 .all(|(_, v)| v.backend_id == one)
         );
+    }
+
+    #[test]
+    fn a_backend_leaving_one_service_loses_that_services_flows_only() {
+        let fakes = Fakes::new();
+        let mut reconciler = fakes.reconciler();
+        let mut both_services = web(&active([1, 2]));
+        let other = vip(2, 80, Protocol::Tcp);
+        both_services
+            .frontends
+            .insert(other, frontend(FrontendKind::ClusterIp, &active([1])));
+        reconciler.sync(&both_services).unwrap();
+        let rev_nat =
+            |key: &FrontendKey| fakes.services.get(&service_key(key, 0)).unwrap().rev_nat_id;
+        let backend_one = fakes
+            .services
+            .get(&service_key(&other, 1))
+            .unwrap()
+            .backend_id;
+        let (web_flow, other_flow) = (CtKey::new(1, 2, 3, 80, 6), CtKey::new(1, 3, 3, 80, 6));
+        for (key, frontend) in [(web_flow, vip(1, 80, Protocol::Tcp)), (other_flow, other)] {
+            let value = CtValue {
+                backend_id: backend_one,
+                rev_nat_id: rev_nat(&frontend),
+                ..CtValue::default()
+            };
+            fakes.conntrack.insert_directly(key, value);
+        }
+        // Backend 1 leaves web but still serves the other service.
+        let mut desired = web(&active([2]));
+        desired
+            .frontends
+            .insert(other, frontend(FrontendKind::ClusterIp, &active([1])));
+        let stats = reconciler.sync(&desired).unwrap();
+        assert!(stats.flows_purged >= 1, "{stats:?}");
+        assert_eq!(
+            fakes.conntrack.get(&web_flow),
+            None,
+            "web's flow to the departed backend is purged"
+        );
+        assert!(
+            fakes.conntrack.get(&other_flow).is_some(),
+            "the other service's flow stays"
+        );
+    }
+
+    #[test]
+    fn with_no_ready_backend_terminating_ones_take_new_flows() {
+        let fakes = Fakes::new();
+        let mut reconciler = fakes.reconciler();
+        let desired = web(&[
+            (1, BackendState::Terminating),
+            (2, BackendState::Terminating),
+        ]);
+        reconciler.sync(&desired).unwrap();
+        let forwarding = reconciler.dump().unwrap();
+        assert!(
+            forwarding.values().all(|targets| targets.len() == 2),
+            "{forwarding:?}"
+        );
+        assert_eq!(forwarding, desired.forwarding());
     }
 
     #[test]

@@ -106,11 +106,20 @@ pub struct Frontend {
 }
 
 impl Frontend {
-    /// Backends eligible for new flows.
+    /// Backends eligible for new flows: the ready ones, or, when none is
+    /// ready, the serving-but-terminating ones (KEP-1669, as kube-proxy
+    /// does), so a rollout's last old pod still answers.
     pub fn active(&self) -> impl Iterator<Item = &Backend> {
-        self.backends
+        let any_ready = self
+            .backends
             .iter()
-            .filter(|b| b.state == BackendState::Active)
+            .any(|b| b.state == BackendState::Active);
+        let wanted = if any_ready {
+            BackendState::Active
+        } else {
+            BackendState::Terminating
+        };
+        self.backends.iter().filter(move |b| b.state == wanted)
     }
 }
 
