@@ -59,7 +59,8 @@ pub async fn run<P: ServiceProxy>(
         })?;
 
     let mut last_good: Option<DesiredState> = None;
-    reload(proxy, &path, &mut last_good);
+    let mut retry = Retry::default();
+    retry.after(reload(proxy, &path, &mut last_good));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -67,26 +68,53 @@ pub async fn run<P: ServiceProxy>(
             Some(()) = rx.recv() => {
                 tokio::time::sleep(DEBOUNCE).await;
                 while rx.try_recv().is_ok() {}
-                reload(proxy, &path, &mut last_good);
+                retry.after(reload(proxy, &path, &mut last_good));
+            }
+            () = tokio::time::sleep_until(retry.at.unwrap_or_else(tokio::time::Instant::now)), if retry.at.is_some() => {
+                retry.after(reload(proxy, &path, &mut last_good));
             }
         }
     }
 }
 
+/// Retries of a failed sync: 1 s, doubling up to 30 s, until one works
+/// or the manifests change.
+#[derive(Debug, Default)]
+struct Retry {
+    at: Option<tokio::time::Instant>,
+    delay: Duration,
+}
+
+impl Retry {
+    const FIRST: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn after(&mut self, synced: bool) {
+        if synced {
+            *self = Self::default();
+        } else {
+            self.delay = (self.delay * 2).clamp(Self::FIRST, Self::MAX);
+            self.at = Some(tokio::time::Instant::now() + self.delay);
+        }
+    }
+}
+
+/// Reads the manifests and syncs. Returns false when the sync failed and
+/// is worth retrying (invalid manifests wait for the next change instead).
 fn reload<P: ServiceProxy>(
     proxy: &mut P,
     path: &std::path::Path,
     last_good: &mut Option<DesiredState>,
-) {
+) -> bool {
     let desired = match manifest::load_path(path) {
         Ok(desired) => desired,
         Err(e) => {
             error!(error = %e, "invalid manifests; the last good state stays in force");
-            return;
+            return true;
         }
     };
     if last_good.as_ref() == Some(&desired) {
-        return;
+        return true;
     }
     let started = std::time::Instant::now();
     match proxy.sync(&desired) {
@@ -104,9 +132,80 @@ fn reload<P: ServiceProxy>(
                 "synced"
             );
             *last_good = Some(desired);
+            true
         }
-        // The next change (or restart) retries; the reconciler re-reads the
-        // maps first, so nothing half-done is left behind for long.
-        Err(e) => warn!(error = %e, "sync failed; will retry on the next change"),
+        // Retried with back-off; the reconciler re-reads the maps first,
+        // so nothing half-done is left behind.
+        Err(e) => {
+            warn!(error = %e, "sync failed; retrying");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::{Forwarding, SyncStats};
+
+    /// Fails its first `failures` syncs.
+    #[derive(Default)]
+    struct Flaky {
+        failures: usize,
+        synced: Option<DesiredState>,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("injected")]
+    struct Injected;
+
+    impl ServiceProxy for Flaky {
+        type Error = Injected;
+
+        fn sync(&mut self, desired: &DesiredState) -> Result<SyncStats, Injected> {
+            if self.failures > 0 {
+                self.failures -= 1;
+                return Err(Injected);
+            }
+            self.synced = Some(desired.clone());
+            Ok(SyncStats::default())
+        }
+
+        fn dump(&self) -> Result<Forwarding, Injected> {
+            Ok(self
+                .synced
+                .as_ref()
+                .map(DesiredState::forwarding)
+                .unwrap_or_default())
+        }
+
+        fn flush(&mut self) -> Result<(), Injected> {
+            self.synced = None;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_sync_is_retried_with_growing_delays_until_it_works() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("svc.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 10.96.0.1\n  ports: [{port: 80}]\n",
+        )
+        .unwrap();
+        let mut proxy = Flaky {
+            failures: 2,
+            synced: None,
+        };
+        let mut last_good = None;
+        let mut retry = Retry::default();
+
+        retry.after(reload(&mut proxy, dir.path(), &mut last_good));
+        assert_eq!(retry.delay, Retry::FIRST);
+        retry.after(reload(&mut proxy, dir.path(), &mut last_good));
+        assert_eq!(retry.delay, 2 * Retry::FIRST);
+        retry.after(reload(&mut proxy, dir.path(), &mut last_good));
+        assert!(retry.at.is_none(), "the third try worked");
+        assert_eq!(proxy.dump().unwrap().len(), 1);
     }
 }

@@ -93,11 +93,7 @@ pub fn load_path(path: &Path) -> Result<DesiredState, ManifestError> {
         }
     }
     desired_state(&services, &slices).map_err(|error| {
-        let object = match &error {
-            TranslateError::Invalid { object, .. } | TranslateError::Conflict { object, .. } => {
-                object
-            }
-        };
+        let TranslateError::Invalid { object, .. } = &error;
         match origins.get(object) {
             Some(path) => ManifestError::Object {
                 path: path.clone(),

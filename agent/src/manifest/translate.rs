@@ -29,12 +29,6 @@ pub enum TranslateError {
         field: &'static str,
         reason: String,
     },
-    #[error("{object}: frontend {frontend} is also claimed by {other}")]
-    Conflict {
-        object: String,
-        frontend: FrontendKey,
-        other: String,
-    },
 }
 
 /// Builds the desired state from every Service and EndpointSlice.
@@ -66,6 +60,12 @@ pub fn desired_state(
             .push(slice);
     }
 
+    // Two Services may claim one frontend (the API allows the same
+    // externalIP and port twice). The first by namespace/name keeps it,
+    // whatever order the manifests came in, and the other is warned about:
+    // failing the whole state would freeze every other service.
+    let mut services: Vec<&Service> = services.iter().collect();
+    services.sort_by_key(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()));
     let mut state = DesiredState::default();
     for service in services {
         let namespace = service
@@ -152,10 +152,10 @@ pub fn desired_state(
                 insert(&mut state, &object, key, frontend(kind))
             };
             for address in &cluster_ips {
-                add(*address, service_port, FrontendKind::ClusterIp)?;
+                add(*address, service_port, FrontendKind::ClusterIp);
             }
             for (address, kind) in &external {
-                add(*address, service_port, *kind)?;
+                add(*address, service_port, *kind);
             }
             if matches!(service_type, "NodePort" | "LoadBalancer")
                 && let Some(node_port) = port.node_port
@@ -170,28 +170,24 @@ pub fn desired_state(
                             format!("{node_port} is not a port"),
                         )
                     })?;
-                add(Ipv4Addr::UNSPECIFIED, node_port, FrontendKind::NodePort)?;
+                add(Ipv4Addr::UNSPECIFIED, node_port, FrontendKind::NodePort);
             }
         }
     }
     Ok(state)
 }
 
-fn insert(
-    state: &mut DesiredState,
-    object: &str,
-    key: FrontendKey,
-    frontend: Frontend,
-) -> Result<(), TranslateError> {
-    if let Some(other) = state.frontends.get(&key) {
-        return Err(TranslateError::Conflict {
-            object: object.to_string(),
-            frontend: key,
-            other: other.service.to_string(),
-        });
+fn insert(state: &mut DesiredState, object: &str, key: FrontendKey, frontend: Frontend) {
+    match state.frontends.get(&key) {
+        Some(other) => tracing::warn!(
+            frontend = %key,
+            kept = %other.service,
+            "{object} claims a frontend another service already has; ignoring its claim"
+        ),
+        None => {
+            state.frontends.insert(key, frontend);
+        }
     }
-    state.frontends.insert(key, frontend);
-    Ok(())
 }
 
 fn cluster_ips(
@@ -405,7 +401,7 @@ endpoints:
     }
 
     #[test]
-    fn bad_addresses_and_conflicts_are_reported_with_the_object() {
+    fn bad_addresses_are_reported_with_the_object_and_conflicts_resolved() {
         let mut service = web_service("");
         service.spec.as_mut().unwrap().cluster_ip = Some("10.96.0.300".into());
         let error = desired_state(&[service], &[]).unwrap_err();
@@ -416,9 +412,21 @@ endpoints:
             "{error}"
         );
 
+        // A frontend claimed twice goes to the first service by name,
+        // whatever the order, and the rest of the state stands.
         let mut twin = web_service("");
         twin.metadata.name = Some("twin".into());
-        let error = desired_state(&[web_service(""), twin], &[]).unwrap_err();
-        assert!(matches!(error, TranslateError::Conflict { .. }), "{error}");
+        for services in [
+            [web_service(""), twin.clone()],
+            [twin.clone(), web_service("")],
+        ] {
+            let state = desired_state(&services, &[]).unwrap();
+            assert_eq!(
+                state.frontends[&key([10, 96, 0, 10], 80, Protocol::Tcp)]
+                    .service
+                    .name,
+                "twin"
+            );
+        }
     }
 }
