@@ -179,6 +179,10 @@ pub struct CtValue {
     /// `CT_FLAG_*`.
     pub flags: u8,
     pub _pad: u8,
+    /// When a packet last used this entry: CLOCK_MONOTONIC seconds
+    /// (`bpf_ktime_get_ns() / 1e9`), refreshed at most once a second. The
+    /// agent expires idle flows by it.
+    pub last_seen: u32,
 }
 
 /// The entry describes the reply direction.
@@ -186,6 +190,8 @@ pub const CT_FLAG_REPLY: u8 = 1 << 0;
 /// The flow's source was rewritten to a node address (forwarded NodePort
 /// traffic, so replies come back through this node).
 pub const CT_FLAG_SNAT: u8 = 1 << 1;
+/// A TCP FIN or RST went through: the flow is closing and expires soon.
+pub const CT_FLAG_CLOSING: u8 = 1 << 2;
 
 /// Socket-LB reverse translation, keyed by socket cookie and the backend
 /// the socket was connected to: lets `recvmsg`/`getpeername` report the
@@ -235,7 +241,7 @@ const _: () = {
     assert!(size_of::<Backend>() == 8);
     assert!(size_of::<RevNat>() == 8);
     assert!(size_of::<CtKey>() == 16);
-    assert!(size_of::<CtValue>() == 20);
+    assert!(size_of::<CtValue>() == 24);
     assert!(size_of::<SockRevKey>() == 16);
     assert!(size_of::<SockRevValue>() == 12);
     assert!(size_of::<MaglevTable>() == 4 * MAGLEV_TABLE_SIZE + 4);

@@ -1,8 +1,10 @@
 //! Conntrack: two entries per translated flow, one per direction, so the
 //! first lookup of every packet finds what to do with it.
 
-use aya_ebpf::bindings::BPF_NOEXIST;
-use dataplane_common::{Backend, CT_FLAG_REPLY, CT_FLAG_SNAT, CtKey, CtValue, counters::Reason};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use dataplane_common::{
+    Backend, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SNAT, CtKey, CtValue, counters::Reason,
+};
 
 use crate::{maps::WHARF_CT, parse::Flow};
 
@@ -10,10 +12,38 @@ use crate::{maps::WHARF_CT, parse::Flow};
 /// so they never collide with the node's own connections to a backend.
 const NAT_PORT_MIN: u32 = 61_000;
 const NAT_PORT_COUNT: u32 = 65_536 - NAT_PORT_MIN;
-/// Ports tried before giving up; each try is one map insert.
-const NAT_PORT_TRIES: u32 = 4;
+/// Ports tried before giving up; each try is one map insert, and only new
+/// flows whose first choice is taken pay for more than one.
+const NAT_PORT_TRIES: u32 = 8;
 /// Spreads the tries over the range (prime, coprime to the range size).
 const NAT_PORT_STRIDE: u32 = 1_009;
+
+/// CLOCK_MONOTONIC seconds: the unit of `CtValue::last_seen`.
+#[inline(always)]
+fn now() -> u32 {
+    // SAFETY: plain helper call without arguments.
+    (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32
+}
+
+/// Looks up the entry for `flow`'s packet and records the packet on it:
+/// when the flow was last active (one write a second at most) and whether
+/// it is closing (TCP FIN or RST), which the agent's expiry reads.
+#[inline(always)]
+pub fn track(flow: &Flow) -> Option<CtValue> {
+    let entry = WHARF_CT.get_ptr_mut(flow.ct_key())?;
+    let now = now();
+    // SAFETY: `entry` points at a live map value. Another CPU may update
+    // the same fields at once; either write records the same activity.
+    unsafe {
+        if (*entry).last_seen != now {
+            (*entry).last_seen = now;
+        }
+        if flow.closing && (*entry).flags & CT_FLAG_CLOSING == 0 {
+            (*entry).flags |= CT_FLAG_CLOSING;
+        }
+        Some(*entry)
+    }
+}
 
 #[inline(always)]
 pub fn lookup(key: &CtKey) -> Option<CtValue> {
@@ -44,6 +74,7 @@ pub fn open(
     backend: &Backend,
     hash: u32,
 ) -> Result<CtValue, Reason> {
+    entry.last_seen = now();
     let mut reply = CtValue {
         flags: entry.flags | CT_FLAG_REPLY,
         nat_address: flow.saddr,

@@ -75,7 +75,7 @@ pub fn drop<P: Packet>(pkt: &P, reason: Reason) -> Verdict {
 
 #[inline(always)]
 fn flow_packet<P: Packet>(pkt: &mut P, flow: &Flow) -> Verdict {
-    if let Some(entry) = conntrack::lookup(&flow.ct_key()) {
+    if let Some(entry) = conntrack::track(flow) {
         if entry.flags & CT_FLAG_REPLY != 0 {
             return nat::reply(pkt, flow, &entry);
         }

@@ -30,7 +30,9 @@ pub const ICMP_CSUM: usize = 2;
 pub const ICMP_INNER_IP: usize = 8;
 
 const ETH_P_IP: u16 = 0x0800u16.to_be();
+const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
@@ -49,6 +51,8 @@ pub struct Flow {
     pub protocol: u8,
     /// A TCP SYN without ACK: the first packet of a new connection.
     pub syn: bool,
+    /// A TCP FIN or RST: the connection is closing.
+    pub closing: bool,
     /// IPv4 total length (host order), for FIB MTU checks.
     pub tot_len: u16,
 }
@@ -174,13 +178,12 @@ fn ports<P: Packet>(pkt: &P, ip: &Ipv4) -> Option<Flow> {
     if (ip.tot_len as usize) < ip.l4_off - L3_OFF + l4_len {
         return None;
     }
-    let (l4, syn) = if ip.protocol == protocol::TCP {
+    let (l4, flags) = if ip.protocol == protocol::TCP {
         let l4 = header_at(pkt, ip.l4_off, TCP_HLEN)?;
         // SAFETY: `l4` covers TCP_HLEN bytes; the flags byte is inside.
-        let flags: u8 = unsafe { read(l4, TCP_FLAGS) };
-        (l4, flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
+        (l4, unsafe { read::<u8>(l4, TCP_FLAGS) })
     } else {
-        (header_at(pkt, ip.l4_off, UDP_HLEN)?, false)
+        (header_at(pkt, ip.l4_off, UDP_HLEN)?, 0)
     };
     Some(Flow {
         l4_off: ip.l4_off,
@@ -191,7 +194,8 @@ fn ports<P: Packet>(pkt: &P, ip: &Ipv4) -> Option<Flow> {
         // SAFETY: as above.
         dport: unsafe { read(l4, L4_DPORT) },
         protocol: ip.protocol,
-        syn,
+        syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        closing: flags & (TCP_FIN | TCP_RST) != 0,
         tot_len: ip.tot_len,
     })
 }
@@ -246,6 +250,7 @@ fn icmp_error<P: Packet>(pkt: &P, ip: &Ipv4) -> Parsed {
             dport,
             protocol: inner_protocol,
             syn: false,
+            closing: false,
             tot_len: ip.tot_len,
         },
     })

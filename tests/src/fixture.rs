@@ -81,6 +81,16 @@ impl Fixture {
         (verdict, metadata, out)
     }
 
+    /// Every conntrack entry, read from the kernel map.
+    pub fn conntrack(&mut self) -> Vec<(dataplane_common::CtKey, dataplane_common::CtValue)> {
+        self.dataplane
+            .maps()
+            .expect("maps")
+            .conntrack
+            .entries()
+            .expect("conntrack")
+    }
+
     /// Runs the TC program once on `frame`: (verdict, frame after).
     pub fn run_tc(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
         let program: &mut SchedClassifier = self.dataplane.program("wharf_tc").expect("tc program");

@@ -4,12 +4,15 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use dataplane_common::counters::Reason;
+use dataplane_common::{CT_FLAG_CLOSING, counters::Reason};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
-use wharf_agent::proxy::{BackendState, DesiredState, FrontendKind, Protocol};
+use wharf_agent::{
+    ebpf::{FlowTimeouts, monotonic_secs},
+    proxy::{BackendState, DesiredState, FrontendKind, Protocol},
+};
 use wharf_tests::{
     fixture::{Fixture, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_TX},
-    frame::{self, Headers, TCP, TCP_ACK, TCP_SYN, UDP},
+    frame::{self, Headers, TCP, TCP_ACK, TCP_FIN, TCP_SYN, UDP},
     services::{add, ready},
 };
 
@@ -513,4 +516,51 @@ fn a_direct_connection_on_a_reused_port_is_not_reverse_natted() {
     let syn_ack = frame::tcp(backend, client, TCP_SYN | TCP_ACK);
     let (_, out) = fixture.run_tc(&syn_ack);
     assert_eq!(out, syn_ack);
+}
+
+#[test]
+fn conntrack_records_activity_and_closing_for_expiry() {
+    let mut fixture = fixture("ctclock");
+    let client = sa([10, 244, 2, 8], 49000);
+    fixture.run_tc(&frame::tcp(client, SocketAddrV4::new(VIP, 80), TCP_SYN));
+    let now = monotonic_secs();
+    let entries = fixture.conntrack();
+    assert_eq!(entries.len(), 2, "one entry per direction");
+    for (_, value) in &entries {
+        assert!(
+            value.last_seen.abs_diff(now) <= 1,
+            "stamped {} at {now}",
+            value.last_seen
+        );
+        assert_eq!(value.flags & CT_FLAG_CLOSING, 0);
+    }
+    // The client closes: its direction is flagged, and the flow expires
+    // after the closing timeout rather than the established one.
+    fixture.run_tc(&frame::tcp(
+        client,
+        SocketAddrV4::new(VIP, 80),
+        TCP_FIN | TCP_ACK,
+    ));
+    assert!(
+        fixture
+            .conntrack()
+            .iter()
+            .any(|(_, v)| v.flags & CT_FLAG_CLOSING != 0)
+    );
+    let timeouts = FlowTimeouts::default();
+    assert_eq!(
+        fixture
+            .reconciler
+            .expire_flows(now + timeouts.tcp_closing - 1, &timeouts)
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        fixture
+            .reconciler
+            .expire_flows(now + timeouts.tcp_closing + 2, &timeouts)
+            .unwrap(),
+        2
+    );
+    assert!(fixture.conntrack().is_empty());
 }

@@ -21,8 +21,9 @@ use std::{
 };
 
 use dataplane_common::{
-    BACKEND_FLAG_TERMINATING, Backend as BackendEntry, CtKey, CtValue, MaglevTable, RevNat,
-    SERVICE_FLAG_NODEPORT, ServiceKey, ServiceValue, capacity,
+    BACKEND_FLAG_TERMINATING, Backend as BackendEntry, CT_FLAG_CLOSING, CT_FLAG_REPLY,
+    CT_FLAG_SNAT, CtKey, CtValue, MaglevTable, RevNat, SERVICE_FLAG_NODEPORT, ServiceKey,
+    ServiceValue, capacity,
 };
 
 use super::{
@@ -583,6 +584,51 @@ impl Reconciler {
         Ok(rev_nat_id)
     }
 
+    /// Deletes the conntrack entries of flows idle longer than their
+    /// timeout, both directions of a flow together (the datapath stamps
+    /// `last_seen` on whichever direction it sees). `now` is
+    /// CLOCK_MONOTONIC seconds, the datapath's clock. Returns the number
+    /// of entries deleted.
+    pub fn expire_flows(
+        &mut self,
+        now: u32,
+        timeouts: &FlowTimeouts,
+    ) -> Result<usize, ReconcileError> {
+        let entries: HashMap<CtKey, CtValue> = self.maps.conntrack.entries()?.into_iter().collect();
+        let mut paired = HashSet::new();
+        let mut expired = Vec::new();
+        for (key, value) in entries.iter().filter(|(_, v)| v.flags & CT_FLAG_REPLY == 0) {
+            let reply_key = self
+                .backends
+                .get(&value.backend_id)
+                .map(|b| reply_key(key, value, b));
+            let reply = reply_key.filter(|k| entries.contains_key(k));
+            let (mut last_seen, mut flags) = (value.last_seen, value.flags);
+            if let Some(reply) = reply.and_then(|k| entries.get(&k)) {
+                last_seen = last_seen.max(reply.last_seen);
+                flags |= reply.flags;
+            }
+            paired.extend(reply);
+            if now.saturating_sub(last_seen) > timeouts.of(key.protocol, flags) {
+                expired.push(*key);
+                expired.extend(reply);
+            }
+        }
+        // Reply entries whose original direction is gone age on their own.
+        for (key, value) in &entries {
+            let orphan = value.flags & CT_FLAG_REPLY != 0 && !paired.contains(key);
+            if orphan
+                && now.saturating_sub(value.last_seen) > timeouts.of(key.protocol, value.flags)
+            {
+                expired.push(*key);
+            }
+        }
+        for key in &expired {
+            self.maps.conntrack.remove(key)?;
+        }
+        Ok(expired.len())
+    }
+
     /// What the maps forward, read back from them (not from the mirror).
     pub fn dump(&self) -> Result<Forwarding, ReconcileError> {
         let backends: HashMap<u32, BackendEntry> =
@@ -680,6 +726,58 @@ fn release(
     }
 }
 
+/// How long an idle flow keeps its conntrack entries, in seconds
+/// (Cilium's defaults). Closing TCP flows go quickly so their SNAT ports
+/// are free again within seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowTimeouts {
+    pub tcp: u32,
+    pub tcp_closing: u32,
+    pub other: u32,
+}
+
+impl Default for FlowTimeouts {
+    fn default() -> Self {
+        Self {
+            tcp: 6 * 3600,
+            tcp_closing: 10,
+            other: 60,
+        }
+    }
+}
+
+impl FlowTimeouts {
+    fn of(&self, protocol: u8, flags: u8) -> u32 {
+        match (protocol, flags & CT_FLAG_CLOSING != 0) {
+            (dataplane_common::protocol::TCP, true) => self.tcp_closing,
+            (dataplane_common::protocol::TCP, false) => self.tcp,
+            _ => self.other,
+        }
+    }
+}
+
+/// The reply-direction key of the flow whose original-direction entry is
+/// (`key`, `value`), going to `backend`.
+fn reply_key(key: &CtKey, value: &CtValue, backend: &BackendEntry) -> CtKey {
+    if value.flags & CT_FLAG_SNAT != 0 {
+        CtKey::new(
+            backend.address,
+            value.nat_address,
+            backend.port,
+            value.nat_port,
+            key.protocol,
+        )
+    } else {
+        CtKey::new(
+            backend.address,
+            key.saddr,
+            backend.port,
+            key.sport,
+            key.protocol,
+        )
+    }
+}
+
 /// Deletes the conntrack entries `dead` picks; returns how many.
 fn purge_conntrack(
     conntrack: &mut dyn Table<CtKey, CtValue>,
@@ -759,7 +857,7 @@ fn allocate(
 mod tests {
     use std::rc::Rc;
 
-    use dataplane_common::{CT_FLAG_REPLY, names};
+    use dataplane_common::names;
 
     use super::*;
     use crate::{
@@ -1247,6 +1345,68 @@ mod tests {
         };
         assert_ne!(node_a.backends.entries().unwrap().len(), 0);
         assert_eq!(table(&node_a), table(&node_b));
+    }
+
+    #[test]
+    fn idle_flows_expire_with_both_directions_and_closing_ones_sooner() {
+        let fakes = Fakes::new();
+        let mut reconciler = fakes.reconciler();
+        reconciler.sync(&web(&active([1]))).unwrap();
+        let (id, backend) = fakes.backends.entries().unwrap()[0];
+        let flow = |sport: u16, protocol: u8, last_seen: u32, flags: u8| {
+            let key = CtKey::new(
+                0x0a00_0005,
+                u32::from(Ipv4Addr::new(10, 96, 0, 1)).to_be(),
+                sport,
+                80u16.to_be(),
+                protocol,
+            );
+            let value = CtValue {
+                backend_id: id,
+                last_seen,
+                flags,
+                ..CtValue::default()
+            };
+            let reply = reply_key(&key, &value, &backend);
+            fakes.conntrack.insert_directly(key, value);
+            fakes.conntrack.insert_directly(
+                reply,
+                CtValue {
+                    flags: flags | CT_FLAG_REPLY,
+                    ..value
+                },
+            );
+            (key, reply)
+        };
+        let now = 100_000;
+        let timeouts = FlowTimeouts::default();
+        let busy_tcp = flow(1, 6, now - 5, 0);
+        let closed_tcp = flow(2, 6, now - 11, CT_FLAG_CLOSING);
+        let idle_udp = flow(3, 17, now - 61, 0);
+        let live_udp = flow(4, 17, now - 59, 0);
+        // Only the reply direction was active lately: the flow is alive.
+        let (one_way_key, one_way_reply) = flow(5, 17, now - 500, 0);
+        let mut fresh_reply = fakes.conntrack.get(&one_way_reply).unwrap();
+        fresh_reply.last_seen = now;
+        fakes.conntrack.insert_directly(one_way_reply, fresh_reply);
+        let orphan = CtKey::new(9, 9, 9, 9, 17);
+        fakes.conntrack.insert_directly(
+            orphan,
+            CtValue {
+                flags: CT_FLAG_REPLY,
+                last_seen: now - 61,
+                ..CtValue::default()
+            },
+        );
+
+        assert_eq!(reconciler.expire_flows(now, &timeouts).unwrap(), 5);
+        for (key, reply) in [closed_tcp, idle_udp] {
+            assert!(fakes.conntrack.get(&key).is_none() && fakes.conntrack.get(&reply).is_none());
+        }
+        for (key, reply) in [busy_tcp, live_udp, (one_way_key, one_way_reply)] {
+            assert!(fakes.conntrack.get(&key).is_some() && fakes.conntrack.get(&reply).is_some());
+        }
+        assert!(fakes.conntrack.get(&orphan).is_none());
     }
 
     #[test]

@@ -27,6 +27,13 @@ pub trait ServiceProxy {
 
     /// Removes every service from the dataplane.
     fn flush(&mut self) -> Result<(), Self::Error>;
+
+    /// Forgets flows idle past their timeout; returns how many entries
+    /// went. Called periodically. Modes whose flow state the kernel's own
+    /// conntrack ages out have nothing to do.
+    fn expire_flows(&mut self) -> Result<usize, Self::Error> {
+        Ok(0)
+    }
 }
 
 /// What one `sync` changed, for logs, metrics and tests.
