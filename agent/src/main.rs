@@ -127,10 +127,16 @@ async fn main() -> anyhow::Result<()> {
     let mut dataplane =
         Dataplane::load(&args.bpffs, &args.node_name).context("loading the eBPF dataplane")?;
     let mut node_addresses = args.node_ip.clone();
+    let mut snat_addresses = Vec::new();
     for device in &args.devices {
-        node_addresses.extend(
-            netdev::ipv4_addresses(device).with_context(|| format!("addresses of {device}"))?,
-        );
+        let addresses =
+            netdev::ipv4_addresses(device).with_context(|| format!("addresses of {device}"))?;
+        // Traffic SNATed on its way back out of a device leaves with the
+        // device's first address.
+        if let Some(first) = addresses.first() {
+            snat_addresses.push((netdev::ifindex(device)?, *first));
+        }
+        node_addresses.extend(addresses);
         let native = dataplane
             .attach_xdp(device)
             .with_context(|| format!("XDP on {device}"))?;
@@ -151,6 +157,9 @@ async fn main() -> anyhow::Result<()> {
     dataplane
         .set_node_addresses(&node_addresses)
         .context("node addresses")?;
+    dataplane
+        .set_snat_addresses(&snat_addresses)
+        .context("SNAT addresses")?;
     info!(node = %args.node_name, addresses = ?node_addresses, "dataplane ready");
 
     let mut reconciler = Reconciler::new(dataplane.maps()?).context("reading the pinned maps")?;

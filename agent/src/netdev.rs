@@ -1,6 +1,24 @@
-//! Network device facts the agent needs: a device's IPv4 addresses.
+//! Network device facts the agent needs: a device's index and IPv4
+//! addresses.
 
-use std::{ffi::CStr, io, net::Ipv4Addr};
+use std::{
+    ffi::{CStr, CString},
+    io,
+    net::Ipv4Addr,
+};
+
+/// The interface index of `device` (in this network namespace).
+pub fn ifindex(device: &str) -> io::Result<u32> {
+    let name = CString::new(device).map_err(io::Error::other)?;
+    // SAFETY: `name` is a valid NUL-terminated string for the call.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no device {device}"),
+        )),
+        index => Ok(index),
+    }
+}
 
 /// IPv4 addresses assigned to `device` (in this network namespace).
 pub fn ipv4_addresses(device: &str) -> io::Result<Vec<Ipv4Addr>> {
@@ -36,6 +54,12 @@ pub fn ipv4_addresses(device: &str) -> io::Result<Vec<Ipv4Addr>> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn loopback_is_index_1_and_missing_devices_are_errors() {
+        assert_eq!(super::ifindex("lo").unwrap(), 1);
+        assert!(super::ifindex("no-such-dev0").is_err());
+    }
+
     #[test]
     fn loopback_has_127_0_0_1() {
         let addresses = super::ipv4_addresses("lo").unwrap();

@@ -20,6 +20,9 @@ pub mod names {
     /// Node addresses (key, network order) that NodePort frontends answer
     /// on and that forwarded NodePort traffic is SNATed to; value unused (1).
     pub const NODE_ADDRS: &str = "WHARF_NODEADDRS";
+    /// Per external device (key: ifindex), the node address traffic that
+    /// came in by it is SNATed to when it leaves by it again.
+    pub const SNAT_ADDRS: &str = "WHARF_SNATADDRS";
     pub const COUNTERS: &str = "WHARF_COUNTERS";
 }
 
@@ -37,6 +40,7 @@ pub mod capacity {
     /// preallocation so only services that exist cost memory.
     pub const MAGLEV: u32 = 131_072;
     pub const NODE_ADDRS: u32 = 256;
+    pub const SNAT_ADDRS: u32 = 256;
 }
 
 /// Maglev lookup table size `M`: a prime, so every backend's permutation
@@ -91,6 +95,11 @@ pub struct ServiceValue {
 
 /// `ServiceValue::flags`: the frontend is a NodePort (address 0).
 pub const SERVICE_FLAG_NODEPORT: u16 = 1 << 0;
+/// `ServiceValue::flags`: the frontend is reached from outside the cluster
+/// (NodePort, externalIPs, load-balancer IPs). A flow to it whose backend
+/// sits behind the device it came in by is SNATed to a node address, so
+/// the reply comes back through this node.
+pub const SERVICE_FLAG_EXTERNAL: u16 = 1 << 1;
 
 /// A backend (endpoint address and port), keyed by a node-local id.
 #[repr(C)]

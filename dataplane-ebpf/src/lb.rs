@@ -8,7 +8,8 @@
 //! from its next packet on.
 
 use dataplane_common::{
-    Backend, CT_FLAG_REPLY, CtValue, SERVICE_FLAG_NODEPORT, ServiceKey, ServiceValue,
+    Backend, CT_FLAG_REPLY, CtValue, SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_NODEPORT, ServiceKey,
+    ServiceValue,
     counters::Reason,
     flow_hash::{flow_hash, maglev_slot},
 };
@@ -17,7 +18,7 @@ use crate::{
     conntrack,
     counters::count,
     icmp,
-    maps::{WHARF_BACKENDS, WHARF_MAGLEV, WHARF_NODEADDRS, WHARF_SERVICES},
+    maps::{WHARF_BACKENDS, WHARF_MAGLEV, WHARF_NODEADDRS, WHARF_SERVICES, WHARF_SNATADDRS},
     nat::{self, Route, RouteStatus},
     packet::Packet,
     parse::{self, Flow, Parsed},
@@ -133,9 +134,11 @@ fn new_flow<P: Packet>(pkt: &mut P, flow: &Flow, frontend: &Frontend) -> Verdict
         ..CtValue::default()
     };
     let mut route = Route::UNKNOWN;
-    if frontend.is_nodeport() {
+    if frontend.value.flags & SERVICE_FLAG_EXTERNAL != 0 {
         route = nat::route(pkt, flow.saddr, backend.address, flow);
-        if route.egress() == Some(pkt.ingress_ifindex()) {
+        if route.egress() == Some(pkt.ingress_ifindex())
+            && let Some(source) = snat_address(pkt, flow, frontend)
+        {
             // The backend sits behind the device the client came in by:
             // without SNAT it would answer the client directly, and the
             // client would drop a reply from an address it never called.
@@ -143,7 +146,7 @@ fn new_flow<P: Packet>(pkt: &mut P, flow: &Flow, frontend: &Frontend) -> Verdict
                 return Verdict::Pass;
             }
             entry.flags |= dataplane_common::CT_FLAG_SNAT;
-            entry.nat_address = flow.daddr;
+            entry.nat_address = source;
         }
     }
     let entry = match conntrack::open(flow, entry, &backend, hash) {
@@ -151,6 +154,18 @@ fn new_flow<P: Packet>(pkt: &mut P, flow: &Flow, frontend: &Frontend) -> Verdict
         Err(reason) => return drop(pkt, reason),
     };
     nat::forward(pkt, flow, &entry, &backend, &route)
+}
+
+/// The node address to SNAT an external flow to: the one the client
+/// called for a NodePort, else the ingress device's (no SNAT if the agent
+/// gave it none).
+#[inline(always)]
+fn snat_address<P: Packet>(pkt: &P, flow: &Flow, frontend: &Frontend) -> Option<u32> {
+    if frontend.is_nodeport() {
+        return Some(flow.daddr);
+    }
+    // SAFETY: plain data, see `lookup_frontend`.
+    unsafe { WHARF_SNATADDRS.get(pkt.ingress_ifindex()) }.copied()
 }
 
 /// Finds the frontend for a destination: an exact (VIP, port) match, or a

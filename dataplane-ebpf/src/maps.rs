@@ -37,4 +37,7 @@ pub static WHARF_MAGLEV: HashMap<u32, MaglevTable> =
 pub static WHARF_NODEADDRS: HashMap<u32, u8> = HashMap::pinned(capacity::NODE_ADDRS, 0);
 
 #[map]
+pub static WHARF_SNATADDRS: HashMap<u32, u32> = HashMap::pinned(capacity::SNAT_ADDRS, 0);
+
+#[map]
 pub static WHARF_COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(Reason::COUNT, 0);

@@ -9,9 +9,9 @@
 //! ```
 //!
 //! Service `web`: ClusterIP 10.96.0.10 (80/TCP, 53/UDP), NodePorts 30080
-//! and 30053, backends b1 and b2. Service `outside`: NodePort 30081 with
-//! one backend on the external host itself, behind the device its clients
-//! come in by (so it needs SNAT).
+//! and 30053, backends b1 and b2. Service `outside`: NodePort 30081 and
+//! external IP 192.168.78.1:80 with one backend on the external host
+//! itself, behind the device its clients come in by (so it needs SNAT).
 
 use std::{collections::BTreeMap, fs, path::PathBuf, thread, time::Duration};
 
@@ -90,6 +90,7 @@ impl Node {
         lab.ip(&node_ns, &format!("addr add {NODE_IP}/24 dev {ext_device}"));
         lab.ip(&ext_ns, "addr add 192.168.77.2/24 dev eth0");
         lab.ip(&ext_ns, &format!("route add 10.96.0.0/16 via {NODE_IP}"));
+        lab.ip(&ext_ns, &format!("route add 192.168.78.0/24 via {NODE_IP}"));
         lab.offloads_off(&ext_ns, "eth0");
         lab.offloads_off(&node_ns, "ext0");
         // veth delivers XDP_TX frames promptly only to a peer that runs an
@@ -167,7 +168,7 @@ impl Node {
             format!("\n{endpoints}")
         };
         let yaml = format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: {VIP}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080, nodePort: 30080}}\n  - {{name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: outside, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.11\n  ports: [{{port: 80, targetPort: 8080, nodePort: 30081}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: outside-1, namespace: demo, labels: {{kubernetes.io/service-name: outside}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [192.168.77.2]}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080}}\n- {{name: dns, port: 5353, protocol: UDP}}\nendpoints: {endpoints}"
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: {VIP}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080, nodePort: 30080}}\n  - {{name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: outside, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.11\n  externalIPs: [192.168.78.1]\n  ports: [{{port: 80, targetPort: 8080, nodePort: 30081}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: outside-1, namespace: demo, labels: {{kubernetes.io/service-name: outside}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [192.168.77.2]}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080}}\n- {{name: dns, port: 5353, protocol: UDP}}\nendpoints: {endpoints}"
         );
         // Replace atomically, as deployment tools do.
         let tmp = self.lab.dir.join("web.yaml.tmp");
@@ -308,15 +309,18 @@ fn nodeport_to_a_backend_behind_the_ingress_device_is_snated_and_bounced_at_xdp(
     node.start_agent();
     let http = node.external(&["get", "192.168.77.1:30081", "--count", "20"]);
     assert_eq!(tally(&http, "192.168.77.1:30081").get("outside"), Some(&20));
+    // An external IP is SNATed to the ingress device's address.
+    let http = node.external(&["get", "192.168.78.1:80", "--count", "20"]);
+    assert_eq!(tally(&http, "192.168.78.1:80").get("outside"), Some(&20));
     // Both directions left by XDP_TX once the neighbour was known; the
     // first packets may have been finished by TC.
     assert!(
-        node.counter(Reason::XdpDnat) >= 20,
+        node.counter(Reason::XdpDnat) >= 40,
         "XDP DNAT {}",
         node.counter(Reason::XdpDnat)
     );
     assert!(
-        node.counter(Reason::XdpRevNat) >= 20,
+        node.counter(Reason::XdpRevNat) >= 40,
         "XDP reverse NAT {}",
         node.counter(Reason::XdpRevNat)
     );

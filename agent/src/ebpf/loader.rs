@@ -9,6 +9,7 @@
 
 use std::{
     fs, io,
+    net::Ipv4Addr,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
 };
@@ -268,21 +269,21 @@ impl Dataplane {
     }
 
     /// Replaces the node addresses NodePort frontends answer on.
-    pub fn set_node_addresses(
-        &mut self,
-        addresses: &[std::net::Ipv4Addr],
-    ) -> Result<(), LoadError> {
-        let mut table: KernelTable<u32, u8> = self.table(names::NODE_ADDRS)?;
-        let wanted: Vec<u32> = addresses.iter().map(|a| u32::from(*a).to_be()).collect();
-        for (address, _) in table.entries()? {
-            if !wanted.contains(&address) {
-                table.remove(&address)?;
-            }
-        }
-        for address in &wanted {
-            table.set(address, &1)?;
-        }
-        Ok(())
+    pub fn set_node_addresses(&mut self, addresses: &[Ipv4Addr]) -> Result<(), LoadError> {
+        let wanted: Vec<(u32, u8)> = addresses
+            .iter()
+            .map(|a| (u32::from(*a).to_be(), 1))
+            .collect();
+        replace_entries(&mut self.table(names::NODE_ADDRS)?, &wanted)
+    }
+
+    /// Replaces the per-device SNAT addresses: (ifindex, address).
+    pub fn set_snat_addresses(&mut self, addresses: &[(u32, Ipv4Addr)]) -> Result<(), LoadError> {
+        let wanted: Vec<(u32, u32)> = addresses
+            .iter()
+            .map(|(i, a)| (*i, u32::from(*a).to_be()))
+            .collect();
+        replace_entries(&mut self.table(names::SNAT_ADDRS)?, &wanted)
     }
 
     /// Datapath counters summed over CPUs, by reason.
@@ -323,7 +324,7 @@ impl Dataplane {
 
 /// The shape each pinned map must have to be reused: (name, key size,
 /// value size, capacity).
-const MAP_LAYOUTS: [(&str, usize, usize, u32); 8] = [
+const MAP_LAYOUTS: [(&str, usize, usize, u32); 9] = [
     (
         names::SERVICES,
         size_of::<ServiceKey>(),
@@ -367,6 +368,12 @@ const MAP_LAYOUTS: [(&str, usize, usize, u32); 8] = [
         capacity::NODE_ADDRS,
     ),
     (
+        names::SNAT_ADDRS,
+        size_of::<u32>(),
+        size_of::<u32>(),
+        capacity::SNAT_ADDRS,
+    ),
+    (
         names::COUNTERS,
         size_of::<u32>(),
         size_of::<Counter>(),
@@ -403,6 +410,22 @@ fn drop_incompatible_pins(pin_dir: &Path) -> Result<(), LoadError> {
             );
             fs::remove_file(&path).map_err(|source| LoadError::Pin { path, source })?;
         }
+    }
+    Ok(())
+}
+
+/// Makes a small map hold exactly `wanted`.
+fn replace_entries<K: aya::Pod + PartialEq, V: aya::Pod>(
+    table: &mut KernelTable<K, V>,
+    wanted: &[(K, V)],
+) -> Result<(), LoadError> {
+    for (key, _) in table.entries()? {
+        if !wanted.iter().any(|(k, _)| *k == key) {
+            table.remove(&key)?;
+        }
+    }
+    for (key, value) in wanted {
+        table.set(key, value)?;
     }
     Ok(())
 }

@@ -22,8 +22,8 @@ use std::{
 
 use dataplane_common::{
     BACKEND_FLAG_TERMINATING, Backend as BackendEntry, CT_FLAG_CLOSING, CT_FLAG_REPLY,
-    CT_FLAG_SNAT, CtKey, CtValue, MaglevTable, RevNat, SERVICE_FLAG_NODEPORT, ServiceKey,
-    ServiceValue, capacity,
+    CT_FLAG_SNAT, CtKey, CtValue, MaglevTable, RevNat, SERVICE_FLAG_EXTERNAL,
+    SERVICE_FLAG_NODEPORT, ServiceKey, ServiceValue, capacity,
 };
 
 use super::{
@@ -507,10 +507,10 @@ impl Reconciler {
             }
         }
 
-        let flags = if frontend.kind == FrontendKind::NodePort {
-            SERVICE_FLAG_NODEPORT
-        } else {
-            0
+        let flags = match frontend.kind {
+            FrontendKind::ClusterIp => 0,
+            FrontendKind::NodePort => SERVICE_FLAG_NODEPORT | SERVICE_FLAG_EXTERNAL,
+            FrontendKind::ExternalIp | FrontendKind::LoadBalancer => SERVICE_FLAG_EXTERNAL,
         };
         let header = ServiceValue {
             backend_id: 0,
@@ -1046,7 +1046,7 @@ mod tests {
             .services
             .get(&ServiceKey::new(0, 30080u16.to_be(), 6, 0))
             .unwrap();
-        assert_eq!(header.flags, SERVICE_FLAG_NODEPORT);
+        assert_eq!(header.flags, SERVICE_FLAG_NODEPORT | SERVICE_FLAG_EXTERNAL);
         assert_eq!(header.count, 1);
     }
 
