@@ -25,13 +25,18 @@ if [ ${#missing[@]} -gt 0 ]; then
     || die "apt-get install ${missing[*]} failed"
 fi
 
-# The eBPF crate builds with nightly's build-std, which needs rust-src.
+# The eBPF crate builds with nightly's build-std, which needs rust-src;
+# the test command lints it with nightly's clippy.
 rustup toolchain list | grep -q '^nightly' \
   || die "no nightly toolchain: the eBPF crate needs it (it is preinstalled on this machine kind)"
-if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'; then
-  step "adding rust-src to nightly"
-  rustup component add rust-src --toolchain nightly >/dev/null || die "rustup component add rust-src failed"
-fi
+installed=$(rustup component list --toolchain nightly --installed)
+for component in rust-src clippy; do
+  if ! grep -q "^$component" <<<"$installed"; then
+    step "adding $component to nightly"
+    rustup component add "$component" --toolchain nightly >/dev/null \
+      || die "rustup component add $component --toolchain nightly failed"
+  fi
+done
 
 # bpf-linker links the eBPF object; built against Debian's LLVM 22, never
 # the image's LLVM 14 (PLATFORM.md).

@@ -74,6 +74,14 @@ struct BackendAddr {
 }
 
 impl BackendAddr {
+    fn of(backend: &crate::proxy::Backend, protocol: Protocol) -> Self {
+        Self {
+            address: backend.address,
+            port: backend.port,
+            protocol,
+        }
+    }
+
     fn entry(&self, state: BackendState) -> BackendEntry {
         BackendEntry {
             address: u32::from(self.address).to_be(),
@@ -250,13 +258,19 @@ impl Reconciler {
         let mut touched = BTreeSet::new();
         for (key, frontend) in &changed {
             if let Some(old) = self.synced.get(key) {
-                release(&mut self.users, key.protocol, old, &mut touched);
+                count_uses(&mut self.users, key.protocol, old, Uses::Drop, &mut touched);
             }
-            acquire(&mut self.users, key.protocol, frontend, &mut touched);
+            count_uses(
+                &mut self.users,
+                key.protocol,
+                frontend,
+                Uses::Add,
+                &mut touched,
+            );
         }
         for key in &removed {
             if let Some(old) = self.synced.get(key) {
-                release(&mut self.users, key.protocol, old, &mut touched);
+                count_uses(&mut self.users, key.protocol, old, Uses::Drop, &mut touched);
             }
         }
         let mut unused = Vec::new();
@@ -295,11 +309,7 @@ impl Reconciler {
                     .iter()
                     .filter(|b| !frontend.backends.iter().any(|n| same_endpoint(b, n)))
                 {
-                    let addr = BackendAddr {
-                        address: gone.address,
-                        port: gone.port,
-                        protocol: key.protocol,
-                    };
+                    let addr = BackendAddr::of(gone, key.protocol);
                     left.extend(
                         self.backend_ids
                             .get(&addr)
@@ -421,11 +431,7 @@ impl Reconciler {
         let active: Vec<(BackendAddr, u32)> = frontend
             .active()
             .map(|b| {
-                let addr = BackendAddr {
-                    address: b.address,
-                    port: b.port,
-                    protocol,
-                };
+                let addr = BackendAddr::of(b, protocol);
                 (addr, self.backend_ids[&addr])
             })
             .collect();
@@ -686,44 +692,34 @@ impl Users {
     }
 }
 
-fn acquire(
+/// Counts `frontend`'s references to its backends in (`Uses::Add`) or out
+/// (`Uses::Drop`), noting every backend touched.
+fn count_uses(
     users: &mut HashMap<BackendAddr, Users>,
     protocol: Protocol,
     frontend: &Frontend,
+    uses: Uses,
     touched: &mut BTreeSet<BackendAddr>,
 ) {
     for backend in &frontend.backends {
-        let addr = BackendAddr {
-            address: backend.address,
-            port: backend.port,
-            protocol,
+        let addr = BackendAddr::of(backend, protocol);
+        let entry = users.entry(addr).or_default();
+        let count = entry.count(backend.state);
+        *count = match uses {
+            Uses::Add => *count + 1,
+            Uses::Drop => count.saturating_sub(1),
         };
-        *users.entry(addr).or_default().count(backend.state) += 1;
+        if entry.state().is_none() {
+            users.remove(&addr);
+        }
         touched.insert(addr);
     }
 }
 
-fn release(
-    users: &mut HashMap<BackendAddr, Users>,
-    protocol: Protocol,
-    frontend: &Frontend,
-    touched: &mut BTreeSet<BackendAddr>,
-) {
-    for backend in &frontend.backends {
-        let addr = BackendAddr {
-            address: backend.address,
-            port: backend.port,
-            protocol,
-        };
-        if let Some(entry) = users.get_mut(&addr) {
-            let count = entry.count(backend.state);
-            *count = count.saturating_sub(1);
-            if entry.state().is_none() {
-                users.remove(&addr);
-            }
-        }
-        touched.insert(addr);
-    }
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Uses {
+    Add,
+    Drop,
 }
 
 /// How long an idle flow keeps its conntrack entries, in seconds
