@@ -68,6 +68,20 @@ pub fn process<P: Packet>(pkt: &mut P) -> Verdict {
     }
 }
 
+/// Egress of the node's devices: only replies that a local process (a
+/// backend on the node itself) sends for a translated flow are rewritten.
+/// Everything else, including what ingress already translated and
+/// redirected here, matches no reply entry and passes.
+pub fn process_egress<P: Packet>(pkt: &mut P) -> Verdict {
+    let Parsed::Flow(flow) = parse::ipv4(pkt) else {
+        return Verdict::Pass;
+    };
+    match conntrack::track(&flow) {
+        Some(entry) if entry.flags & CT_FLAG_REPLY != 0 => nat::reply_on_egress(pkt, &flow, &entry),
+        _ => Verdict::Pass,
+    }
+}
+
 #[inline(always)]
 pub fn drop<P: Packet>(pkt: &P, reason: Reason) -> Verdict {
     count(reason, pkt.len());

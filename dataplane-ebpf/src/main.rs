@@ -80,6 +80,16 @@ mod programs {
         }
     }
 
+    /// Reverse NAT of replies from backends on the node itself, on
+    /// egress of the same devices.
+    #[classifier]
+    pub fn wharf_tc_egress(ctx: TcContext) -> i32 {
+        match lb::process_egress(&mut TcPacket::new(ctx)) {
+            lb::Verdict::Pass => TC_ACT_OK,
+            verdict => TcPacket::finish(verdict),
+        }
+    }
+
     /// NodePort (and ClusterIP from outside) acceleration on external
     /// devices; anything it cannot finish goes on to `wharf_tc`.
     #[xdp]

@@ -151,37 +151,15 @@ pub fn forward<P: Packet>(
 /// may be a node address, which the stack would drop as martian on input.
 #[inline(always)]
 pub fn reply<P: Packet>(pkt: &mut P, flow: &Flow, entry: &CtValue) -> Verdict {
-    // SAFETY: plain data, see `lb::lookup_frontend`.
-    let Some(rev_nat) = (unsafe { WHARF_REV_NAT.get(entry.rev_nat_id) }).copied() else {
+    let Some(rewrite) = ReplyRewrite::of(flow, entry) else {
         // The service is gone; its entries are being purged.
         return Verdict::Pass;
     };
-    let source = if rev_nat.address != 0 {
-        rev_nat.address
-    } else {
-        entry.node_address
-    };
-    let snat = entry.flags & CT_FLAG_SNAT != 0;
-    let (daddr, dport) = if snat {
-        (entry.nat_address, entry.nat_port)
-    } else {
-        (flow.daddr, flow.dport)
-    };
-    let route = route(pkt, source, daddr, flow);
+    let route = route(pkt, rewrite.saddr, rewrite.daddr, flow);
     if P::XDP && !sends_back_out(pkt, &route) {
         return Verdict::Pass;
     }
-    let rewritten = rewrite_addr(pkt, flow, IP_SADDR, flow.saddr, source)
-        .and_then(|()| rewrite_port(pkt, flow, L4_SPORT, flow.sport, rev_nat.port))
-        .and_then(|()| {
-            if snat {
-                rewrite_addr(pkt, flow, IP_DADDR, flow.daddr, daddr)?;
-                rewrite_port(pkt, flow, L4_DPORT, flow.dport, dport)
-            } else {
-                Ok(())
-            }
-        });
-    if rewritten.is_err() {
+    if rewrite.apply(pkt, flow).is_err() {
         return drop(pkt, Reason::DropMalformed);
     }
     count(
@@ -193,6 +171,58 @@ pub fn reply<P: Packet>(pkt: &mut P, flow: &Flow, entry: &CtValue) -> Verdict {
         pkt.len(),
     );
     deliver(pkt, &route)
+}
+
+/// A reply leaving the node from a local process: a backend on the node
+/// itself (host network) answering a flow TC or XDP translated. It is
+/// already on its way out, so it is only rewritten.
+#[inline(always)]
+pub fn reply_on_egress<P: Packet>(pkt: &mut P, flow: &Flow, entry: &CtValue) -> Verdict {
+    let Some(rewrite) = ReplyRewrite::of(flow, entry) else {
+        return Verdict::Pass;
+    };
+    if rewrite.apply(pkt, flow).is_err() {
+        return drop(pkt, Reason::DropMalformed);
+    }
+    count(Reason::TcRevNat, pkt.len());
+    Verdict::Pass
+}
+
+/// What a reply's addresses and ports become.
+struct ReplyRewrite {
+    saddr: u32,
+    sport: u16,
+    daddr: u32,
+    dport: u16,
+}
+
+impl ReplyRewrite {
+    /// The frontend as source; for SNATed flows, the client as destination.
+    /// None when the frontend's reverse-NAT entry is gone.
+    #[inline(always)]
+    fn of(flow: &Flow, entry: &CtValue) -> Option<Self> {
+        // SAFETY: plain data, see `lb::lookup_frontend`.
+        let rev_nat = (unsafe { WHARF_REV_NAT.get(entry.rev_nat_id) }).copied()?;
+        let snat = entry.flags & CT_FLAG_SNAT != 0;
+        Some(Self {
+            saddr: if rev_nat.address != 0 {
+                rev_nat.address
+            } else {
+                entry.node_address
+            },
+            sport: rev_nat.port,
+            daddr: if snat { entry.nat_address } else { flow.daddr },
+            dport: if snat { entry.nat_port } else { flow.dport },
+        })
+    }
+
+    #[inline(always)]
+    fn apply<P: Packet>(&self, pkt: &mut P, flow: &Flow) -> Result<(), ()> {
+        rewrite_addr(pkt, flow, IP_SADDR, flow.saddr, self.saddr)?;
+        rewrite_port(pkt, flow, L4_SPORT, flow.sport, self.sport)?;
+        rewrite_addr(pkt, flow, IP_DADDR, flow.daddr, self.daddr)?;
+        rewrite_port(pkt, flow, L4_DPORT, flow.dport, self.dport)
+    }
 }
 
 /// XDP can only finish a packet that leaves by the device it came in on

@@ -12,6 +12,8 @@
 //! and 30053, backends b1 and b2. Service `outside`: NodePort 30081 and
 //! external IP 192.168.78.1:80 with one backend on the external host
 //! itself, behind the device its clients come in by (so it needs SNAT).
+//! Service `host`: ClusterIP 10.96.0.12:80 and NodePort 30082 with one
+//! backend on the node itself (host network, 192.168.77.1:9090).
 
 use std::{collections::BTreeMap, fs, path::PathBuf, thread, time::Duration};
 
@@ -168,7 +170,7 @@ impl Node {
             format!("\n{endpoints}")
         };
         let yaml = format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: {VIP}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080, nodePort: 30080}}\n  - {{name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: outside, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.11\n  externalIPs: [192.168.78.1]\n  ports: [{{port: 80, targetPort: 8080, nodePort: 30081}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: outside-1, namespace: demo, labels: {{kubernetes.io/service-name: outside}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [192.168.77.2]}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080}}\n- {{name: dns, port: 5353, protocol: UDP}}\nendpoints: {endpoints}"
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: {VIP}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080, nodePort: 30080}}\n  - {{name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: outside, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.11\n  externalIPs: [192.168.78.1]\n  ports: [{{port: 80, targetPort: 8080, nodePort: 30081}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: outside-1, namespace: demo, labels: {{kubernetes.io/service-name: outside}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [192.168.77.2]}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: host, namespace: demo}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.12\n  ports: [{{port: 80, targetPort: 9090, nodePort: 30082}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: host-1, namespace: demo, labels: {{kubernetes.io/service-name: host}}}}\naddressType: IPv4\nports: [{{port: 9090}}]\nendpoints: [{{addresses: [192.168.77.1]}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080}}\n- {{name: dns, port: 5353, protocol: UDP}}\nendpoints: {endpoints}"
         );
         // Replace atomically, as deployment tools do.
         let tmp = self.lab.dir.join("web.yaml.tmp");
@@ -323,6 +325,31 @@ fn nodeport_to_a_backend_behind_the_ingress_device_is_snated_and_bounced_at_xdp(
         node.counter(Reason::XdpRevNat) >= 40,
         "XDP reverse NAT {}",
         node.counter(Reason::XdpRevNat)
+    );
+}
+
+#[test]
+fn replies_from_a_backend_on_the_node_itself_are_reverse_natted_on_egress() {
+    let mut node = Node::new("hostnet");
+    let (ns, probe) = (node.node_ns.clone(), node.probe.clone());
+    node.lab.spawn(
+        &ns,
+        false,
+        &probe,
+        &["serve", "node", "--http", "9090"],
+        "node.log",
+    );
+    node.lab.wait_for_log("node.log", "serving", 1);
+    node.start_agent();
+    // From a pod outside the socket-LB cgroup (TC DNAT on p-c1), and from
+    // the external host (XDP DNAT on ext0): the node's own process answers
+    // and its reply leaves by egress.
+    let from_pod = node.client(false, &["get", "10.96.0.12:80", "--count", "10"]);
+    assert_eq!(tally(&from_pod, "10.96.0.12:80").get("node"), Some(&10));
+    let from_outside = node.external(&["get", "192.168.77.1:30082", "--count", "10"]);
+    assert_eq!(
+        tally(&from_outside, "192.168.77.1:30082").get("node"),
+        Some(&10)
     );
 }
 

@@ -43,7 +43,9 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Program names, as the eBPF crate's entry points are called.
 const XDP_PROGRAM: &str = "wharf_xdp";
-const TC_PROGRAM: &str = "wharf_tc";
+const TC_INGRESS_PROGRAM: &str = "wharf_tc";
+const TC_EGRESS_PROGRAM: &str = "wharf_tc_egress";
+const TC_PROGRAMS: [&str; 2] = [TC_INGRESS_PROGRAM, TC_EGRESS_PROGRAM];
 const SOCK_PROGRAMS: [&str; 4] = [
     "wharf_connect4",
     "wharf_sendmsg4",
@@ -143,10 +145,12 @@ impl Dataplane {
             .program::<Xdp>(XDP_PROGRAM)?
             .load()
             .map_err(|source| program_error(XDP_PROGRAM, source))?;
-        dataplane
-            .program::<SchedClassifier>(TC_PROGRAM)?
-            .load()
-            .map_err(|source| program_error(TC_PROGRAM, source))?;
+        for name in TC_PROGRAMS {
+            dataplane
+                .program::<SchedClassifier>(name)?
+                .load()
+                .map_err(|source| program_error(name, source))?;
+        }
         for name in SOCK_PROGRAMS {
             dataplane
                 .program::<CgroupSockAddr>(name)?
@@ -195,11 +199,25 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Attaches per-packet load-balancing to a device's ingress (TCX).
+    /// Attaches per-packet load-balancing to a device (TCX): the pipeline
+    /// on ingress, and reverse NAT of local backends' replies on egress.
     pub fn attach_tc(&mut self, device: &str) -> Result<(), LoadError> {
-        const NAME: &str = TC_PROGRAM;
-        let pin = self.pin_dir.join("links").join(format!("tc-{device}"));
-        let program: &mut SchedClassifier = self.program(NAME)?;
+        self.attach_tc_hook(device, TC_INGRESS_PROGRAM, TcAttachType::Ingress, "tc")?;
+        self.attach_tc_hook(device, TC_EGRESS_PROGRAM, TcAttachType::Egress, "tc-egress")
+    }
+
+    fn attach_tc_hook(
+        &mut self,
+        device: &str,
+        name: &'static str,
+        hook: TcAttachType,
+        pin_prefix: &str,
+    ) -> Result<(), LoadError> {
+        let pin = self
+            .pin_dir
+            .join("links")
+            .join(format!("{pin_prefix}-{device}"));
+        let program: &mut SchedClassifier = self.program(name)?;
         if let Some(old) = pinned_link(&pin)? {
             let replaced = SchedClassifierLink::try_from(old)
                 .map_err(|e| e.to_string())
@@ -210,11 +228,11 @@ impl Dataplane {
             }
         }
         let id = program
-            .attach(device, TcAttachType::Ingress)
-            .map_err(|source| attach_error(NAME, device, source))?;
+            .attach(device, hook)
+            .map_err(|source| attach_error(name, device, source))?;
         let link: FdLink = program
             .take_link(id)
-            .map_err(|source| attach_error(NAME, device, source))?
+            .map_err(|source| attach_error(name, device, source))?
             .try_into()
             .map_err(|source| LoadError::Link {
                 path: pin.clone(),
