@@ -63,10 +63,10 @@ pub async fn run<P: ServiceProxy>(
             source,
         })?;
 
-    let mut last_good: Option<DesiredState> = None;
+    let mut states = States::default();
     let mut retry = Retry::default();
     let mut expiry = tokio::time::interval(FLOW_EXPIRY_INTERVAL);
-    retry.after(reload(proxy, &path, &mut last_good));
+    retry.after(reload(proxy, &path, &mut states));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -74,10 +74,10 @@ pub async fn run<P: ServiceProxy>(
             Some(()) = rx.recv() => {
                 tokio::time::sleep(DEBOUNCE).await;
                 while rx.try_recv().is_ok() {}
-                retry.after(reload(proxy, &path, &mut last_good));
+                retry.after(reload(proxy, &path, &mut states));
             }
             () = tokio::time::sleep_until(retry.at.unwrap_or_else(tokio::time::Instant::now)), if retry.at.is_some() => {
-                retry.after(reload(proxy, &path, &mut last_good));
+                retry.after(reload(proxy, &path, &mut states));
             }
             _ = expiry.tick() => match proxy.expire_flows() {
                 Ok(0) => {}
@@ -110,25 +110,32 @@ impl Retry {
     }
 }
 
-/// Reads the manifests and syncs. Returns false when the sync failed and
-/// is worth retrying (invalid manifests wait for the next change instead).
-fn reload<P: ServiceProxy>(
-    proxy: &mut P,
-    path: &std::path::Path,
-    last_good: &mut Option<DesiredState>,
-) -> bool {
-    let desired = match manifest::load_path(path) {
-        Ok(desired) => desired,
-        Err(e) => {
-            error!(error = %e, "invalid manifests; the last good state stays in force");
-            return true;
-        }
+/// What standalone mode knows of the manifests and the dataplane.
+#[derive(Debug, Default)]
+struct States {
+    /// The latest valid manifests: what the dataplane should hold.
+    wanted: Option<DesiredState>,
+    /// What a sync last programmed in full; None after a failed sync (the
+    /// maps may hold part of something), so the next try syncs again.
+    programmed: Option<DesiredState>,
+}
+
+/// Reads the manifests and syncs the latest valid ones. Invalid manifests
+/// are reported and leave `wanted` as it was. Returns false when a sync is
+/// still owed (it failed), for the caller to retry.
+fn reload<P: ServiceProxy>(proxy: &mut P, path: &std::path::Path, states: &mut States) -> bool {
+    match manifest::load_path(path) {
+        Ok(desired) => states.wanted = Some(desired),
+        Err(e) => error!(error = %e, "invalid manifests; the last good state stays in force"),
+    }
+    let Some(desired) = &states.wanted else {
+        return true;
     };
-    if last_good.as_ref() == Some(&desired) {
+    if states.programmed.as_ref() == Some(desired) {
         return true;
     }
     let started = std::time::Instant::now();
-    match proxy.sync(&desired) {
+    match proxy.sync(desired) {
         Ok(stats) => {
             info!(
                 frontends = desired.frontends.len(),
@@ -142,13 +149,14 @@ fn reload<P: ServiceProxy>(
                 elapsed_us = started.elapsed().as_micros() as u64,
                 "synced"
             );
-            *last_good = Some(desired);
+            states.programmed = Some(desired.clone());
             true
         }
         // Retried with back-off; the reconciler re-reads the maps first,
         // so nothing half-done is left behind.
         Err(e) => {
             warn!(error = %e, "sync failed; retrying");
+            states.programmed = None;
             false
         }
     }
@@ -208,14 +216,21 @@ mod tests {
             failures: 2,
             synced: None,
         };
-        let mut last_good = None;
+        let mut states = States::default();
         let mut retry = Retry::default();
 
-        retry.after(reload(&mut proxy, dir.path(), &mut last_good));
+        retry.after(reload(&mut proxy, dir.path(), &mut states));
         assert_eq!(retry.delay, Retry::FIRST);
-        retry.after(reload(&mut proxy, dir.path(), &mut last_good));
+        // The manifests turn invalid meanwhile: the retry still programs
+        // the last valid ones.
+        std::fs::write(
+            dir.path().join("broken.yaml"),
+            "kind: Service\nmetadata: [\n",
+        )
+        .unwrap();
+        retry.after(reload(&mut proxy, dir.path(), &mut states));
         assert_eq!(retry.delay, 2 * Retry::FIRST);
-        retry.after(reload(&mut proxy, dir.path(), &mut last_good));
+        retry.after(reload(&mut proxy, dir.path(), &mut states));
         assert!(retry.at.is_none(), "the third try worked");
         assert_eq!(proxy.dump().unwrap().len(), 1);
     }

@@ -6,7 +6,10 @@ use dataplane_common::{
     Backend, CT_FLAG_CLOSING, CT_FLAG_REPLY, CT_FLAG_SNAT, CtKey, CtValue, counters::Reason,
 };
 
-use crate::{maps::WHARF_CT, parse::Flow};
+use crate::{
+    maps::{WHARF_CT, WHARF_REV_NAT},
+    parse::Flow,
+};
 
 /// SNAT source ports: above Linux's default ephemeral range (32768-60999)
 /// so they never collide with the node's own connections to a backend.
@@ -40,6 +43,9 @@ pub fn track(flow: &Flow) -> Option<CtValue> {
         }
         if flow.closing && (*entry).flags & CT_FLAG_CLOSING == 0 {
             (*entry).flags |= CT_FLAG_CLOSING;
+        } else if flow.syn && (*entry).flags & CT_FLAG_CLOSING != 0 {
+            // A new connection on the tuple of a closed one.
+            (*entry).flags &= !CT_FLAG_CLOSING;
         }
         Some(*entry)
     }
@@ -55,13 +61,58 @@ pub fn lookup(key: &CtKey) -> Option<CtValue> {
 /// A client opening a direct connection (a SYN to no service) on a
 /// 5-tuple whose reverse is a translated flow's reply entry: that flow is
 /// over (the client reused its source port), and the entry would rewrite
-/// the new connection's SYN-ACK to come from the frontend. Forget it.
+/// the new connection's SYN-ACK to come from the frontend. Forget the
+/// flow, both directions: a lone original-direction entry would later
+/// translate requests whose replies nothing translates back.
 #[inline(always)]
 pub fn forget_stale_reply(flow: &Flow) {
     let reverse = flow.ct_key().reversed();
-    if lookup(&reverse).is_some_and(|entry| entry.flags & CT_FLAG_REPLY != 0) {
-        let _ = WHARF_CT.remove(reverse);
+    let Some(entry) = lookup(&reverse) else {
+        return;
+    };
+    if entry.flags & CT_FLAG_REPLY == 0 {
+        return;
     }
+    let _ = WHARF_CT.remove(reverse);
+    // SAFETY: plain data, see `lb::lookup_frontend`.
+    if let Some(rev_nat) = unsafe { WHARF_REV_NAT.get(entry.rev_nat_id) } {
+        let frontend = if rev_nat.address != 0 {
+            rev_nat.address
+        } else {
+            entry.node_address
+        };
+        let _ = WHARF_CT.remove(CtKey::new(
+            flow.saddr,
+            frontend,
+            flow.sport,
+            rev_nat.port,
+            flow.protocol,
+        ));
+    }
+}
+
+/// Whether the reply entry of an original-direction entry is still there
+/// (LRU eviction or a stale-reply cleanup may have taken it alone).
+#[inline(always)]
+pub fn has_reply(flow: &Flow, entry: &CtValue, backend: &Backend) -> bool {
+    let key = if entry.flags & CT_FLAG_SNAT != 0 {
+        CtKey::new(
+            backend.address,
+            entry.nat_address,
+            backend.port,
+            entry.nat_port,
+            flow.protocol,
+        )
+    } else {
+        CtKey::new(
+            backend.address,
+            flow.saddr,
+            backend.port,
+            flow.sport,
+            flow.protocol,
+        )
+    };
+    lookup(&key).is_some()
 }
 
 /// Opens conntrack for a new flow: the reply entry (choosing a free SNAT

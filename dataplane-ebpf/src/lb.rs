@@ -110,11 +110,15 @@ fn flow_packet<P: Packet>(pkt: &mut P, flow: &Flow) -> Verdict {
 }
 
 /// The backend an existing flow keeps, unless a new TCP connection (SYN)
-/// reuses the 5-tuple of one whose backend is now terminating or gone.
+/// reuses the 5-tuple of one whose backend is now terminating or gone, or
+/// whose reply entry is gone: then the flow is opened afresh.
 #[inline(always)]
 fn established_backend(entry: &CtValue, flow: &Flow) -> Option<Backend> {
     let backend = backend(entry.backend_id)?;
-    if flow.syn && backend.flags & dataplane_common::BACKEND_FLAG_TERMINATING != 0 {
+    if flow.syn
+        && (backend.flags & dataplane_common::BACKEND_FLAG_TERMINATING != 0
+            || !conntrack::has_reply(flow, entry, &backend))
+    {
         return None;
     }
     Some(backend)

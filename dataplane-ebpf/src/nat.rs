@@ -114,7 +114,16 @@ pub fn forward<P: Packet>(
     } else {
         route
     };
-    if snat && P::XDP && !sends_back_out(pkt, route) {
+    // XDP finishes a SNATed flow only by XDP_TX; a DNAT-only one it passes
+    // up marked, and without the mark TC would take it for a new direct
+    // connection. Either way, if it cannot, TC does it all from conntrack.
+    if P::XDP
+        && (if snat {
+            !sends_back_out(pkt, route)
+        } else {
+            !pkt.mark_translated()
+        })
+    {
         return Verdict::Pass;
     }
     let rewritten = rewrite_addr(pkt, flow, IP_DADDR, flow.daddr, backend.address)
@@ -141,7 +150,6 @@ pub fn forward<P: Packet>(
     if snat {
         deliver(pkt, route)
     } else {
-        pkt.hand_off_translated();
         Verdict::Pass
     }
 }

@@ -48,12 +48,12 @@ pub trait Packet {
     /// Updates an L4 (or ICMP) checksum for a 2-byte change.
     fn l4_csum_replace2(&mut self, csum: L4Csum, old: u16, new: u16) -> Result<(), ()>;
 
-    /// XDP: tells TC on the same device that this packet is already
-    /// translated (in XDP metadata, as Cilium's transfer flags do), so TC
-    /// neither translates it again nor mistakes its backend-addressed
-    /// 5-tuple for a new direct connection. Call last: it moves the
-    /// packet's metadata pointer.
-    fn hand_off_translated(&mut self);
+    /// XDP: marks the packet, in XDP metadata, as translated here, so TC on
+    /// the same device (as with Cilium's transfer flags) neither translates
+    /// it again nor mistakes its backend-addressed 5-tuple for a new direct
+    /// connection. Call before rewriting: if the driver has no metadata
+    /// room it returns false, and the packet must go to TC untouched.
+    fn mark_translated(&mut self) -> bool;
 }
 
 /// The XDP metadata word that marks a packet XDP translated.
@@ -215,17 +215,27 @@ impl Packet for XdpPacket {
     }
 
     #[inline(always)]
-    fn hand_off_translated(&mut self) {
+    fn mark_translated(&mut self) -> bool {
+        // Already marked (a program run again on the same buffer, as
+        // BPF_PROG_TEST_RUN's repeat does): keep the mark.
+        let meta = self.ctx.metadata();
+        if meta + size_of::<u32>() <= self.ctx.metadata_end()
+            // SAFETY: the 4 bytes before `data` are metadata, checked above.
+            && unsafe { ptr::read_unaligned(meta as *const u32) } == TRANSLATED_BY_XDP
+        {
+            return true;
+        }
         // SAFETY: plain helper call on the program's own context.
         if unsafe { bpf_xdp_adjust_meta(self.ctx.ctx, -(size_of::<u32>() as i32)) } != 0 {
-            return; // no metadata room: TC finds no flow or service and passes
+            return false;
         }
         let meta = self.ctx.metadata();
         if meta + size_of::<u32>() > self.ctx.metadata_end() {
-            return;
+            return false;
         }
         // SAFETY: [meta, meta + 4) lies before `data`, checked above.
         unsafe { ptr::write_unaligned(meta as *mut u32, TRANSLATED_BY_XDP) };
+        true
     }
 }
 
@@ -233,10 +243,12 @@ pub struct TcPacket {
     ctx: TcContext,
 }
 
-/// Bytes of headers the pipeline may read: Ethernet, IPv4 with the
-/// longest options, and an ICMP error's header plus its quote (or a TCP
-/// header).
-const TC_HEADERS: u32 = 14 + 60 + 8 + 20 + 8;
+/// Headers pulled into an skb's linear data when it holds fewer: Ethernet,
+/// IPv4 and TCP without options. Most drivers keep at least this much
+/// linear, so the pull (which can copy the skb) is rare; longer headers
+/// (IPv4 options, ICMP quotes) that a driver left non-linear are parsed
+/// as far as they are linear, and passed or dropped as parsing says.
+const TC_HEADERS: u32 = 14 + 20 + 20;
 
 impl TcPacket {
     /// Wraps the context, first pulling the headers into the linear data
@@ -337,5 +349,7 @@ impl Packet for TcPacket {
             .map_err(|_| ())
     }
 
-    fn hand_off_translated(&mut self) {}
+    fn mark_translated(&mut self) -> bool {
+        true
+    }
 }

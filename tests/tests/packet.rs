@@ -4,7 +4,7 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use dataplane_common::{CT_FLAG_CLOSING, counters::Reason};
+use dataplane_common::{CT_FLAG_CLOSING, CT_FLAG_REPLY, counters::Reason};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use wharf_agent::{
     ebpf::{FlowTimeouts, monotonic_secs},
@@ -504,18 +504,52 @@ fn fuzzed_frames_get_legal_verdicts_and_only_correct_rewrites() {
 fn a_direct_connection_on_a_reused_port_is_not_reverse_natted() {
     let mut fixture = fixture("reuse");
     let client = sa([10, 244, 2, 9], 47000);
+    let vip = SocketAddrV4::new(VIP, 80);
     // A translated connection leaves a reply entry backend -> client:47000.
-    let (_, out) = fixture.run_tc(&frame::tcp(client, SocketAddrV4::new(VIP, 80), TCP_SYN));
+    let (_, out) = fixture.run_tc(&frame::tcp(client, vip, TCP_SYN));
     let backend = frame::headers(&out).dst;
     // Later the client reuses port 47000 to talk to the backend directly
     // (socket-LB, or plain pod-to-pod traffic).
     let direct = frame::tcp(client, backend, TCP_SYN);
     let (verdict, out) = fixture.run_tc(&direct);
     assert_eq!((verdict, out), (TC_ACT_OK, direct));
-    // Its SYN-ACK must keep the backend's address.
+    // Its SYN-ACK must keep the backend's address, and the old flow is
+    // forgotten in both directions.
     let syn_ack = frame::tcp(backend, client, TCP_SYN | TCP_ACK);
     let (_, out) = fixture.run_tc(&syn_ack);
     assert_eq!(out, syn_ack);
+    assert!(fixture.conntrack().is_empty(), "{:?}", fixture.conntrack());
+    // The port goes back to the VIP: a fresh flow, replies translated.
+    let (_, out) = fixture.run_tc(&frame::tcp(client, vip, TCP_SYN));
+    let backend = frame::headers(&out).dst;
+    let (_, out) = fixture.run_tc(&frame::tcp(backend, client, TCP_SYN | TCP_ACK));
+    assert_eq!(frame::headers(&out).src, vip);
+}
+
+#[test]
+fn a_syn_on_a_flow_that_lost_its_reply_entry_opens_it_again() {
+    let mut fixture = fixture("halfpair");
+    let client = sa([10, 244, 2, 10], 47100);
+    let vip = SocketAddrV4::new(VIP, 80);
+    fixture.run_tc(&frame::tcp(client, vip, TCP_SYN));
+    // Evict the reply entry alone, as a full LRU map may.
+    let mut maps = fixture.dataplane.maps().unwrap();
+    let (reply, _) = maps
+        .conntrack
+        .entries()
+        .unwrap()
+        .into_iter()
+        .find(|(_, v)| v.flags & CT_FLAG_REPLY != 0)
+        .unwrap();
+    maps.conntrack.remove(&reply).unwrap();
+    let (_, out) = fixture.run_tc(&frame::tcp(client, vip, TCP_SYN));
+    let backend = frame::headers(&out).dst;
+    let (_, out) = fixture.run_tc(&frame::tcp(backend, client, TCP_SYN | TCP_ACK));
+    assert_eq!(
+        frame::headers(&out).src,
+        vip,
+        "the reply is translated again"
+    );
 }
 
 #[test]
@@ -536,17 +570,21 @@ fn conntrack_records_activity_and_closing_for_expiry() {
     }
     // The client closes: its direction is flagged, and the flow expires
     // after the closing timeout rather than the established one.
-    fixture.run_tc(&frame::tcp(
-        client,
-        SocketAddrV4::new(VIP, 80),
-        TCP_FIN | TCP_ACK,
-    ));
-    assert!(
+    let fin = frame::tcp(client, SocketAddrV4::new(VIP, 80), TCP_FIN | TCP_ACK);
+    let closing = |fixture: &mut Fixture| {
         fixture
             .conntrack()
             .iter()
             .any(|(_, v)| v.flags & CT_FLAG_CLOSING != 0)
-    );
+    };
+    fixture.run_tc(&fin);
+    assert!(closing(&mut fixture));
+    // A new connection on the same tuple is not closing...
+    fixture.run_tc(&frame::tcp(client, SocketAddrV4::new(VIP, 80), TCP_SYN));
+    assert!(!closing(&mut fixture));
+    // ...until it closes too.
+    fixture.run_tc(&fin);
+    assert!(closing(&mut fixture));
     let timeouts = FlowTimeouts::default();
     assert_eq!(
         fixture

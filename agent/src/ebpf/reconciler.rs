@@ -361,11 +361,22 @@ impl Reconciler {
         if !unused.is_empty() || !dead_rev_nat.is_empty() || !left.is_empty() || self.sweep {
             let unused: HashSet<u32> = unused.iter().copied().collect();
             let (sweep, known) = (self.sweep, &self.backends);
+            // After a restore the mirror cannot say which backends left
+            // which frontend, so every flow is checked against its
+            // frontend's desired backends.
+            let allowed = if sweep {
+                self.desired_pairs(desired)
+            } else {
+                HashMap::new()
+            };
             let dead = |value: &CtValue| {
                 unused.contains(&value.backend_id)
                     || dead_rev_nat.contains(&value.rev_nat_id)
                     || left.contains(&(value.rev_nat_id, value.backend_id))
                     || (sweep && !known.contains_key(&value.backend_id))
+                    || allowed
+                        .get(&value.rev_nat_id)
+                        .is_some_and(|ids| !ids.contains(&value.backend_id))
             };
             stats.flows_purged += purge_conntrack(self.maps.conntrack.as_mut(), dead)?;
         }
@@ -391,6 +402,28 @@ impl Reconciler {
         }
         self.sweep = false;
         Ok(())
+    }
+
+    /// Each programmed frontend's reverse-NAT id with the ids of the
+    /// backends `desired` gives it (terminating ones included).
+    fn desired_pairs(&self, desired: &DesiredState) -> HashMap<u32, HashSet<u32>> {
+        desired
+            .frontends
+            .iter()
+            .filter_map(|(key, frontend)| {
+                let header = self.frontends.get(key)?.header?;
+                let ids = frontend
+                    .backends
+                    .iter()
+                    .filter_map(|b| {
+                        self.backend_ids
+                            .get(&BackendAddr::of(b, key.protocol))
+                            .copied()
+                    })
+                    .collect();
+                Some((header.rev_nat_id, ids))
+            })
+            .collect()
     }
 
     fn upsert_backend(
@@ -1261,6 +1294,45 @@ mod tests {
             fakes.conntrack.get(&other_flow).is_some(),
             "the other service's flow stays"
         );
+    }
+
+    #[test]
+    fn after_a_restart_flows_to_backends_a_frontend_lost_are_purged() {
+        let fakes = Fakes::new();
+        let mut both_services = web(&active([1, 2]));
+        let other = vip(2, 80, Protocol::Tcp);
+        both_services
+            .frontends
+            .insert(other, frontend(FrontendKind::ClusterIp, &active([1])));
+        fakes.reconciler().sync(&both_services).unwrap();
+        let web_key = vip(1, 80, Protocol::Tcp);
+        let web_rev_nat = fakes
+            .services
+            .get(&service_key(&web_key, 0))
+            .unwrap()
+            .rev_nat_id;
+        let one = fakes
+            .services
+            .get(&service_key(&other, 1))
+            .unwrap()
+            .backend_id;
+        let flow = CtKey::new(1, 2, 3, 80, 6);
+        fakes.conntrack.insert_directly(
+            flow,
+            CtValue {
+                backend_id: one,
+                rev_nat_id: web_rev_nat,
+                ..CtValue::default()
+            },
+        );
+        // While the agent was down, backend 1 left web (but still serves
+        // the other service).
+        let mut desired = web(&active([2]));
+        desired
+            .frontends
+            .insert(other, frontend(FrontendKind::ClusterIp, &active([1])));
+        fakes.reconciler().sync(&desired).unwrap();
+        assert_eq!(fakes.conntrack.get(&flow), None);
     }
 
     #[test]

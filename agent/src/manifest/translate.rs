@@ -65,7 +65,10 @@ pub fn desired_state(
     // whatever order the manifests came in, and the other is warned about:
     // failing the whole state would freeze every other service.
     let mut services: Vec<&Service> = services.iter().collect();
-    services.sort_by_key(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()));
+    services.sort_by_key(|s| {
+        let namespace = s.metadata.namespace.as_deref().unwrap_or("default");
+        (namespace.to_string(), s.metadata.name.clone())
+    });
     let mut state = DesiredState::default();
     for service in services {
         let namespace = service
@@ -177,16 +180,40 @@ pub fn desired_state(
     Ok(state)
 }
 
+/// Adds a frontend; of two claims on one, the stronger kind keeps it
+/// (see `claim_rank`), and between equal kinds the first service by
+/// namespace/name (the caller's order).
 fn insert(state: &mut DesiredState, object: &str, key: FrontendKey, frontend: Frontend) {
     match state.frontends.get(&key) {
-        Some(other) => tracing::warn!(
+        None => {
+            state.frontends.insert(key, frontend);
+        }
+        Some(other) if claim_rank(other.kind) <= claim_rank(frontend.kind) => tracing::warn!(
             frontend = %key,
             kept = %other.service,
             "{object} claims a frontend another service already has; ignoring its claim"
         ),
-        None => {
+        Some(other) => {
+            tracing::warn!(
+                frontend = %key,
+                ignored = %other.service,
+                "{object} has a stronger claim to a frontend another service also claims"
+            );
             state.frontends.insert(key, frontend);
         }
+    }
+}
+
+/// ClusterIPs and NodePorts are allocated by the API server, so they are
+/// unique; externalIPs and load-balancer IPs are written by users and may
+/// name someone else's ClusterIP (the CVE-2020-8554 pattern). So those
+/// never take a frontend from the allocated kinds.
+fn claim_rank(kind: FrontendKind) -> u8 {
+    match kind {
+        FrontendKind::ClusterIp => 0,
+        FrontendKind::NodePort => 1,
+        FrontendKind::LoadBalancer => 2,
+        FrontendKind::ExternalIp => 3,
     }
 }
 
@@ -428,5 +455,19 @@ endpoints:
                 "twin"
             );
         }
+
+        // An externalIP naming another service's ClusterIP never takes it,
+        // however the names sort (CVE-2020-8554).
+        let mut squatter = web_service("");
+        squatter.metadata.name = Some("aaa".into());
+        let spec = squatter.spec.as_mut().unwrap();
+        spec.cluster_ip = Some("10.96.0.99".into());
+        spec.external_ips = Some(vec!["10.96.0.10".into()]);
+        let state = desired_state(&[squatter, web_service("")], &[]).unwrap();
+        let claimed = &state.frontends[&key([10, 96, 0, 10], 80, Protocol::Tcp)];
+        assert_eq!(
+            (claimed.service.name.as_str(), claimed.kind),
+            ("web", FrontendKind::ClusterIp)
+        );
     }
 }
