@@ -4,15 +4,17 @@
 
 use std::{
     hint::black_box,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use wharf_agent::proxy::{DesiredState, FrontendKind, Protocol, ServiceProxy as _};
+use wharf_agent::proxy::{
+    Backend, BackendState, DesiredState, FrontendKey, Protocol, ServiceProxy as _,
+};
 use wharf_tests::{
     fixture::Fixture,
-    services::{add, ready},
+    services::{add_cluster_ips, nth},
 };
 
 const SERVICES: u32 = 10_000;
@@ -20,27 +22,19 @@ const BACKENDS: u32 = 10;
 
 fn desired(extra_backend: bool) -> DesiredState {
     let mut state = DesiredState::default();
-    for s in 0..SERVICES {
-        let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + s);
-        let mut backends: Vec<SocketAddrV4> = (0..BACKENDS)
-            .map(|b| {
-                SocketAddrV4::new(
-                    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + s * 16 + b),
-                    8080,
-                )
-            })
-            .collect();
-        if extra_backend && s == SERVICES / 2 {
-            backends.push(SocketAddrV4::new(Ipv4Addr::new(10, 250, 0, 1), 8080));
-        }
-        add(
-            &mut state,
-            FrontendKind::ClusterIp,
-            vip,
-            80,
-            Protocol::Tcp,
-            &ready(&backends),
-        );
+    add_cluster_ips(&mut state, SERVICES, BACKENDS);
+    if extra_backend {
+        let key = FrontendKey {
+            address: nth(Ipv4Addr::new(10, 100, 0, 0), SERVICES / 2),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let frontend = state.frontends.get_mut(&key).expect("generated above");
+        frontend.backends.push(Backend {
+            address: Ipv4Addr::new(10, 250, 0, 1),
+            port: 8080,
+            state: BackendState::Active,
+        });
     }
     state
 }

@@ -49,3 +49,28 @@ pub fn add(
 pub fn ready(addrs: &[SocketAddrV4]) -> Vec<(SocketAddrV4, BackendState)> {
     addrs.iter().map(|a| (*a, BackendState::Active)).collect()
 }
+
+/// The `n`th address from `base` (`base + n`).
+pub fn nth(base: Ipv4Addr, n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(base) + n)
+}
+
+/// Adds `count` ClusterIPs (10.100.0.0 upwards, port 80/TCP), each with
+/// `backends` (at most 16) ready backends of its own (10.200.0.0 upwards,
+/// 16 addresses per service, port 8080): load for benchmarks.
+pub fn add_cluster_ips(state: &mut DesiredState, count: u32, backends: u32) {
+    for s in 0..count {
+        let addrs: Vec<SocketAddrV4> = (0..backends)
+            .map(|b| SocketAddrV4::new(nth(Ipv4Addr::new(10, 200, 0, 0), s * 16 + b), 8080))
+            .collect();
+        let vip = nth(Ipv4Addr::new(10, 100, 0, 0), s);
+        add(
+            state,
+            FrontendKind::ClusterIp,
+            vip,
+            80,
+            Protocol::Tcp,
+            &ready(&addrs),
+        );
+    }
+}

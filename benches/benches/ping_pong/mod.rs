@@ -13,7 +13,7 @@ use wharf_agent::proxy::{DesiredState, FrontendKind, Protocol};
 use wharf_tests::{
     fixture::Fixture,
     frame::{self, TCP_ACK},
-    services::{add, ready},
+    services::{add, add_cluster_ips, ready},
 };
 
 pub const SERVICE_COUNTS: [u32; 4] = [1, 1_000, 10_000, 100_000];
@@ -28,8 +28,8 @@ fn b() -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 2), 80)
 }
 
-/// The ping-pong pair plus `count - 2` filler ClusterIPs (10.100.x.y),
-/// each with one backend of its own.
+/// The ping-pong pair plus `count - 2` filler ClusterIPs, each with one
+/// backend of its own.
 fn services(count: u32) -> DesiredState {
     let mut state = DesiredState::default();
     add(
@@ -48,21 +48,7 @@ fn services(count: u32) -> DesiredState {
         Protocol::Tcp,
         &ready(&[a()]),
     );
-    for i in 0..count.saturating_sub(2) {
-        let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + i);
-        let backend = SocketAddrV4::new(
-            Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + i),
-            8080,
-        );
-        add(
-            &mut state,
-            FrontendKind::ClusterIp,
-            vip,
-            80,
-            Protocol::Tcp,
-            &ready(&[backend]),
-        );
-    }
+    add_cluster_ips(&mut state, count.saturating_sub(2), 1);
     state
 }
 
