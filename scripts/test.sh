@@ -14,4 +14,9 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
   cargo clippy --quiet --release --target bpfel-unknown-none -Z build-std=core -- -D warnings)
 # The netns suites run the agent binary itself.
 cargo build --workspace --bins --quiet
-cargo test --workspace
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace 2>&1 | tee "$log"
+# One closing line with the totals over every test binary (the last block
+# cargo prints is a crate's doc-tests, usually empty).
+awk '/^test result:/ { passed += $4; failed += $6 } END { printf "tests: %d passed, %d failed\n", passed, failed }' "$log"
