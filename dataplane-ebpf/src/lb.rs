@@ -1,11 +1,13 @@
 //! Service lookup, backend selection and the per-packet pipeline shared by
 //! TC and XDP.
 //!
-//! XDP is an accelerator: whatever it cannot finish itself (a route that
-//! leaves by another device, a neighbour not yet resolved, ICMP errors) it
-//! passes *untouched*, and TC, attached to the same devices, does the work.
-//! Both hooks share conntrack, so a flow TC opened is accelerated by XDP
-//! from its next packet on.
+//! XDP is an accelerator. It finishes flows that leave by the device they
+//! came in on (XDP_TX), and DNATs flows to local backends, marking them in
+//! XDP metadata so TC skips them. Whatever else it cannot finish (a route
+//! by another device, a neighbour not yet resolved, no metadata room, ICMP
+//! errors) it passes *untouched*, and TC, attached to the same devices,
+//! does the work. Both hooks share conntrack, so a flow TC opened is
+//! accelerated by XDP from its next packet on.
 
 use dataplane_common::{
     Backend, CT_FLAG_REPLY, CtValue, SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_NODEPORT, ServiceKey,
