@@ -649,8 +649,7 @@ impl Reconciler {
             }
             paired.extend(reply);
             if now.saturating_sub(last_seen) > timeouts.of(key.protocol, flags) {
-                expired.push(*key);
-                expired.extend(reply);
+                expired.push([Some(*key), reply]);
             }
         }
         // Reply entries whose original direction is gone age on their own.
@@ -659,13 +658,28 @@ impl Reconciler {
             if orphan
                 && now.saturating_sub(value.last_seen) > timeouts.of(key.protocol, value.flags)
             {
-                expired.push(*key);
+                expired.push([Some(*key), None]);
             }
         }
-        for key in &expired {
-            self.maps.conntrack.remove(key)?;
+        // The table was read a while ago (a full dump of a big table takes
+        // about a second): a flow a packet used since is kept, both of its
+        // entries, or the survivor would be half a flow.
+        let mut deleted = 0;
+        for flow in &expired {
+            let keys = flow.iter().flatten();
+            let mut unchanged = true;
+            for key in keys.clone() {
+                let current = self.maps.conntrack.lookup(key)?;
+                unchanged &= current.is_some_and(|now| now.last_seen == entries[key].last_seen);
+            }
+            if unchanged {
+                for key in keys {
+                    self.maps.conntrack.remove(key)?;
+                    deleted += 1;
+                }
+            }
         }
-        Ok(expired.len())
+        Ok(deleted)
     }
 
     /// What the maps forward, read back from them (not from the mirror).
@@ -1475,6 +1489,66 @@ mod tests {
             assert!(fakes.conntrack.get(&key).is_some() && fakes.conntrack.get(&reply).is_some());
         }
         assert!(fakes.conntrack.get(&orphan).is_none());
+    }
+
+    #[test]
+    fn a_flow_used_while_expiry_runs_is_kept_whole() {
+        let fakes = Fakes::new();
+        let mut reconciler = fakes.reconciler();
+        reconciler.sync(&web(&active([1]))).unwrap();
+        let (id, backend) = fakes.backends.entries().unwrap()[0];
+        let now = 1_000;
+        let mut flows = Vec::new();
+        for sport in [1u16, 2] {
+            let key = CtKey::new(
+                5,
+                u32::from(Ipv4Addr::new(10, 96, 0, 1)).to_be(),
+                sport,
+                80u16.to_be(),
+                17,
+            );
+            let value = CtValue {
+                backend_id: id,
+                last_seen: 1,
+                ..CtValue::default()
+            };
+            let reply = reply_key(&key, &value, &backend);
+            fakes.conntrack.insert_directly(key, value);
+            fakes.conntrack.insert_directly(
+                reply,
+                CtValue {
+                    flags: CT_FLAG_REPLY,
+                    ..value
+                },
+            );
+            flows.push((key, reply));
+        }
+        // A packet refreshes whichever flow is still there when expiry
+        // makes its first delete.
+        let (datapath, flows_seen) = (fakes.conntrack.clone(), flows.clone());
+        fakes.plan.observe(move || {
+            for (key, _) in &flows_seen {
+                if let Some(mut value) = datapath.get(key) {
+                    value.last_seen = now;
+                    datapath.insert_directly(*key, value);
+                }
+            }
+        });
+        assert_eq!(
+            reconciler
+                .expire_flows(now, &FlowTimeouts::default())
+                .unwrap(),
+            2
+        );
+        let whole = flows
+            .iter()
+            .filter(|(k, r)| fakes.conntrack.get(k).is_some() && fakes.conntrack.get(r).is_some());
+        assert_eq!(
+            whole.count(),
+            1,
+            "one flow expired, the refreshed one kept both entries"
+        );
+        assert_eq!(fakes.conntrack.len(), 2);
     }
 
     #[test]

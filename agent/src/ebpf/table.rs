@@ -35,6 +35,7 @@ pub enum TableError {
 pub trait Table<K, V> {
     fn name(&self) -> &'static str;
     fn entries(&self) -> Result<Vec<(K, V)>, TableError>;
+    fn lookup(&self, key: &K) -> Result<Option<V>, TableError>;
     fn set(&mut self, key: &K, value: &V) -> Result<(), TableError>;
     /// Removes `key`; a missing key is not an error (removal is idempotent).
     fn remove(&mut self, key: &K) -> Result<(), TableError>;
@@ -86,6 +87,14 @@ impl<K: Pod, V: Pod> Table<K, V> for KernelTable<K, V> {
             }
         }
         Ok(out)
+    }
+
+    fn lookup(&self, key: &K) -> Result<Option<V>, TableError> {
+        match self.map.get(key, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(self.error("lookup", e)),
+        }
     }
 
     fn set(&mut self, key: &K, value: &V) -> Result<(), TableError> {
@@ -219,6 +228,10 @@ impl<K: Clone + Eq + Hash, V: Clone> Table<K, V> for FakeTable<K, V> {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
+    }
+
+    fn lookup(&self, key: &K) -> Result<Option<V>, TableError> {
+        Ok(self.get(key))
     }
 
     fn set(&mut self, key: &K, value: &V) -> Result<(), TableError> {
