@@ -982,6 +982,41 @@ mod tests {
             }
         }
 
+        /// A translated flow to the first backend: both conntrack entries,
+        /// as the datapath would have written them. Returns their keys.
+        fn insert_flow(
+            &self,
+            sport: u16,
+            protocol: u8,
+            last_seen: u32,
+            flags: u8,
+        ) -> (CtKey, CtKey) {
+            let (id, backend) = self.backends.entries().unwrap()[0];
+            let key = CtKey::new(
+                0x0a00_0005,
+                u32::from(Ipv4Addr::new(10, 96, 0, 1)).to_be(),
+                sport,
+                80u16.to_be(),
+                protocol,
+            );
+            let value = CtValue {
+                backend_id: id,
+                last_seen,
+                flags,
+                ..CtValue::default()
+            };
+            let reply = reply_key(&key, &value, &backend);
+            self.conntrack.insert_directly(key, value);
+            self.conntrack.insert_directly(
+                reply,
+                CtValue {
+                    flags: flags | CT_FLAG_REPLY,
+                    ..value
+                },
+            );
+            (key, reply)
+        }
+
         fn sizes(&self) -> [usize; 4] {
             [
                 self.services.len(),
@@ -1434,31 +1469,8 @@ mod tests {
         let fakes = Fakes::new();
         let mut reconciler = fakes.reconciler();
         reconciler.sync(&web(&active([1]))).unwrap();
-        let (id, backend) = fakes.backends.entries().unwrap()[0];
-        let flow = |sport: u16, protocol: u8, last_seen: u32, flags: u8| {
-            let key = CtKey::new(
-                0x0a00_0005,
-                u32::from(Ipv4Addr::new(10, 96, 0, 1)).to_be(),
-                sport,
-                80u16.to_be(),
-                protocol,
-            );
-            let value = CtValue {
-                backend_id: id,
-                last_seen,
-                flags,
-                ..CtValue::default()
-            };
-            let reply = reply_key(&key, &value, &backend);
-            fakes.conntrack.insert_directly(key, value);
-            fakes.conntrack.insert_directly(
-                reply,
-                CtValue {
-                    flags: flags | CT_FLAG_REPLY,
-                    ..value
-                },
-            );
-            (key, reply)
+        let flow = |sport, protocol, last_seen, flags| {
+            fakes.insert_flow(sport, protocol, last_seen, flags)
         };
         let now = 100_000;
         let timeouts = FlowTimeouts::default();
@@ -1496,33 +1508,10 @@ mod tests {
         let fakes = Fakes::new();
         let mut reconciler = fakes.reconciler();
         reconciler.sync(&web(&active([1]))).unwrap();
-        let (id, backend) = fakes.backends.entries().unwrap()[0];
         let now = 1_000;
-        let mut flows = Vec::new();
-        for sport in [1u16, 2] {
-            let key = CtKey::new(
-                5,
-                u32::from(Ipv4Addr::new(10, 96, 0, 1)).to_be(),
-                sport,
-                80u16.to_be(),
-                17,
-            );
-            let value = CtValue {
-                backend_id: id,
-                last_seen: 1,
-                ..CtValue::default()
-            };
-            let reply = reply_key(&key, &value, &backend);
-            fakes.conntrack.insert_directly(key, value);
-            fakes.conntrack.insert_directly(
-                reply,
-                CtValue {
-                    flags: CT_FLAG_REPLY,
-                    ..value
-                },
-            );
-            flows.push((key, reply));
-        }
+        let flows: Vec<(CtKey, CtKey)> = [1, 2]
+            .map(|sport| fakes.insert_flow(sport, 17, 1, 0))
+            .to_vec();
         // A packet refreshes whichever flow is still there when expiry
         // makes its first delete.
         let (datapath, flows_seen) = (fakes.conntrack.clone(), flows.clone());
