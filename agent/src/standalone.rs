@@ -18,6 +18,11 @@ use crate::{
 /// and `kubectl`-style tools write a file in several steps.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
+/// How often the dataplane is read back in full and repaired if something
+/// changed it behind the agent's back (kube-proxy resyncs periodically
+/// too). A resync of 10k services reads every map, about a second.
+const FULL_RESYNC_INTERVAL: Duration = Duration::from_secs(600);
+
 /// How often idle flows are looked for. A sweep reads the whole conntrack
 /// table, so not too often; 30 s bounds a closed SNAT flow's port to under
 /// 40 s (10 s closing timeout + one interval).
@@ -66,6 +71,8 @@ pub async fn run<P: ServiceProxy>(
     let mut states = States::default();
     let mut retry = Retry::default();
     let mut expiry = tokio::time::interval(FLOW_EXPIRY_INTERVAL);
+    let first_resync = tokio::time::Instant::now() + FULL_RESYNC_INTERVAL;
+    let mut full_resync = tokio::time::interval_at(first_resync, FULL_RESYNC_INTERVAL);
     retry.after(reload(proxy, &path, &mut states));
     tokio::pin!(shutdown);
     loop {
@@ -78,6 +85,21 @@ pub async fn run<P: ServiceProxy>(
             }
             () = tokio::time::sleep_until(retry.at.unwrap_or_else(tokio::time::Instant::now)), if retry.at.is_some() => {
                 retry.after(reload(proxy, &path, &mut states));
+            }
+            _ = full_resync.tick() => {
+                if let Some(desired) = &states.programmed {
+                    match proxy.resync(desired) {
+                        Ok(stats) if stats.map_operations > 0 => {
+                            warn!(map_operations = stats.map_operations, "full resync repaired drift");
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            warn!(error = %e, "full resync failed; retrying");
+                            states.programmed = None;
+                            retry.after(false);
+                        }
+                    }
+                }
             }
             _ = expiry.tick() => match proxy.expire_flows() {
                 Ok(0) => {}

@@ -18,6 +18,11 @@ impl ServiceProxy for Reconciler {
         Reconciler::sync(self, desired)
     }
 
+    fn resync(&mut self, desired: &DesiredState) -> Result<SyncStats, ReconcileError> {
+        self.distrust_mirror();
+        Reconciler::sync(self, desired)
+    }
+
     fn dump(&self) -> Result<Forwarding, ReconcileError> {
         Reconciler::dump(self)
     }

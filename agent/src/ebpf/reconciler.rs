@@ -220,6 +220,11 @@ impl Reconciler {
         Ok(())
     }
 
+    /// Makes the next sync re-read the maps instead of trusting the mirror.
+    pub fn distrust_mirror(&mut self) {
+        self.stale = true;
+    }
+
     /// Converges the maps to `desired`.
     pub fn sync(&mut self, desired: &DesiredState) -> Result<SyncStats, ReconcileError> {
         if self.stale {
@@ -905,7 +910,7 @@ mod tests {
     use super::*;
     use crate::{
         ebpf::table::{FakeTable, FaultPlan},
-        proxy::{Backend, ServicePortName},
+        proxy::{Backend, ServicePortName, ServiceProxy},
     };
 
     /// Handles on the fake maps, shared with the reconciler under test.
@@ -1114,6 +1119,24 @@ mod tests {
             assert_eq!(reconciler.sync(&desired).unwrap(), SyncStats::default());
         }
         assert_eq!(fakes.sizes(), [0, 0, 0, 0], "a flush leaves nothing behind");
+    }
+
+    #[test]
+    fn a_resync_repairs_what_changed_behind_the_reconcilers_back() {
+        let fakes = Fakes::new();
+        let mut reconciler = fakes.reconciler();
+        let desired = web(&active([1, 2]));
+        reconciler.sync(&desired).unwrap();
+        let mut services = fakes.services.clone();
+        services
+            .remove(&service_key(&vip(1, 80, Protocol::Tcp), 2))
+            .unwrap();
+        // The mirror still believes the slot is there...
+        assert_eq!(reconciler.sync(&desired).unwrap(), SyncStats::default());
+        assert_ne!(reconciler.dump().unwrap(), desired.forwarding());
+        // ...until a resync reads the maps again.
+        ServiceProxy::resync(&mut reconciler, &desired).unwrap();
+        assert_eq!(reconciler.dump().unwrap(), desired.forwarding());
     }
 
     #[test]

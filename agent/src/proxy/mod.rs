@@ -22,6 +22,15 @@ pub trait ServiceProxy {
     /// one) and the next `sync` finishes the job.
     fn sync(&mut self, desired: &DesiredState) -> Result<SyncStats, Self::Error>;
 
+    /// Like `sync`, but trusting no cached knowledge of the dataplane: it is
+    /// read back first, so whatever changed behind the proxy's back (an
+    /// operator's manual edit, another tool) is repaired. Called
+    /// periodically. Modes that always read the dataplane before writing
+    /// have nothing more to do than sync.
+    fn resync(&mut self, desired: &DesiredState) -> Result<SyncStats, Self::Error> {
+        self.sync(desired)
+    }
+
     /// Reads back what the dataplane actually forwards.
     fn dump(&self) -> Result<Forwarding, Self::Error>;
 
