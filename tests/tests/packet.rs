@@ -23,6 +23,11 @@ fn sa(ip: [u8; 4], port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(ip), port)
 }
 
+/// A TCP segment from `client` to the VIP's port 80.
+fn to_vip(client: SocketAddrV4, flags: u8) -> Vec<u8> {
+    frame::tcp(client, SocketAddrV4::new(VIP, 80), flags)
+}
+
 fn backends() -> [SocketAddrV4; 2] {
     [sa([10, 244, 1, 2], 8080), sa([10, 244, 1, 3], 8080)]
 }
@@ -119,7 +124,7 @@ fn syn_to_a_vip_goes_to_a_backend_with_valid_checksums() {
     let mut fixture = fixture("syn");
     for (hook, sport) in [(Hook::Xdp, 40000), (Hook::Tc, 40001)] {
         let client = sa([10, 244, 2, 5], sport);
-        let syn = frame::tcp(client, SocketAddrV4::new(VIP, 80), TCP_SYN);
+        let syn = to_vip(client, TCP_SYN);
         let (verdict, out) = hook.run(&mut fixture, &syn);
         assert_eq!(verdict, hook.pass(), "{hook:?}");
         let headers = frame::headers(&out);
@@ -137,7 +142,7 @@ fn syn_to_a_vip_goes_to_a_backend_with_valid_checksums() {
             "{hook:?}: checksums after DNAT"
         );
         // Conntrack keeps the flow on its backend.
-        let ack = frame::tcp(client, SocketAddrV4::new(VIP, 80), TCP_ACK);
+        let ack = to_vip(client, TCP_ACK);
         for _ in 0..5 {
             let (_, again) = hook.run(&mut fixture, &ack);
             assert_eq!(frame::headers(&again).dst, headers.dst, "{hook:?}");
@@ -150,11 +155,7 @@ fn syn_to_a_vip_goes_to_a_backend_with_valid_checksums() {
 #[test]
 fn xdp_tells_tc_what_it_translated() {
     let mut fixture = fixture("handoff");
-    let syn = frame::tcp(
-        sa([10, 244, 2, 5], 48000),
-        SocketAddrV4::new(VIP, 80),
-        TCP_SYN,
-    );
+    let syn = to_vip(sa([10, 244, 2, 5], 48000), TCP_SYN);
     let (verdict, metadata, translated) = fixture.run_xdp_with_metadata(&syn);
     assert_eq!(verdict, XDP_PASS);
     assert_eq!(
@@ -172,11 +173,7 @@ fn new_flows_spread_over_all_backends() {
     let mut fixture = fixture("spread");
     let mut seen = std::collections::HashMap::new();
     for sport in 20000..20400 {
-        let syn = frame::tcp(
-            sa([10, 244, 2, 5], sport),
-            SocketAddrV4::new(VIP, 80),
-            TCP_SYN,
-        );
+        let syn = to_vip(sa([10, 244, 2, 5], sport), TCP_SYN);
         let (_, out) = fixture.run_tc(&syn);
         *seen.entry(frame::headers(&out).dst).or_insert(0) += 1;
     }
@@ -191,7 +188,7 @@ fn new_flows_spread_over_all_backends() {
 fn replies_are_reverse_natted_to_the_vip() {
     let mut fixture = fixture("reply");
     let client = sa([10, 244, 2, 5], 41000);
-    let (_, out) = fixture.run_tc(&frame::tcp(client, SocketAddrV4::new(VIP, 80), TCP_SYN));
+    let (_, out) = fixture.run_tc(&to_vip(client, TCP_SYN));
     let backend = frame::headers(&out).dst;
 
     let reply = frame::tcp(backend, client, TCP_SYN | TCP_ACK);
@@ -255,7 +252,7 @@ fn ip_options_shift_the_l4_header_and_are_handled() {
                 43001
             },
         );
-        let plain = frame::tcp(client, SocketAddrV4::new(VIP, 80), TCP_SYN);
+        let plain = to_vip(client, TCP_SYN);
         // Rebuild with 8 bytes of options (two NOPs... and end-of-list).
         let l4 = plain[14 + 20..].to_vec();
         let with_options = frame::ipv4(*client.ip(), VIP, TCP, &[1, 1, 1, 1, 1, 1, 1, 0], &l4);
@@ -292,11 +289,7 @@ fn traffic_to_other_addresses_and_ports_is_untouched() {
 #[test]
 fn fragments_pass_untouched_and_are_counted() {
     let mut fixture = fixture("fragments");
-    let mut fragment = frame::tcp(
-        sa([10, 244, 2, 5], 1234),
-        SocketAddrV4::new(VIP, 80),
-        TCP_SYN,
-    );
+    let mut fragment = to_vip(sa([10, 244, 2, 5], 1234), TCP_SYN);
     fragment[14 + 6] = 0x20; // more fragments
     let ip_csum = frame::checksum(&{
         let mut header = fragment[14..34].to_vec();
@@ -329,7 +322,7 @@ fn a_service_without_backends_drops_and_counts() {
 fn a_new_connection_does_not_reuse_a_terminating_backend() {
     let mut fixture = fixture("terminating");
     let client = sa([10, 244, 2, 7], 44000);
-    let syn = frame::tcp(client, SocketAddrV4::new(VIP, 80), TCP_SYN);
+    let syn = to_vip(client, TCP_SYN);
     let (_, out) = fixture.run_tc(&syn);
     let first = frame::headers(&out).dst;
 
@@ -358,7 +351,7 @@ fn a_new_connection_does_not_reuse_a_terminating_backend() {
     fixture.sync(&state);
 
     // The established flow keeps its (terminating) backend...
-    let (_, out) = fixture.run_tc(&frame::tcp(client, SocketAddrV4::new(VIP, 80), TCP_ACK));
+    let (_, out) = fixture.run_tc(&to_vip(client, TCP_ACK));
     assert_eq!(frame::headers(&out).dst, first);
     // ...but a new SYN on the same 5-tuple picks a ready one.
     let (_, out) = fixture.run_tc(&syn);
@@ -406,11 +399,7 @@ fn icmp_errors_from_a_backend_are_translated_back() {
 #[test]
 fn truncated_and_malformed_frames_are_never_rewritten() {
     let mut fixture = fixture("malformed");
-    let good = frame::tcp(
-        sa([10, 244, 2, 5], 46000),
-        SocketAddrV4::new(VIP, 80),
-        TCP_SYN,
-    );
+    let good = to_vip(sa([10, 244, 2, 5], 46000), TCP_SYN);
     for hook in [Hook::Xdp, Hook::Tc] {
         // Every truncation of a valid SYN to the VIP.
         let shortest = hook.shortest_ipv4_frame();
@@ -556,7 +545,7 @@ fn a_syn_on_a_flow_that_lost_its_reply_entry_opens_it_again() {
 fn conntrack_records_activity_and_closing_for_expiry() {
     let mut fixture = fixture("ctclock");
     let client = sa([10, 244, 2, 8], 49000);
-    fixture.run_tc(&frame::tcp(client, SocketAddrV4::new(VIP, 80), TCP_SYN));
+    fixture.run_tc(&to_vip(client, TCP_SYN));
     let now = monotonic_secs();
     let entries = fixture.conntrack();
     assert_eq!(entries.len(), 2, "one entry per direction");
@@ -570,7 +559,7 @@ fn conntrack_records_activity_and_closing_for_expiry() {
     }
     // The client closes: its direction is flagged, and the flow expires
     // after the closing timeout rather than the established one.
-    let fin = frame::tcp(client, SocketAddrV4::new(VIP, 80), TCP_FIN | TCP_ACK);
+    let fin = to_vip(client, TCP_FIN | TCP_ACK);
     let closing = |fixture: &mut Fixture| {
         fixture
             .conntrack()
@@ -580,7 +569,7 @@ fn conntrack_records_activity_and_closing_for_expiry() {
     fixture.run_tc(&fin);
     assert!(closing(&mut fixture));
     // A new connection on the same tuple is not closing...
-    fixture.run_tc(&frame::tcp(client, SocketAddrV4::new(VIP, 80), TCP_SYN));
+    fixture.run_tc(&to_vip(client, TCP_SYN));
     assert!(!closing(&mut fixture));
     // ...until it closes too.
     fixture.run_tc(&fin);
