@@ -75,6 +75,12 @@ pub fn process<P: Packet>(pkt: &mut P) -> Verdict {
 /// Everything else, including what ingress already translated and
 /// redirected here, matches no reply entry and passes.
 pub fn process_egress<P: Packet>(pkt: &mut P) -> Verdict {
+    // Forwarded and redirected packets carry the device they came in by;
+    // only locally sent ones (ingress index 0) can be such replies, so the
+    // rest of the node's egress traffic costs no conntrack lookup.
+    if pkt.ingress_ifindex() != 0 {
+        return Verdict::Pass;
+    }
     let Parsed::Flow(flow) = parse::ipv4(pkt) else {
         return Verdict::Pass;
     };
