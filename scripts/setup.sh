@@ -12,8 +12,9 @@ command -v apt-get >/dev/null || die "apt-get not found: this script targets Deb
 command -v rustup >/dev/null || die "rustup not found: the machine's Rust toolchain is missing"
 
 # Debian packages: LLVM 22 for bpf-linker, iproute2/ethtool for the netns
-# tests and demo, curl for the demo.
-packages=(llvm-22-dev libzstd-dev zlib1g-dev iproute2 ethtool curl)
+# tests and demo, curl for the demo, etcd-server for the etcd store and
+# protobuf-compiler for etcd-client's generated gRPC code.
+packages=(llvm-22-dev libzstd-dev zlib1g-dev iproute2 ethtool curl etcd-server protobuf-compiler)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -1,0 +1,114 @@
+//! Runs a single-member etcd server (Debian's `etcd`) as a child process on
+//! loopback: for tests, benchmarks and local clusters that pick
+//! `--store etcd` without an etcd of their own.
+
+use std::{
+    net::{Ipv4Addr, TcpListener},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use tokio::process::{Child, Command};
+
+use crate::store::{EtcdStore, Store as _};
+
+/// How long a fresh etcd may take to answer (measured: 0.25 s here).
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Why etcd could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdProcessError {
+    #[error("cannot pick a free loopback port: {0}")]
+    Port(#[source] std::io::Error),
+    #[error("cannot prepare etcd's data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start {binary} (apt-get install etcd-server): {source}")]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("etcd at {endpoint} did not become ready within {READY_TIMEOUT:?}")]
+    NotReady { endpoint: String },
+}
+
+/// A running etcd; killed (and waited for) on drop.
+#[derive(Debug)]
+pub struct EtcdProcess {
+    child: Child,
+    endpoint: String,
+}
+
+fn free_port() -> Result<u16, EtcdProcessError> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(EtcdProcessError::Port)?;
+    Ok(listener
+        .local_addr()
+        .map_err(EtcdProcessError::Port)?
+        .port())
+}
+
+impl EtcdProcess {
+    /// Starts etcd with its data in `data_dir` and waits until it serves.
+    pub async fn start(data_dir: &Path) -> Result<Self, EtcdProcessError> {
+        // etcd warns about (and future versions refuse) group-readable data.
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700)).map_err(
+            |source| EtcdProcessError::DataDir {
+                path: data_dir.to_owned(),
+                source,
+            },
+        )?;
+        let binary = PathBuf::from("etcd");
+        let client = format!("http://127.0.0.1:{}", free_port()?);
+        let peer = format!("http://127.0.0.1:{}", free_port()?);
+        let child = Command::new(&binary)
+            .arg("--name=wharf")
+            .arg(format!("--data-dir={}", data_dir.display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=wharf={peer}"))
+            .arg("--logger=zap")
+            .arg("--log-level=error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| EtcdProcessError::Spawn { binary, source })?;
+        let process = Self {
+            child,
+            endpoint: client,
+        };
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Ok(store) = EtcdStore::connect(std::slice::from_ref(&process.endpoint)).await
+                && store.revision().await.is_ok()
+            {
+                return Ok(process);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(EtcdProcessError::NotReady {
+                    endpoint: process.endpoint.clone(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The client URL (`http://127.0.0.1:PORT`).
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Stops etcd now (SIGKILL) and waits for it to exit.
+    pub async fn stop(mut self) {
+        // Already exited is fine: either way it is gone.
+        let _ = self.child.kill().await;
+    }
+}
