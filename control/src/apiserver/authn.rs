@@ -1,0 +1,148 @@
+//! Who is asking: client certificates (user = CN, groups = O, as
+//! kube-apiserver reads them) and static bearer tokens. Anything else is
+//! anonymous, and anonymous requests are refused.
+
+use std::{collections::HashMap, path::Path};
+
+use axum::http::{HeaderMap, header::AUTHORIZATION};
+
+/// An authenticated identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub groups: Vec<String>,
+}
+
+/// Every authenticated user is in this group (RBAC grants discovery to it).
+pub const AUTHENTICATED: &str = "system:authenticated";
+
+impl User {
+    fn new(name: String, mut groups: Vec<String>) -> Self {
+        if !groups.iter().any(|g| g == AUTHENTICATED) {
+            groups.push(AUTHENTICATED.to_owned());
+        }
+        Self { name, groups }
+    }
+
+    pub fn in_group(&self, group: &str) -> bool {
+        self.groups.iter().any(|g| g == group)
+    }
+}
+
+/// The identity in a verified client certificate, if it names one.
+pub fn user_from_certificate(der: &[u8]) -> Option<User> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject();
+    let name = subject.iter_common_name().next()?.as_str().ok()?.to_owned();
+    let groups = subject
+        .iter_organization()
+        .filter_map(|o| o.as_str().ok().map(str::to_owned))
+        .collect();
+    Some(User::new(name, groups))
+}
+
+/// Why the token file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: expected token,user,uid[,\"group1,group2\"]")]
+    Malformed { path: String, line: usize },
+}
+
+/// Authenticates requests.
+#[derive(Debug, Default)]
+pub struct Authenticator {
+    tokens: HashMap<String, User>,
+}
+
+impl Authenticator {
+    /// Reads kube-apiserver's static token file format: CSV lines of
+    /// `token,user,uid[,"group1,group2"]`.
+    pub fn with_token_file(path: &Path) -> Result<Self, TokenFileError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| TokenFileError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let mut tokens = HashMap::new();
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let malformed = || TokenFileError::Malformed {
+                path: shown.clone(),
+                line: number + 1,
+            };
+            let mut fields = line.splitn(4, ',');
+            let token = fields
+                .next()
+                .filter(|t| !t.is_empty())
+                .ok_or_else(malformed)?;
+            let user = fields
+                .next()
+                .filter(|u| !u.is_empty())
+                .ok_or_else(malformed)?;
+            fields.next().ok_or_else(malformed)?;
+            let groups = fields
+                .next()
+                .map(|g| {
+                    g.trim_matches('"')
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|g| !g.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default();
+            tokens.insert(token.to_owned(), User::new(user.to_owned(), groups));
+        }
+        Ok(Self { tokens })
+    }
+
+    /// The request's user: its client certificate first, then its bearer
+    /// token. `None` is anonymous.
+    pub fn authenticate(&self, certificate: Option<&User>, headers: &HeaderMap) -> Option<User> {
+        if let Some(user) = certificate {
+            return Some(user.clone());
+        }
+        let header = headers.get(AUTHORIZATION)?.to_str().ok()?;
+        let token = header.strip_prefix("Bearer ")?.trim();
+        self.tokens.get(token).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_map_to_users_and_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.csv");
+        std::fs::write(
+            &path,
+            "# comment\nsecret1,alice,1001,\"dev,ops\"\nsecret2,bob,1002\n",
+        )
+        .unwrap();
+        let authn = Authenticator::with_token_file(&path).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(AUTHORIZATION, "Bearer secret1".parse().unwrap());
+        let alice = authn.authenticate(None, &headers).unwrap();
+        assert_eq!(alice.name, "alice");
+        assert_eq!(alice.groups, ["dev", "ops", AUTHENTICATED]);
+        headers.insert(AUTHORIZATION, "Bearer wrong".parse().unwrap());
+        assert_eq!(authn.authenticate(None, &headers), None);
+        assert_eq!(authn.authenticate(None, &HeaderMap::new()), None);
+        std::fs::write(&path, "onlytoken\n").unwrap();
+        assert!(matches!(
+            Authenticator::with_token_file(&path),
+            Err(TokenFileError::Malformed { line: 1, .. })
+        ));
+    }
+}

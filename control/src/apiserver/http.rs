@@ -1,0 +1,768 @@
+//! Routing: one handler parses the request path the way kube-apiserver
+//! lays out its URLs and dispatches to a verb.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::{Query, Request, State},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use chrono::Utc;
+use serde_json::{Value, json};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{
+    App, discovery,
+    kinds::ResourceType,
+    objects::{DeleteOptions, FieldValidation, ListParams, UpdateMode, WriteOptions},
+    patch::{self, PatchType},
+    selectors::{FieldSelector, LabelSelector},
+    status::ApiError,
+    table::{IncludeObject, table},
+    tls::PeerIdentity,
+    watch::{self, WatchSpec, json_frame},
+};
+use crate::store::{Revision, Store};
+
+/// Largest request body, as kube-apiserver's limit (3 MiB).
+const MAX_BODY: usize = 3 * 1024 * 1024;
+
+/// Watches end after this long unless the client asks otherwise
+/// (upstream picks 30-60 min); clients re-watch.
+const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// The Kubernetes version the server speaks (kubectl warns on skew).
+const VERSION_MINOR: &str = "32";
+
+pub fn router<S: Store>(app: Arc<App<S>>) -> Router {
+    Router::new().fallback(handle::<S>).with_state(app)
+}
+
+async fn handle<S: Store>(State(app): State<Arc<App<S>>>, request: Request) -> Response {
+    match dispatch(&app, request).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+/// A parsed request.
+struct Call {
+    method: Method,
+    headers: HeaderMap,
+    query: HashMap<String, String>,
+    body: Bytes,
+}
+
+impl Call {
+    fn param(&self, name: &str) -> Option<&str> {
+        self.query
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    fn flag(&self, name: &str) -> bool {
+        matches!(self.param(name), Some("true" | "1"))
+    }
+
+    fn accepts(&self, needle: &str) -> bool {
+        self.headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|accept| accept.contains(needle))
+    }
+
+    fn wants_table(&self) -> bool {
+        self.accepts("as=Table")
+    }
+
+    fn content_type(&self) -> &str {
+        self.headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/json")
+    }
+
+    /// The body as JSON (or YAML, which kubectl never sends but curl users do).
+    fn json_body(&self) -> Result<Value, ApiError> {
+        if self.body.is_empty() {
+            return Err(ApiError::bad_request("the request body is empty"));
+        }
+        let media = self
+            .content_type()
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim();
+        match media {
+            "application/yaml" => serde_yaml::from_slice(&self.body)
+                .map_err(|e| ApiError::bad_request(format!("error decoding YAML body: {e}"))),
+            "application/json" | "" | "*/*" => serde_json::from_slice(&self.body)
+                .map_err(|e| ApiError::bad_request(format!("error decoding JSON body: {e}"))),
+            _ => Err(ApiError::UnsupportedMediaType {
+                accepted: "application/json, application/yaml",
+            }),
+        }
+    }
+
+    fn write_options(&self) -> Result<WriteOptions, ApiError> {
+        Ok(WriteOptions {
+            dry_run: self.param("dryRun").is_some(),
+            field_validation: FieldValidation::parse(self.param("fieldValidation"))?,
+        })
+    }
+}
+
+fn json_response(code: StatusCode, value: &Value, warnings: &[String]) -> Response {
+    let mut response = (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        value.to_string(),
+    )
+        .into_response();
+    for warning in warnings {
+        let escaped = warning.replace('"', "\\\"");
+        if let Ok(value) = HeaderValue::from_str(&format!("299 - \"{escaped}\"")) {
+            response.headers_mut().append(header::WARNING, value);
+        }
+    }
+    response
+}
+
+fn version() -> Value {
+    json!({
+        "major": "1",
+        "minor": VERSION_MINOR,
+        "gitVersion": format!("v1.{VERSION_MINOR}.0-wharf.{}", env!("CARGO_PKG_VERSION")),
+        "gitCommit": "",
+        "gitTreeState": "clean",
+        "buildDate": "",
+        "goVersion": "none (wharf is written in Rust)",
+        "compiler": "rustc",
+        "platform": format!("{}/{}", std::env::consts::OS, if cfg!(target_arch = "x86_64") { "amd64" } else { std::env::consts::ARCH }),
+    })
+}
+
+async fn dispatch<S: Store>(app: &Arc<App<S>>, request: Request) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let peer = parts
+        .extensions
+        .get::<PeerIdentity>()
+        .cloned()
+        .unwrap_or_default();
+    let Some(_user) = app.authn.authenticate(peer.0.as_ref(), &parts.headers) else {
+        return Err(ApiError::Unauthorized);
+    };
+    let body = axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .map_err(|_| ApiError::TooLarge { limit: MAX_BODY })?;
+    let query = Query::<HashMap<String, String>>::try_from_uri(&parts.uri)
+        .map(|Query(query)| query)
+        .map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))?;
+    let call = Call {
+        method: parts.method,
+        headers: parts.headers,
+        query,
+        body,
+    };
+    let path = parts.uri.path().to_owned();
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let get = call.method == Method::GET;
+    let aggregated = call.accepts("as=APIGroupDiscoveryList");
+    let discovery_response = |value: Value| {
+        let content_type = if aggregated {
+            discovery::AGGREGATED
+        } else {
+            "application/json"
+        };
+        ([(header::CONTENT_TYPE, content_type)], value.to_string()).into_response()
+    };
+    match segments.as_slice() {
+        ["version"] if get => Ok(json_response(StatusCode::OK, &version(), &[])),
+        ["healthz" | "livez" | "readyz"] if get => {
+            app.store.revision().await?;
+            Ok((StatusCode::OK, "ok").into_response())
+        }
+        ["api"] if get && aggregated => Ok(discovery_response(discovery::aggregated(
+            &app.registry,
+            true,
+        ))),
+        ["api"] if get => Ok(json_response(
+            StatusCode::OK,
+            &discovery::api_versions(&host(&call)),
+            &[],
+        )),
+        ["apis"] if get && aggregated => Ok(discovery_response(discovery::aggregated(
+            &app.registry,
+            false,
+        ))),
+        ["apis"] if get => Ok(json_response(
+            StatusCode::OK,
+            &discovery::api_group_list(&app.registry),
+            &[],
+        )),
+        ["api", "v1"] if get => discovery::resource_list(&app.registry, "", "v1")
+            .map(|list| json_response(StatusCode::OK, &list, &[]))
+            .ok_or(ApiError::NoSuchResource),
+        ["apis", group] if get => discovery::api_group(&app.registry, group)
+            .map(|g| json_response(StatusCode::OK, &g, &[]))
+            .ok_or(ApiError::NoSuchResource),
+        ["apis", group, version] if get => discovery::resource_list(&app.registry, group, version)
+            .map(|list| json_response(StatusCode::OK, &list, &[]))
+            .ok_or(ApiError::NoSuchResource),
+        ["openapi", "v2"] if get => Ok((
+            [(header::CONTENT_TYPE, "application/json")],
+            app.openapi.v2.clone(),
+        )
+            .into_response()),
+        ["openapi", "v3"] if get => Ok(json_response(StatusCode::OK, &app.openapi.v3_index, &[])),
+        ["openapi", "v3", rest @ ..] if get => app
+            .openapi
+            .v3
+            .get(&rest.join("/"))
+            .map(|doc| ([(header::CONTENT_TYPE, "application/json")], doc.clone()).into_response())
+            .ok_or(ApiError::NoSuchResource),
+        ["api", "v1", rest @ ..] => resource(app, &call, "", "v1", rest).await,
+        ["apis", group, version, rest @ ..] => resource(app, &call, group, version, rest).await,
+        _ => Err(ApiError::NoSuchResource),
+    }
+}
+
+fn host(call: &Call) -> String {
+    call.headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// What a resource URL names.
+struct Target<'a> {
+    index: usize,
+    rt: &'a ResourceType,
+    namespace: Option<String>,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+fn resolve<'a, S: Store>(
+    app: &'a App<S>,
+    group: &str,
+    version: &str,
+    rest: &[&str],
+) -> Result<Target<'a>, ApiError> {
+    let find = |plural: &str| {
+        app.registry
+            .types
+            .iter()
+            .enumerate()
+            .find(|(_, rt)| rt.group == group && rt.version == version && rt.plural == plural)
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", namespace, plural, tail @ ..]
+            if find(plural).is_some_and(|(_, rt)| rt.namespaced) =>
+        {
+            (
+                Some((*namespace).to_owned()),
+                [&[*plural][..], tail].concat(),
+            )
+        }
+        _ => (None, rest.to_vec()),
+    };
+    let (plural, name, subresource) = match rest.as_slice() {
+        [plural] => (*plural, None, None),
+        [plural, name] => (*plural, Some(*name), None),
+        [plural, name, sub] => (*plural, Some(*name), Some(*sub)),
+        _ => return Err(ApiError::NoSuchResource),
+    };
+    let (index, rt) = find(plural).ok_or(ApiError::NoSuchResource)?;
+    Ok(Target {
+        index,
+        rt,
+        namespace,
+        name: name.map(str::to_owned),
+        subresource: subresource.map(str::to_owned),
+    })
+}
+
+async fn resource<S: Store>(
+    app: &Arc<App<S>>,
+    call: &Call,
+    group: &str,
+    version: &str,
+    rest: &[&str],
+) -> Result<Response, ApiError> {
+    let target = resolve(app, group, version, rest)?;
+    let rt = target.rt;
+    let namespace = target.namespace.as_deref();
+    let unsupported = || ApiError::MethodNotSupported {
+        subject: rt.subject(target.name.as_deref().unwrap_or_default()),
+    };
+    match (
+        &call.method,
+        target.name.as_deref(),
+        target.subresource.as_deref(),
+    ) {
+        (&Method::GET, None, None) if call.flag("watch") => {
+            watch_collection(app, call, &target).await
+        }
+        (&Method::GET, None, None) => list(app, call, rt, namespace).await,
+        (&Method::POST, None, None) => {
+            let written = app
+                .create_object(rt, namespace, call.json_body()?, &call.write_options()?)
+                .await?;
+            Ok(json_response(
+                StatusCode::CREATED,
+                &written.object,
+                &written.warnings,
+            ))
+        }
+        (&Method::DELETE, None, None) => delete_collection(app, call, rt, namespace).await,
+        (&Method::GET, Some(name), None | Some("status")) => {
+            let (object, _) = app.get_object(rt, namespace, name).await?;
+            Ok(render_one(call, rt, object))
+        }
+        (&Method::PUT, Some(name), sub @ (None | Some("status"))) => {
+            let mode = if sub.is_some() {
+                UpdateMode::Status
+            } else {
+                UpdateMode::Main
+            };
+            let body = call.json_body()?;
+            let written = app
+                .update_object(rt, namespace, name, mode, &call.write_options()?, |_| {
+                    Ok(body.clone())
+                })
+                .await?;
+            Ok(json_response(
+                StatusCode::OK,
+                &written.object,
+                &written.warnings,
+            ))
+        }
+        (&Method::PATCH, Some(name), sub @ (None | Some("status"))) => {
+            let mode = if sub.is_some() {
+                UpdateMode::Status
+            } else {
+                UpdateMode::Main
+            };
+            let kind = PatchType::from_content_type(call.content_type()).ok_or(ApiError::UnsupportedMediaType {
+                accepted: "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json",
+            })?;
+            let written = app
+                .update_object(
+                    rt,
+                    namespace,
+                    name,
+                    mode,
+                    &call.write_options()?,
+                    |current| {
+                        let mut patched = patch::apply(kind, current, &call.body)?;
+                        // The patch's own resourceVersion (if any) is a
+                        // precondition; otherwise the current one is.
+                        if patched["metadata"]["resourceVersion"]
+                            == current["metadata"]["resourceVersion"]
+                            && let Some(metadata) = patched["metadata"].as_object_mut()
+                        {
+                            metadata.remove("resourceVersion");
+                        }
+                        Ok(patched)
+                    },
+                )
+                .await?;
+            Ok(json_response(
+                StatusCode::OK,
+                &written.object,
+                &written.warnings,
+            ))
+        }
+        (&Method::DELETE, Some(name), None) => {
+            let options = delete_options(call)?;
+            let object = app.delete_object(rt, namespace, name, &options).await?;
+            Ok(json_response(StatusCode::OK, &object, &[]))
+        }
+        (method, Some(name), Some("scale")) if rt.scale => {
+            scale(app, call, method, rt, namespace, name).await
+        }
+        (&Method::POST, Some(name), Some("binding"))
+            if rt.plural == "pods" && rt.group.is_empty() =>
+        {
+            bind(app, call, rt, namespace, name).await
+        }
+        (&Method::PUT, Some(name), Some("finalize"))
+            if rt.plural == "namespaces" && rt.group.is_empty() =>
+        {
+            let body = call.json_body()?;
+            let written = app
+                .update_object(
+                    rt,
+                    None,
+                    name,
+                    UpdateMode::Main,
+                    &call.write_options()?,
+                    |current| {
+                        let mut next = current.clone();
+                        next["spec"]["finalizers"] = body["spec"]["finalizers"].clone();
+                        Ok(next)
+                    },
+                )
+                .await?;
+            Ok(json_response(
+                StatusCode::OK,
+                &written.object,
+                &written.warnings,
+            ))
+        }
+        (_, _, Some(_)) => Err(ApiError::NoSuchResource),
+        _ => Err(unsupported()),
+    }
+}
+
+/// A single object, or a one-row table when kubectl asks for one.
+fn render_one(call: &Call, rt: &ResourceType, object: Value) -> Response {
+    if call.wants_table() {
+        let include = IncludeObject::parse(call.param("includeObject"));
+        let cells = rt.codec.cells(&object, Utc::now());
+        let meta = json!({ "resourceVersion": object["metadata"]["resourceVersion"] });
+        let columns = rt.codec.columns();
+        return json_response(
+            StatusCode::OK,
+            &table(&columns, vec![(cells, &object)], include, meta),
+            &[],
+        );
+    }
+    json_response(StatusCode::OK, &object, &[])
+}
+
+fn list_params(call: &Call, rt: &ResourceType) -> Result<ListParams, ApiError> {
+    let limit = match call.param("limit") {
+        Some(limit) => limit
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("invalid limit: {limit:?}")))?,
+        None => 0,
+    };
+    let exact_revision = match (
+        call.param("resourceVersionMatch"),
+        call.param("resourceVersion"),
+    ) {
+        (Some("Exact"), Some(rv)) => Some(
+            rv.parse::<Revision>()
+                .map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv:?}")))?,
+        ),
+        _ => None,
+    };
+    Ok(ListParams {
+        labels: LabelSelector::parse(call.param("labelSelector").unwrap_or_default())?,
+        fields: FieldSelector::parse(call.param("fieldSelector").unwrap_or_default(), |f| {
+            rt.selectable(f)
+        })?,
+        limit,
+        continue_token: call.param("continue").map(str::to_owned),
+        exact_revision,
+    })
+}
+
+async fn list<S: Store>(
+    app: &Arc<App<S>>,
+    call: &Call,
+    rt: &ResourceType,
+    namespace: Option<&str>,
+) -> Result<Response, ApiError> {
+    let params = list_params(call, rt)?;
+    let page = app.list_objects(rt, namespace, &params).await?;
+    let mut meta = json!({ "resourceVersion": page.revision.to_string() });
+    if let Some(token) = &page.continue_token {
+        meta["continue"] = json!(token);
+    }
+    if call.wants_table() {
+        let include = IncludeObject::parse(call.param("includeObject"));
+        let now = Utc::now();
+        let rows = page
+            .items
+            .iter()
+            .map(|object| (rt.codec.cells(object, now), object))
+            .collect();
+        return Ok(json_response(
+            StatusCode::OK,
+            &table(&rt.codec.columns(), rows, include, meta),
+            &[],
+        ));
+    }
+    let list = json!({
+        "kind": format!("{}List", rt.kind),
+        "apiVersion": rt.api_version,
+        "metadata": meta,
+        "items": page.items,
+    });
+    Ok(json_response(StatusCode::OK, &list, &[]))
+}
+
+fn delete_options(call: &Call) -> Result<DeleteOptions, ApiError> {
+    let grace_period = match call.param("gracePeriodSeconds") {
+        Some(grace) => Some(grace.parse().map_err(|_| {
+            ApiError::bad_request(format!("invalid gracePeriodSeconds: {grace:?}"))
+        })?),
+        None => None,
+    };
+    let options = DeleteOptions {
+        grace_period,
+        propagation: call.param("propagationPolicy").map(str::to_owned),
+        dry_run: call.param("dryRun").is_some(),
+        ..DeleteOptions::default()
+    };
+    let body = if call.body.is_empty() {
+        Value::Null
+    } else {
+        call.json_body()?
+    };
+    options.with_body(&body)
+}
+
+async fn delete_collection<S: Store>(
+    app: &Arc<App<S>>,
+    call: &Call,
+    rt: &ResourceType,
+    namespace: Option<&str>,
+) -> Result<Response, ApiError> {
+    let params = ListParams {
+        limit: 0,
+        continue_token: None,
+        ..list_params(call, rt)?
+    };
+    let options = delete_options(call)?;
+    let page = app.list_objects(rt, namespace, &params).await?;
+    let mut deleted = Vec::with_capacity(page.items.len());
+    for object in &page.items {
+        let name = object["metadata"]["name"].as_str().unwrap_or_default();
+        let object_namespace = object["metadata"]["namespace"].as_str();
+        match app
+            .delete_object(rt, object_namespace, name, &options)
+            .await
+        {
+            Ok(object) => deleted.push(object),
+            // Deleted by someone else meanwhile: the goal is reached.
+            Err(ApiError::NotFound(_)) => {}
+            Err(error) => return Err(error),
+        }
+    }
+    let list = json!({
+        "kind": format!("{}List", rt.kind),
+        "apiVersion": rt.api_version,
+        "metadata": { "resourceVersion": page.revision.to_string() },
+        "items": deleted,
+    });
+    Ok(json_response(StatusCode::OK, &list, &[]))
+}
+
+async fn watch_collection<S: Store>(
+    app: &Arc<App<S>>,
+    call: &Call,
+    target: &Target<'_>,
+) -> Result<Response, ApiError> {
+    let rt = target.rt;
+    let namespace = target.namespace.as_deref();
+    let params = list_params(call, rt)?;
+    let send_initial = call.flag("sendInitialEvents");
+    let from = match call.param("resourceVersion") {
+        None | Some("0") => None,
+        Some(rv) => Some(
+            rv.parse::<Revision>()
+                .map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv:?}")))?,
+        ),
+    };
+    // Without a resourceVersion (or with sendInitialEvents) the watch
+    // starts with the current state as ADDED events.
+    let (after, initial) = match from {
+        Some(after) if !send_initial => (after, Vec::new()),
+        _ => {
+            let everything = ListParams {
+                limit: 0,
+                continue_token: None,
+                ..params.clone()
+            };
+            let page = app.list_objects(rt, namespace, &everything).await?;
+            (page.revision, page.items)
+        }
+    };
+    let timeout =
+        match call.param("timeoutSeconds") {
+            Some(seconds) => Duration::from_secs(seconds.parse().map_err(|_| {
+                ApiError::bad_request(format!("invalid timeoutSeconds: {seconds:?}"))
+            })?),
+            None => DEFAULT_WATCH_TIMEOUT,
+        };
+    let spec = WatchSpec {
+        prefix: app.collection_prefix(rt, namespace),
+        labels: params.labels,
+        fields: params.fields,
+        after,
+        initial,
+        bookmarks: call.flag("allowWatchBookmarks"),
+        initial_end_bookmark: send_initial,
+        timeout,
+        api_version: rt.api_version,
+        kind: rt.kind,
+    };
+    let encoder: watch::Encoder = if call.wants_table() {
+        let app = Arc::clone(app);
+        let index = target.index;
+        let include = IncludeObject::parse(call.param("includeObject"));
+        let first = std::sync::atomic::AtomicBool::new(true);
+        Box::new(move |kind, object, _| {
+            if kind == "BOOKMARK" {
+                return json_frame(kind, object, None);
+            }
+            let rt = &app.registry.types[index];
+            let columns = if first.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                rt.codec.columns()
+            } else {
+                Vec::new()
+            };
+            let meta = json!({ "resourceVersion": object["metadata"]["resourceVersion"] });
+            let row = vec![(rt.codec.cells(object, Utc::now()), object)];
+            json_frame(kind, &table(&columns, row, include, meta), None)
+        })
+    } else {
+        Box::new(json_frame)
+    };
+    let frames = watch::start(&app.cache, spec, encoder)?;
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(ReceiverStream::new(frames)),
+    )
+        .into_response())
+}
+
+fn scale_of(rt: &ResourceType, object: &Value) -> Value {
+    let selector = &object["spec"]["selector"];
+    let selector = match selector.get("matchLabels").and_then(Value::as_object) {
+        Some(labels) => labels
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+            .collect::<Vec<_>>()
+            .join(","),
+        None => String::new(),
+    };
+    let metadata = &object["metadata"];
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            "name": metadata["name"],
+            "namespace": metadata["namespace"],
+            "uid": metadata["uid"],
+            "resourceVersion": metadata["resourceVersion"],
+            "creationTimestamp": metadata["creationTimestamp"],
+        },
+        "spec": { "replicas": object["spec"]["replicas"].as_i64().unwrap_or(if rt.plural == "deployments" { 1 } else { 0 }) },
+        "status": { "replicas": object["status"]["replicas"].as_i64().unwrap_or(0), "selector": selector },
+    })
+}
+
+async fn scale<S: Store>(
+    app: &Arc<App<S>>,
+    call: &Call,
+    method: &Method,
+    rt: &ResourceType,
+    namespace: Option<&str>,
+    name: &str,
+) -> Result<Response, ApiError> {
+    let change = match *method {
+        Method::GET => {
+            let (object, _) = app.get_object(rt, namespace, name).await?;
+            return Ok(json_response(StatusCode::OK, &scale_of(rt, &object), &[]));
+        }
+        Method::PUT => Some(call.json_body()?),
+        Method::PATCH => None,
+        _ => {
+            return Err(ApiError::MethodNotSupported {
+                subject: rt.subject(name),
+            });
+        }
+    };
+    let kind = PatchType::from_content_type(call.content_type());
+    let written = app
+        .update_object(rt, namespace, name, UpdateMode::Main, &call.write_options()?, |current| {
+            let scale = match (&change, kind) {
+                (Some(body), _) => body.clone(),
+                (None, Some(kind)) => patch::apply(kind, &scale_of(rt, current), &call.body)?,
+                (None, None) => {
+                    return Err(ApiError::UnsupportedMediaType {
+                        accepted: "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json",
+                    });
+                }
+            };
+            let replicas = scale["spec"]["replicas"]
+                .as_i64()
+                .ok_or_else(|| ApiError::bad_request("Scale.spec.replicas is required"))?;
+            let mut next = current.clone();
+            next["spec"]["replicas"] = json!(replicas);
+            match scale["metadata"]["resourceVersion"].as_str() {
+                Some(rv) if change.is_some() => next["metadata"]["resourceVersion"] = json!(rv),
+                _ => {
+                    if let Some(metadata) = next["metadata"].as_object_mut() {
+                        metadata.remove("resourceVersion");
+                    }
+                }
+            }
+            Ok(next)
+        })
+        .await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &scale_of(rt, &written.object),
+        &written.warnings,
+    ))
+}
+
+async fn bind<S: Store>(
+    app: &Arc<App<S>>,
+    call: &Call,
+    rt: &ResourceType,
+    namespace: Option<&str>,
+    name: &str,
+) -> Result<Response, ApiError> {
+    let binding = call.json_body()?;
+    let node = binding["target"]["name"]
+        .as_str()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| rt.invalid(name, vec![super::status::Cause::required("target.name")]))?
+        .to_owned();
+    app.update_object(
+        rt,
+        namespace,
+        name,
+        UpdateMode::Main,
+        &call.write_options()?,
+        |current| {
+            if let Some(bound) = current["spec"]["nodeName"]
+                .as_str()
+                .filter(|n| !n.is_empty())
+            {
+                return Err(ApiError::Conflict {
+                    subject: rt.subject(name),
+                    reason: format!("pod {name} is already assigned to node \"{bound}\""),
+                });
+            }
+            if current["metadata"]["deletionTimestamp"].is_string() {
+                return Err(ApiError::Conflict {
+                    subject: rt.subject(name),
+                    reason: format!("pod {name} is being deleted, cannot be assigned to a host"),
+                });
+            }
+            let mut next = current.clone();
+            next["spec"]["nodeName"] = json!(node);
+            if let Some(metadata) = next["metadata"].as_object_mut() {
+                metadata.remove("resourceVersion");
+            }
+            Ok(next)
+        },
+    )
+    .await?;
+    let status = json!({ "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201 });
+    Ok(json_response(StatusCode::CREATED, &status, &[]))
+}

@@ -1,0 +1,373 @@
+//! What the server knows about each resource: names for discovery and URLs
+//! (from k8s-openapi's `Resource` constants), and per-kind behaviour —
+//! defaulting, validation, table columns, selectable fields — written
+//! against the k8s-openapi types and reached through the object-safe
+//! [`Codec`].
+
+mod cluster;
+mod core;
+mod workloads;
+
+use std::{any::TypeId, collections::BTreeSet, marker::PhantomData};
+
+use k8s_openapi::{
+    Metadata, NamespaceResourceScope, Resource,
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    chrono::{DateTime, Utc},
+};
+use schemars::{JsonSchema, SchemaGenerator};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::{Value, json};
+
+use super::{
+    status::{ApiError, Cause},
+    table::{Column, age, name_column},
+    validation::{Causes, NameRule, check_metadata},
+};
+
+/// Per-kind behaviour, implemented on the k8s-openapi type itself.
+pub trait Kind:
+    Resource
+    + Metadata<Ty = ObjectMeta>
+    + Serialize
+    + DeserializeOwned
+    + JsonSchema
+    + Send
+    + Sync
+    + 'static
+{
+    const NAME_RULE: NameRule = NameRule::Subdomain;
+    const SHORT_NAMES: &'static [&'static str] = &[];
+    /// `all` puts the kind in `kubectl get all`.
+    const CATEGORIES: &'static [&'static str] = &[];
+    /// Has a `/status` subresource: main updates keep status, status
+    /// updates keep everything else.
+    const STATUS: bool = false;
+    /// Has a `/scale` subresource on spec.replicas.
+    const SCALE: bool = false;
+    /// Field selector paths beyond metadata.name and metadata.namespace.
+    const FIELDS: &'static [&'static str] = &[];
+
+    /// Fills unset fields with upstream's defaults.
+    fn default_fields(&mut self) {}
+
+    /// Checks the kind's own fields (metadata is checked for every kind).
+    fn validate(&self, _causes: &mut Causes) {}
+
+    /// Table columns after NAME (with AGE where upstream puts it).
+    fn columns() -> Vec<Column> {
+        vec![Column::new("Age", "string", 0)]
+    }
+
+    /// Cells for [`Kind::columns`].
+    fn cells(&self, now: DateTime<Utc>) -> Vec<Value> {
+        vec![json!(age(self.metadata(), now))]
+    }
+}
+
+/// The object-safe face of a [`Kind`], used by the generic handlers on
+/// JSON objects.
+pub trait Codec: Send + Sync {
+    /// Decodes into the typed form, defaults it and encodes it back. Fields
+    /// the type does not know are dropped and returned by path.
+    fn normalize(&self, object: &Value) -> Result<(Value, Vec<String>), ApiError>;
+    /// Metadata and kind-specific validation.
+    fn validate(&self, object: &Value) -> Result<(), ApiError>;
+    fn columns(&self) -> Vec<Column>;
+    fn cells(&self, object: &Value, now: DateTime<Utc>) -> Vec<Value>;
+    /// Adds the kind's JSON schema (and everything it refers to) to
+    /// `generator`; returns its definition name.
+    fn schema(&self, generator: &mut SchemaGenerator) -> String;
+}
+
+struct Typed<K>(PhantomData<fn() -> K>);
+
+impl<K: Kind> Typed<K> {
+    fn decode(object: &Value) -> Result<K, ApiError> {
+        K::deserialize(object).map_err(|error| {
+            ApiError::bad_request(format!(
+                "{} in version \"{}\" cannot be handled as a {}: {error}",
+                K::KIND,
+                K::VERSION,
+                K::KIND
+            ))
+        })
+    }
+}
+
+impl<K: Kind> Codec for Typed<K> {
+    fn normalize(&self, object: &Value) -> Result<(Value, Vec<String>), ApiError> {
+        let mut typed = Self::decode(object)?;
+        // Unknown fields are judged before defaulting, which may move
+        // fields (a Secret's stringData into data).
+        let decoded = serde_json::to_value(&typed).map_err(ApiError::internal)?;
+        let mut unknown = Vec::new();
+        unknown_fields(object, &decoded, "", &mut unknown);
+        typed.default_fields();
+        let mut normalized = serde_json::to_value(&typed).map_err(ApiError::internal)?;
+        normalized["apiVersion"] = json!(K::API_VERSION);
+        normalized["kind"] = json!(K::KIND);
+        Ok((normalized, unknown))
+    }
+
+    fn validate(&self, object: &Value) -> Result<(), ApiError> {
+        let typed = Self::decode(object)?;
+        let mut causes = Causes::default();
+        check_metadata(typed.metadata(), K::NAME_RULE, &mut causes);
+        typed.validate(&mut causes);
+        if causes.0.is_empty() {
+            return Ok(());
+        }
+        Err(ApiError::Invalid {
+            kind: K::KIND.to_owned(),
+            name: typed.metadata().name.clone().unwrap_or_default(),
+            group: K::GROUP.to_owned(),
+            causes: causes.0,
+        })
+    }
+
+    fn columns(&self) -> Vec<Column> {
+        let mut columns = vec![name_column()];
+        columns.extend(K::columns());
+        columns
+    }
+
+    fn cells(&self, object: &Value, now: DateTime<Utc>) -> Vec<Value> {
+        let Ok(typed) = K::deserialize(object) else {
+            // Stored objects were normalized on the way in; this only
+            // happens if the store was edited behind the server's back.
+            return vec![object["metadata"]["name"].clone()];
+        };
+        let mut cells = vec![json!(typed.metadata().name)];
+        cells.extend(typed.cells(now));
+        cells
+    }
+
+    fn schema(&self, generator: &mut SchemaGenerator) -> String {
+        generator.subschema_for::<K>();
+        K::schema_name().into_owned()
+    }
+}
+
+/// Paths of fields in `input` that did not survive the typed round trip.
+fn unknown_fields(input: &Value, output: &Value, path: &str, unknown: &mut Vec<String>) {
+    match (input, output) {
+        (Value::Object(input), Value::Object(output)) => {
+            for (key, value) in input {
+                let at = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                match output.get(key) {
+                    Some(kept) => unknown_fields(value, kept, &at, unknown),
+                    None if value.is_null() => {}
+                    None => unknown.push(at),
+                }
+            }
+        }
+        (Value::Array(input), Value::Array(output)) => {
+            for (i, (value, kept)) in input.iter().zip(output).enumerate() {
+                unknown_fields(value, kept, &format!("{path}[{i}]"), unknown);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A resource the server serves.
+pub struct ResourceType {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub api_version: &'static str,
+    pub kind: &'static str,
+    /// Plural, lower case: the URL segment (`pods`).
+    pub plural: &'static str,
+    /// Lower-case kind (`pod`).
+    pub singular: String,
+    pub namespaced: bool,
+    pub short_names: &'static [&'static str],
+    pub categories: &'static [&'static str],
+    pub status: bool,
+    pub scale: bool,
+    pub fields: &'static [&'static str],
+    pub codec: Box<dyn Codec>,
+}
+
+impl std::fmt::Debug for ResourceType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResourceType")
+            .field("group", &self.group)
+            .field("version", &self.version)
+            .field("plural", &self.plural)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResourceType {
+    fn of<K: Kind>() -> Self {
+        Self {
+            group: K::GROUP,
+            version: K::VERSION,
+            api_version: K::API_VERSION,
+            kind: K::KIND,
+            plural: K::URL_PATH_SEGMENT,
+            singular: K::KIND.to_ascii_lowercase(),
+            namespaced: TypeId::of::<K::Scope>() == TypeId::of::<NamespaceResourceScope>(),
+            short_names: K::SHORT_NAMES,
+            categories: K::CATEGORIES,
+            status: K::STATUS,
+            scale: K::SCALE,
+            fields: K::FIELDS,
+            codec: Box::new(Typed::<K>(PhantomData)),
+        }
+    }
+
+    /// The prefix of this resource's keys in the store.
+    pub fn key_prefix(&self) -> String {
+        let group = if self.group.is_empty() {
+            "core"
+        } else {
+            self.group
+        };
+        format!("/registry/{group}/{}/", self.plural)
+    }
+
+    /// The store key of one object.
+    pub fn key(&self, namespace: Option<&str>, name: &str) -> String {
+        match namespace {
+            Some(namespace) if self.namespaced => {
+                format!("{}{namespace}/{name}", self.key_prefix())
+            }
+            _ => format!("{}{name}", self.key_prefix()),
+        }
+    }
+
+    /// The field selector paths this resource supports.
+    pub fn selectable(&self, field: &str) -> bool {
+        matches!(field, "metadata.name" | "metadata.namespace") || self.fields.contains(&field)
+    }
+
+    pub fn subject(&self, name: &str) -> super::status::Subject {
+        super::status::Subject {
+            group: self.group.to_owned(),
+            resource: self.plural.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
+    /// `Invalid` for causes found outside the typed validation.
+    pub fn invalid(&self, name: &str, causes: Vec<Cause>) -> ApiError {
+        ApiError::Invalid {
+            kind: self.kind.to_owned(),
+            name: name.to_owned(),
+            group: self.group.to_owned(),
+            causes,
+        }
+    }
+}
+
+/// Every resource the server serves, in discovery order.
+#[derive(Debug)]
+pub struct Registry {
+    pub types: Vec<ResourceType>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        let mut types = Vec::new();
+        core::register_all(&mut types);
+        workloads::register_all(&mut types);
+        cluster::register_all(&mut types);
+        Self { types }
+    }
+
+    pub fn find(&self, group: &str, version: &str, plural: &str) -> Option<&ResourceType> {
+        self.types
+            .iter()
+            .find(|rt| rt.group == group && rt.version == version && rt.plural == plural)
+    }
+
+    /// API groups (other than core) with their versions, in discovery order.
+    pub fn groups(&self) -> Vec<(&'static str, &'static str)> {
+        let mut seen = BTreeSet::new();
+        self.types
+            .iter()
+            .filter(|rt| !rt.group.is_empty())
+            .filter(|rt| seen.insert((rt.group, rt.version)))
+            .map(|rt| (rt.group, rt.version))
+            .collect()
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn register<K: Kind>(types: &mut Vec<ResourceType>) {
+    types.push(ResourceType::of::<K>());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_registry_serves_every_resource_the_issue_names() {
+        let registry = Registry::new();
+        for (group, version, plural) in [
+            ("", "v1", "namespaces"),
+            ("", "v1", "pods"),
+            ("", "v1", "services"),
+            ("", "v1", "endpoints"),
+            ("", "v1", "nodes"),
+            ("", "v1", "configmaps"),
+            ("", "v1", "secrets"),
+            ("", "v1", "serviceaccounts"),
+            ("", "v1", "events"),
+            ("apps", "v1", "deployments"),
+            ("apps", "v1", "replicasets"),
+            ("apps", "v1", "daemonsets"),
+            ("apps", "v1", "statefulsets"),
+            ("batch", "v1", "jobs"),
+            ("batch", "v1", "cronjobs"),
+            ("discovery.k8s.io", "v1", "endpointslices"),
+            ("coordination.k8s.io", "v1", "leases"),
+            ("rbac.authorization.k8s.io", "v1", "roles"),
+            ("rbac.authorization.k8s.io", "v1", "clusterroles"),
+            ("rbac.authorization.k8s.io", "v1", "rolebindings"),
+            ("rbac.authorization.k8s.io", "v1", "clusterrolebindings"),
+            ("autoscaling", "v2", "horizontalpodautoscalers"),
+            ("policy", "v1", "poddisruptionbudgets"),
+        ] {
+            assert!(
+                registry.find(group, version, plural).is_some(),
+                "{group}/{version} {plural}"
+            );
+        }
+        let pods = registry.find("", "v1", "pods").unwrap();
+        assert!(pods.namespaced && pods.status);
+        assert_eq!(
+            pods.key(Some("default"), "web"),
+            "/registry/core/pods/default/web"
+        );
+        assert!(!registry.find("", "v1", "nodes").unwrap().namespaced);
+    }
+
+    #[test]
+    fn normalize_reports_fields_the_type_does_not_have() {
+        let registry = Registry::new();
+        let config_maps = registry.find("", "v1", "configmaps").unwrap();
+        let input = json!({
+            "metadata": {"name": "c", "bogus": 1},
+            "data": {"a": "b"},
+            "spec": {"x": 1},
+        });
+        let (normalized, unknown) = config_maps.codec.normalize(&input).unwrap();
+        assert_eq!(unknown, ["metadata.bogus", "spec"]);
+        assert_eq!(normalized["kind"], "ConfigMap");
+        assert_eq!(normalized["data"]["a"], "b");
+    }
+}

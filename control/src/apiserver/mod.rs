@@ -1,0 +1,250 @@
+//! The Kubernetes-compatible API server: HTTPS front door, authentication,
+//! discovery, and the generic verbs over every registered resource, backed
+//! by any [`Store`].
+
+pub mod authn;
+mod discovery;
+pub mod encryption;
+mod http;
+mod kinds;
+mod objects;
+mod openapi;
+mod patch;
+mod selectors;
+mod status;
+mod table;
+mod tls;
+mod validation;
+mod watch;
+
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use futures::StreamExt as _;
+use serde_json::Value;
+use tracing::{info, warn};
+
+use self::{
+    authn::Authenticator,
+    encryption::SecretBox,
+    watch::{CachedEvent, EventType, WatchCache},
+};
+pub use self::{kinds::Registry, status::ApiError};
+use crate::{
+    pki::{self, Authority, PkiError},
+    store::{EventKind, KeyValue, Revision, Store, StoreError},
+};
+
+/// Everything under the registry prefix is an API object.
+const REGISTRY_PREFIX: &str = "/registry/";
+
+/// Server settings (from the command line).
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub token_file: Option<PathBuf>,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("certificates: {0}")]
+    Pki(#[from] PkiError),
+    #[error("secret encryption key: {0}")]
+    Encryption(#[from] encryption::EncryptionError),
+    #[error("token file: {0}")]
+    Tokens(#[from] authn::TokenFileError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Shared state of all requests.
+pub struct App<S> {
+    store: S,
+    registry: Registry,
+    cache: Arc<WatchCache>,
+    secrets: SecretBox,
+    authn: Authenticator,
+    openapi: openapi::OpenApi,
+}
+
+impl<S> std::fmt::Debug for App<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").finish_non_exhaustive()
+    }
+}
+
+impl<S: Store> App<S> {
+    /// Decodes a stored object: decrypts secrets, parses JSON, and sets
+    /// resourceVersion to the revision that wrote it.
+    fn decode(&self, kv: &KeyValue, revision: Revision) -> Result<Value, ApiError> {
+        let plain;
+        let bytes = if kv.key.starts_with("/registry/core/secrets/") {
+            plain = self.secrets.open(&kv.value).map_err(ApiError::internal)?;
+            &plain
+        } else {
+            &kv.value
+        };
+        let mut object: Value = serde_json::from_slice(bytes).map_err(|e| {
+            ApiError::internal(format!("stored object {} is not JSON: {e}", kv.key))
+        })?;
+        object["metadata"]["resourceVersion"] = Value::String(revision.to_string());
+        Ok(object)
+    }
+
+    /// The stored form: no resourceVersion (the store revision is it), and
+    /// secrets sealed.
+    fn encode(&self, key: &str, object: &Value) -> Vec<u8> {
+        let mut object = object.clone();
+        if let Some(metadata) = object["metadata"].as_object_mut() {
+            metadata.remove("resourceVersion");
+        }
+        let bytes = serde_json::to_vec(&object).unwrap_or_default();
+        if key.starts_with("/registry/core/secrets/") {
+            self.secrets.seal(&bytes)
+        } else {
+            bytes
+        }
+    }
+
+    /// Feeds the watch cache from one store watch, forever: re-watches
+    /// after errors, resetting the cache when history was lost.
+    async fn feed_watch_cache(self: Arc<Self>) {
+        loop {
+            let after = self.cache.revision();
+            let mut stream = match self.store.watch(REGISTRY_PREFIX, after).await {
+                Ok(stream) => stream,
+                Err(error) => {
+                    warn!(%error, after, "watch cache: store watch failed; resetting");
+                    match self.store.revision().await {
+                        Ok(current) => self.cache.reset(current),
+                        Err(error) => warn!(%error, "watch cache: store unreachable"),
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            while let Some(batch) = stream.next().await {
+                match batch {
+                    Ok(events) => self.cache_batch(events),
+                    Err(error) => {
+                        warn!(%error, "watch cache: store watch ended; re-watching");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn cache_batch(&self, events: Vec<crate::store::Event>) {
+        let Some(revision) = events.first().map(|e| e.kv.mod_revision) else {
+            return;
+        };
+        let mut decoded = Vec::with_capacity(events.len());
+        for event in events {
+            let prev = event
+                .prev
+                .as_ref()
+                .and_then(|prev| self.decode(prev, prev.mod_revision).ok());
+            let (kind, object) = match (event.kind, prev.clone()) {
+                (EventKind::Put, None) => (EventType::Added, self.decode(&event.kv, revision)),
+                (EventKind::Put, Some(_)) => {
+                    (EventType::Modified, self.decode(&event.kv, revision))
+                }
+                (EventKind::Delete, Some(mut last)) => {
+                    last["metadata"]["resourceVersion"] = Value::String(revision.to_string());
+                    (EventType::Deleted, Ok(last))
+                }
+                (EventKind::Delete, None) => continue,
+            };
+            match object {
+                Ok(object) => {
+                    decoded.push(CachedEvent::new(revision, event.kv.key, kind, object, prev))
+                }
+                Err(error) => warn!(%error, "watch cache: undecodable object skipped"),
+            }
+        }
+        self.cache.push(revision, decoded);
+    }
+}
+
+/// Creates the PKI, kubeconfig and keys on first start, then serves until
+/// `shutdown` resolves.
+pub async fn serve<S: Store>(
+    config: Config,
+    store: S,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), StartError> {
+    let ca = Authority::load_or_create(&config.data_dir)?;
+    let ip = config.listen.ip();
+    let mut addresses = vec![ip];
+    if ip.is_unspecified() {
+        addresses.push(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let names: Vec<String> = [
+        "localhost",
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "kubernetes.default.svc.cluster.local",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let serving = ca.issue_serving(&names, &addresses)?;
+    ca.save("apiserver", &serving)?;
+    let admin = ca.issue_client("kubernetes-admin", &["system:masters"])?;
+    ca.save("admin", &admin)?;
+    let host = if ip.is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else {
+        ip.to_string()
+    };
+    let server_url = match ip {
+        std::net::IpAddr::V6(_) if !ip.is_unspecified() => {
+            format!("https://[{host}]:{}", config.listen.port())
+        }
+        _ => format!("https://{host}:{}", config.listen.port()),
+    };
+    let kubeconfig = config.data_dir.join("admin.kubeconfig");
+    pki::write_private(
+        &kubeconfig,
+        pki::kubeconfig(&server_url, &ca.cert_pem, "kubernetes-admin", &admin).as_bytes(),
+    )?;
+
+    let authn = match &config.token_file {
+        Some(path) => Authenticator::with_token_file(path)?,
+        None => Authenticator::default(),
+    };
+    let secrets = SecretBox::load_or_create(&config.data_dir.join("encryption.key"))?;
+    let revision = store.revision().await?;
+    let registry = Registry::new();
+    let app = Arc::new(App {
+        store,
+        openapi: openapi::OpenApi::build(&registry),
+        registry,
+        cache: Arc::new(WatchCache::new(revision)),
+        secrets,
+        authn,
+    });
+    app.bootstrap().await;
+    tokio::spawn(Arc::clone(&app).feed_watch_cache());
+
+    let tls = tls::server_config(&ca.cert_pem, &serving)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            address: config.listen,
+            source,
+        })?;
+    info!(listen = %config.listen, kubeconfig = %kubeconfig.display(), "serving");
+    tls::accept(listener, tls, http::router(app), shutdown).await;
+    Ok(())
+}

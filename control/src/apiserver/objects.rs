@@ -1,0 +1,830 @@
+//! The verbs on stored objects: get, list, create, update (with optimistic
+//! concurrency), delete (graceful, with finalizers and preconditions),
+//! deletecollection, and the subresource writes built on update.
+//!
+//! Every write goes through one store transaction that checks the key's
+//! mod revision, so a write is whole or absent, and a stale
+//! resourceVersion is a 409, never a lost update.
+
+use base64::{Engine as _, engine::general_purpose::STANDARD};
+use chrono::{SecondsFormat, Utc};
+use rand::Rng as _;
+use serde_json::{Value, json};
+
+use super::{
+    App,
+    kinds::ResourceType,
+    selectors::{FieldSelector, LabelSelector},
+    status::{ApiError, Cause},
+};
+use crate::store::{KeyValue, RangeRequest, Revision, Store, Txn, TxnOutcome};
+
+/// How unknown fields in a request body are treated (`fieldValidation`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FieldValidation {
+    Ignore,
+    #[default]
+    Warn,
+    Strict,
+}
+
+impl FieldValidation {
+    pub fn parse(value: Option<&str>) -> Result<Self, ApiError> {
+        match value {
+            None | Some("" | "Warn") => Ok(Self::Warn),
+            Some("Ignore") => Ok(Self::Ignore),
+            Some("Strict") => Ok(Self::Strict),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "fieldValidation must be one of \"Ignore\", \"Warn\" or \"Strict\", got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Options every write takes.
+#[derive(Clone, Debug, Default)]
+pub struct WriteOptions {
+    pub dry_run: bool,
+    pub field_validation: FieldValidation,
+}
+
+/// A write's result: the object as stored, warnings for the client, and
+/// whether it was created.
+#[derive(Debug)]
+pub struct Written {
+    pub object: Value,
+    pub warnings: Vec<String>,
+    pub created: bool,
+}
+
+/// Which part of an object an update may change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpdateMode {
+    /// Everything but status (for kinds with a status subresource).
+    Main,
+    /// Only status.
+    Status,
+}
+
+/// Query and body options of a delete.
+#[derive(Clone, Debug, Default)]
+pub struct DeleteOptions {
+    pub grace_period: Option<i64>,
+    pub propagation: Option<String>,
+    pub uid: Option<String>,
+    pub resource_version: Option<String>,
+    pub dry_run: bool,
+}
+
+impl DeleteOptions {
+    /// Merges a `DeleteOptions` body over the query's options.
+    pub fn with_body(mut self, body: &Value) -> Result<Self, ApiError> {
+        if body.is_null() {
+            return Ok(self);
+        }
+        if !body.is_object() {
+            return Err(ApiError::bad_request("DeleteOptions must be a JSON object"));
+        }
+        if let Some(grace) = body.get("gracePeriodSeconds").and_then(Value::as_i64) {
+            self.grace_period = Some(grace);
+        }
+        if let Some(policy) = body.get("propagationPolicy").and_then(Value::as_str) {
+            self.propagation = Some(policy.to_owned());
+        }
+        if body.get("orphanDependents").and_then(Value::as_bool) == Some(true) {
+            self.propagation.get_or_insert_with(|| "Orphan".to_owned());
+        }
+        let preconditions = &body["preconditions"];
+        if let Some(uid) = preconditions.get("uid").and_then(Value::as_str) {
+            self.uid = Some(uid.to_owned());
+        }
+        if let Some(rv) = preconditions.get("resourceVersion").and_then(Value::as_str) {
+            self.resource_version = Some(rv.to_owned());
+        }
+        if body
+            .get("dryRun")
+            .and_then(Value::as_array)
+            .is_some_and(|d| !d.is_empty())
+        {
+            self.dry_run = true;
+        }
+        Ok(self)
+    }
+}
+
+/// A list request's parameters.
+#[derive(Clone, Debug, Default)]
+pub struct ListParams {
+    pub labels: LabelSelector,
+    pub fields: FieldSelector,
+    pub limit: usize,
+    pub continue_token: Option<String>,
+    /// Read at exactly this revision (`resourceVersionMatch=Exact`).
+    pub exact_revision: Option<Revision>,
+}
+
+/// One page of a list.
+#[derive(Debug)]
+pub struct ListPage {
+    pub items: Vec<Value>,
+    pub revision: Revision,
+    pub continue_token: Option<String>,
+}
+
+/// Keys read per store round trip while filtering a selector list.
+const LIST_CHUNK: usize = 500;
+
+/// Attempts of an unconditional update that keeps losing races.
+const UPDATE_ATTEMPTS: usize = 16;
+
+pub fn now_rfc3339() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+fn new_uid() -> String {
+    let bytes: [u8; 16] = rand::rng().random();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    // An RFC 4122 version-4 layout, as upstream's UIDs.
+    format!(
+        "{}-{}-4{}-{}{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[13..16],
+        ["8", "9", "a", "b"][usize::from(bytes[8] & 3)],
+        &hex[17..20],
+        &hex[20..32]
+    )
+}
+
+/// Upstream's generateName suffix: five characters without vowels or
+/// look-alikes.
+fn name_suffix() -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut rng = rand::rng();
+    (0..5)
+        .map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]))
+        .collect()
+}
+
+fn parse_revision(value: &str) -> Result<Revision, ApiError> {
+    value
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("invalid resource version: {value:?}")))
+}
+
+/// The continue token: base64 of the list revision and the next key,
+/// relative to the resource prefix, as upstream encodes it.
+fn encode_continue(revision: Revision, next_key: &str) -> String {
+    STANDARD.encode(json!({ "v": "meta.k8s.io/v1", "rv": revision, "start": next_key }).to_string())
+}
+
+fn decode_continue(token: &str) -> Result<(Revision, String), ApiError> {
+    let invalid = || ApiError::bad_request("continue key is not valid: malformed token");
+    let bytes = STANDARD.decode(token).map_err(|_| invalid())?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
+    let revision = value["rv"].as_i64().ok_or_else(invalid)?;
+    let start = value["start"].as_str().ok_or_else(invalid)?;
+    if start.contains("..") || start.starts_with('/') {
+        return Err(invalid());
+    }
+    Ok((revision, start.to_owned()))
+}
+
+fn meta_str<'a>(object: &'a Value, field: &str) -> Option<&'a str> {
+    object["metadata"][field].as_str().filter(|s| !s.is_empty())
+}
+
+impl<S: Store> App<S> {
+    fn namespace_for<'a>(&self, rt: &ResourceType, namespace: Option<&'a str>) -> Option<&'a str> {
+        if rt.namespaced { namespace } else { None }
+    }
+
+    /// One object and its store record.
+    pub async fn get_object(
+        &self,
+        rt: &ResourceType,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<(Value, KeyValue), ApiError> {
+        let key = rt.key(self.namespace_for(rt, namespace), name);
+        let kv = self
+            .store
+            .get(&key)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(rt.subject(name)))?;
+        Ok((self.decode(&kv, kv.mod_revision)?, kv))
+    }
+
+    /// The key prefix of a collection: all namespaces or one.
+    pub fn collection_prefix(&self, rt: &ResourceType, namespace: Option<&str>) -> String {
+        match self.namespace_for(rt, namespace) {
+            Some(namespace) => format!("{}{namespace}/", rt.key_prefix()),
+            None => rt.key_prefix(),
+        }
+    }
+
+    /// A page of matching objects, consistent at one revision.
+    pub async fn list_objects(
+        &self,
+        rt: &ResourceType,
+        namespace: Option<&str>,
+        params: &ListParams,
+    ) -> Result<ListPage, ApiError> {
+        let prefix = self.collection_prefix(rt, namespace);
+        let (mut revision, mut start) = match &params.continue_token {
+            Some(token) => {
+                let (revision, relative) = decode_continue(token)?;
+                (revision, format!("{prefix}{relative}"))
+            }
+            None => (params.exact_revision.unwrap_or(0), prefix.clone()),
+        };
+        let filtering = !params.labels.is_empty() || !params.fields.is_empty();
+        let mut items = Vec::new();
+        loop {
+            let want = if params.limit == 0 {
+                0
+            } else {
+                params.limit - items.len()
+            };
+            let chunk = if filtering && want > 0 {
+                want.max(LIST_CHUNK)
+            } else {
+                want
+            };
+            let range = self
+                .store
+                .range(RangeRequest {
+                    prefix: prefix.clone(),
+                    start: Some(start.clone()),
+                    limit: chunk,
+                    revision,
+                })
+                .await
+                .map_err(|error| match (error, &params.continue_token) {
+                    (crate::store::StoreError::Compacted { .. }, Some(_)) => ApiError::Gone {
+                        message: "The provided continue parameter is too old to display a \
+                                  consistent list result. You can start a new list without \
+                                  the continue parameter."
+                            .to_owned(),
+                    },
+                    (error, _) => error.into(),
+                })?;
+            revision = range.revision;
+            let mut last_key = None;
+            for kv in &range.kvs {
+                last_key = Some(kv.key.clone());
+                let object = self.decode(kv, kv.mod_revision)?;
+                if params.labels.matches(&object) && params.fields.matches(&object) {
+                    items.push(object);
+                    if params.limit > 0 && items.len() == params.limit {
+                        break;
+                    }
+                }
+            }
+            let consumed_all = last_key.as_ref() == range.kvs.last().map(|kv| &kv.key);
+            let more = range.more || !consumed_all;
+            let full = params.limit > 0 && items.len() == params.limit;
+            match (more, last_key) {
+                (true, Some(last)) if full => {
+                    let next = format!("{last}\0");
+                    let relative = next.strip_prefix(&prefix).unwrap_or(&next).to_owned();
+                    return Ok(ListPage {
+                        items,
+                        revision,
+                        continue_token: Some(encode_continue(revision, &relative)),
+                    });
+                }
+                (true, Some(last)) => start = format!("{last}\0"),
+                _ => {
+                    return Ok(ListPage {
+                        items,
+                        revision,
+                        continue_token: None,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Decodes, defaults and validates a body the way every write does;
+    /// unknown fields become warnings or a 400 per `fieldValidation`.
+    fn admit(
+        &self,
+        rt: &ResourceType,
+        object: &Value,
+        options: &WriteOptions,
+    ) -> Result<(Value, Vec<String>), ApiError> {
+        let (normalized, unknown) = rt.codec.normalize(object)?;
+        let unknown: Vec<String> = unknown
+            .iter()
+            .map(|path| format!("unknown field \"{path}\""))
+            .collect();
+        if options.field_validation == FieldValidation::Strict && !unknown.is_empty() {
+            return Err(ApiError::bad_request(format!(
+                "strict decoding error: {}",
+                unknown.join(", ")
+            )));
+        }
+        rt.codec.validate(&normalized)?;
+        let warnings = match options.field_validation {
+            FieldValidation::Warn => unknown,
+            FieldValidation::Ignore | FieldValidation::Strict => Vec::new(),
+        };
+        Ok((normalized, warnings))
+    }
+
+    fn check_type_meta(rt: &ResourceType, object: &Value) -> Result<(), ApiError> {
+        if !object.is_object() {
+            return Err(ApiError::bad_request(format!(
+                "{} in version \"{}\" cannot be handled as a {}: the body is not a JSON object",
+                rt.kind, rt.version, rt.kind
+            )));
+        }
+        if let Some(api_version) = object["apiVersion"].as_str()
+            && api_version != rt.api_version
+        {
+            return Err(ApiError::bad_request(format!(
+                "the API version in the data ({api_version}) does not match the expected API version ({})",
+                rt.api_version
+            )));
+        }
+        if let Some(kind) = object["kind"].as_str()
+            && kind != rt.kind
+        {
+            return Err(ApiError::bad_request(format!(
+                "the kind in the data ({kind}) does not match the expected kind ({})",
+                rt.kind
+            )));
+        }
+        Ok(())
+    }
+
+    /// The namespace must exist and not be terminating.
+    async fn check_namespace(&self, rt: &ResourceType, namespace: &str) -> Result<(), ApiError> {
+        let namespaces = self
+            .registry
+            .find("", "v1", "namespaces")
+            .ok_or_else(|| ApiError::internal("namespaces are not registered"))?;
+        let (object, _) = self.get_object(namespaces, None, namespace).await?;
+        if object["metadata"]["deletionTimestamp"].is_string() {
+            return Err(ApiError::Forbidden {
+                subject: rt.subject(""),
+                message: format!(
+                    "unable to create new content in namespace {namespace} because it is being terminated"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    pub async fn create_object(
+        &self,
+        rt: &ResourceType,
+        namespace: Option<&str>,
+        mut object: Value,
+        options: &WriteOptions,
+    ) -> Result<Written, ApiError> {
+        Self::check_type_meta(rt, &object)?;
+        if !object["metadata"].is_object() {
+            object["metadata"] = json!({});
+        }
+        let namespace = self.namespace_for(rt, namespace);
+        let metadata = &mut object["metadata"];
+        match (
+            rt.namespaced,
+            namespace,
+            metadata["namespace"].as_str().filter(|n| !n.is_empty()),
+        ) {
+            (true, Some(url), Some(body)) if url != body => {
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ));
+            }
+            (true, Some(url), _) => metadata["namespace"] = json!(url),
+            (true, None, _) => {
+                return Err(ApiError::bad_request(
+                    "a namespace is required to create this object",
+                ));
+            }
+            (false, ..) => {
+                if let Some(map) = metadata.as_object_mut() {
+                    map.remove("namespace");
+                }
+            }
+        }
+        if metadata["name"].as_str().is_none_or(str::is_empty)
+            && let Some(prefix) = metadata["generateName"].as_str().filter(|p| !p.is_empty())
+        {
+            metadata["name"] = json!(format!("{prefix}{}", name_suffix()));
+        }
+        if meta_str(&object, "resourceVersion").is_some() {
+            return Err(ApiError::bad_request(
+                "resourceVersion should not be set on objects to be created",
+            ));
+        }
+        let metadata = &mut object["metadata"];
+        metadata["uid"] = json!(new_uid());
+        metadata["creationTimestamp"] = json!(now_rfc3339());
+        if let Some(map) = metadata.as_object_mut() {
+            map.remove("deletionTimestamp");
+            map.remove("deletionGracePeriodSeconds");
+            map.remove("selfLink");
+        }
+        if object.get("spec").is_some() {
+            object["metadata"]["generation"] = json!(1);
+        }
+        let (object, warnings) = self.admit(rt, &object, options)?;
+        let name = meta_str(&object, "name").unwrap_or_default().to_owned();
+        if let Some(namespace) = namespace {
+            self.check_namespace(rt, namespace).await?;
+        }
+        if options.dry_run {
+            return Ok(Written {
+                object,
+                warnings,
+                created: true,
+            });
+        }
+        let key = rt.key(namespace, &name);
+        match self
+            .store
+            .txn(Txn::create(&key, self.encode(&key, &object)))
+            .await?
+        {
+            TxnOutcome::Committed { revision } => {
+                let mut object = object;
+                object["metadata"]["resourceVersion"] = json!(revision.to_string());
+                Ok(Written {
+                    object,
+                    warnings,
+                    created: true,
+                })
+            }
+            TxnOutcome::Rejected { .. } => Err(ApiError::AlreadyExists(rt.subject(&name))),
+        }
+    }
+
+    /// Applies `mutate` to the current object and writes the result if
+    /// the object did not change in between; retries lost races unless
+    /// the caller pinned a resourceVersion (then it is a 409).
+    pub async fn update_object(
+        &self,
+        rt: &ResourceType,
+        namespace: Option<&str>,
+        name: &str,
+        mode: UpdateMode,
+        options: &WriteOptions,
+        mutate: impl Fn(&Value) -> Result<Value, ApiError>,
+    ) -> Result<Written, ApiError> {
+        let namespace = self.namespace_for(rt, namespace);
+        let key = rt.key(namespace, name);
+        for _ in 0..UPDATE_ATTEMPTS {
+            let (current, kv) = self.get_object(rt, namespace, name).await?;
+            let proposed = mutate(&current)?;
+            Self::check_type_meta(rt, &proposed)?;
+            let pinned = match meta_str(&proposed, "resourceVersion") {
+                Some(rv) => Some(parse_revision(rv)?),
+                None => None,
+            };
+            if pinned.is_some_and(|rv| rv != kv.mod_revision) {
+                return Err(self.conflict(rt, name));
+            }
+            let next = self.prepare_update(rt, namespace, name, &current, proposed, mode)?;
+            let (mut next, warnings) = self.admit(rt, &next, options)?;
+            let mut unchanged = next.clone();
+            unchanged["metadata"]["resourceVersion"] =
+                current["metadata"]["resourceVersion"].clone();
+            if unchanged == current {
+                // A no-op update writes nothing and keeps resourceVersion.
+                return Ok(Written {
+                    object: current,
+                    warnings,
+                    created: false,
+                });
+            }
+            if options.dry_run {
+                return Ok(Written {
+                    object: next,
+                    warnings,
+                    created: false,
+                });
+            }
+            let finished = next["metadata"]["deletionTimestamp"].is_string()
+                && next["metadata"]["finalizers"]
+                    .as_array()
+                    .is_none_or(Vec::is_empty)
+                && finalizers_done(rt, &next);
+            let txn = if finished {
+                Txn::delete(&key, kv.mod_revision)
+            } else {
+                Txn::update(&key, kv.mod_revision, self.encode(&key, &next))
+            };
+            match self.store.txn(txn).await? {
+                TxnOutcome::Committed { revision } => {
+                    next["metadata"]["resourceVersion"] = json!(revision.to_string());
+                    return Ok(Written {
+                        object: next,
+                        warnings,
+                        created: false,
+                    });
+                }
+                TxnOutcome::Rejected { .. } if pinned.is_some() => {
+                    return Err(self.conflict(rt, name));
+                }
+                TxnOutcome::Rejected { .. } => {}
+            }
+        }
+        Err(self.conflict(rt, name))
+    }
+
+    fn conflict(&self, rt: &ResourceType, name: &str) -> ApiError {
+        ApiError::Conflict {
+            subject: rt.subject(name),
+            reason: "the object has been modified; please apply your changes to the latest version and try again"
+                .to_owned(),
+        }
+    }
+
+    /// Keeps what an update may not change, and bumps generation when the
+    /// spec changed.
+    fn prepare_update(
+        &self,
+        rt: &ResourceType,
+        namespace: Option<&str>,
+        name: &str,
+        current: &Value,
+        mut next: Value,
+        mode: UpdateMode,
+    ) -> Result<Value, ApiError> {
+        if !next["metadata"].is_object() {
+            return Err(ApiError::bad_request("metadata is required"));
+        }
+        match meta_str(&next, "name") {
+            Some(body) if body != name => {
+                return Err(ApiError::bad_request(format!(
+                    "the name of the object ({body}) does not match the name on the URL ({name})"
+                )));
+            }
+            _ => next["metadata"]["name"] = json!(name),
+        }
+        match (namespace, meta_str(&next, "namespace")) {
+            (Some(url), Some(body)) if url != body => {
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ));
+            }
+            (Some(url), _) => next["metadata"]["namespace"] = json!(url),
+            (None, _) => {}
+        }
+        if mode == UpdateMode::Status {
+            let mut merged = current.clone();
+            merged["status"] = next["status"].take();
+            next = merged;
+        } else if rt.status {
+            next["status"] = current["status"].clone();
+        }
+        let metadata = &mut next["metadata"];
+        for field in [
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "generation",
+        ] {
+            match current["metadata"].get(field) {
+                Some(value) => metadata[field] = value.clone(),
+                None => {
+                    if let Some(map) = metadata.as_object_mut() {
+                        map.remove(field);
+                    }
+                }
+            }
+        }
+        // Finalizers may be removed from a deleting object, never added.
+        if current["metadata"]["deletionTimestamp"].is_string() {
+            let before: Vec<&Value> = current["metadata"]["finalizers"]
+                .as_array()
+                .map(|f| f.iter().collect())
+                .unwrap_or_default();
+            let added = next["metadata"]["finalizers"]
+                .as_array()
+                .is_some_and(|after| after.iter().any(|f| !before.contains(&f)));
+            if added {
+                return Err(rt.invalid(
+                    name,
+                    vec![Cause::forbidden(
+                        "metadata.finalizers",
+                        "no new finalizers can be added if the object is being deleted",
+                    )],
+                ));
+            }
+        }
+        if current.get("spec") != next.get("spec")
+            && current["metadata"].get("generation").is_some()
+        {
+            let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
+            next["metadata"]["generation"] = json!(generation + 1);
+        }
+        Ok(next)
+    }
+
+    /// Deletes now, or marks for deletion when finalizers or a pod's
+    /// grace period say so. Returns the object (as last stored).
+    pub async fn delete_object(
+        &self,
+        rt: &ResourceType,
+        namespace: Option<&str>,
+        name: &str,
+        options: &DeleteOptions,
+    ) -> Result<Value, ApiError> {
+        let namespace = self.namespace_for(rt, namespace);
+        let key = rt.key(namespace, name);
+        for _ in 0..UPDATE_ATTEMPTS {
+            let (current, kv) = self.get_object(rt, namespace, name).await?;
+            if let Some(uid) = &options.uid
+                && meta_str(&current, "uid") != Some(uid.as_str())
+            {
+                return Err(ApiError::Conflict {
+                    subject: rt.subject(name),
+                    reason: format!(
+                        "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                        meta_str(&current, "uid").unwrap_or_default()
+                    ),
+                });
+            }
+            if let Some(rv) = &options.resource_version
+                && parse_revision(rv)? != kv.mod_revision
+            {
+                return Err(ApiError::Conflict {
+                    subject: rt.subject(name),
+                    reason: format!(
+                        "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
+                        kv.mod_revision
+                    ),
+                });
+            }
+            let marked = self.mark_for_deletion(rt, &current, options);
+            if options.dry_run {
+                return Ok(marked.unwrap_or(current));
+            }
+            let txn = match &marked {
+                Some(next) if *next == current => return Ok(current),
+                Some(next) => Txn::update(&key, kv.mod_revision, self.encode(&key, next)),
+                None => Txn::delete(&key, kv.mod_revision),
+            };
+            match self.store.txn(txn).await? {
+                TxnOutcome::Committed { revision } => {
+                    let mut object = marked.unwrap_or(current);
+                    object["metadata"]["resourceVersion"] = json!(revision.to_string());
+                    return Ok(object);
+                }
+                TxnOutcome::Rejected { .. } if options.resource_version.is_some() => {
+                    return Err(self.conflict(rt, name));
+                }
+                TxnOutcome::Rejected { .. } => {}
+            }
+        }
+        Err(self.conflict(rt, name))
+    }
+
+    /// The object marked as deleting, or `None` to delete it now.
+    fn mark_for_deletion(
+        &self,
+        rt: &ResourceType,
+        current: &Value,
+        options: &DeleteOptions,
+    ) -> Option<Value> {
+        let mut next = current.clone();
+        let mut finalizers: Vec<Value> = current["metadata"]["finalizers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let policy_finalizer = match options.propagation.as_deref() {
+            Some("Orphan") => Some("orphan"),
+            Some("Foreground") => Some("foregroundDeletion"),
+            _ => None,
+        };
+        if let Some(finalizer) = policy_finalizer
+            && !finalizers.iter().any(|f| f == finalizer)
+        {
+            finalizers.push(json!(finalizer));
+        }
+        let already_deleting = current["metadata"]["deletionTimestamp"].is_string();
+        // A pod bound to a node ends gracefully: the node's agent stops it
+        // and deletes it with grace period 0.
+        let pod_grace = if rt.plural == "pods" && rt.group.is_empty() {
+            let bound = current["spec"]["nodeName"]
+                .as_str()
+                .is_some_and(|n| !n.is_empty());
+            let finished = matches!(
+                current["status"]["phase"].as_str(),
+                Some("Succeeded" | "Failed")
+            );
+            let grace = options
+                .grace_period
+                .or_else(|| current["spec"]["terminationGracePeriodSeconds"].as_i64())
+                .unwrap_or(30);
+            (bound && !finished && grace > 0).then_some(grace)
+        } else {
+            None
+        };
+        let namespace_pending = rt.plural == "namespaces"
+            && rt.group.is_empty()
+            && current["spec"]["finalizers"]
+                .as_array()
+                .is_some_and(|f| !f.is_empty());
+        if finalizers.is_empty() && pod_grace.is_none() && !namespace_pending {
+            return None;
+        }
+        if !finalizers.is_empty() {
+            next["metadata"]["finalizers"] = Value::Array(finalizers);
+        }
+        if !already_deleting {
+            let grace = pod_grace.unwrap_or(0);
+            let at = Utc::now() + chrono::Duration::seconds(grace);
+            next["metadata"]["deletionTimestamp"] =
+                json!(at.to_rfc3339_opts(SecondsFormat::Secs, true));
+            next["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+            if namespace_pending {
+                next["status"]["phase"] = json!("Terminating");
+            }
+        } else if let Some(grace) = pod_grace {
+            // A shorter grace period shortens a deletion in progress.
+            let current_grace = current["metadata"]["deletionGracePeriodSeconds"]
+                .as_i64()
+                .unwrap_or(i64::MAX);
+            if grace < current_grace {
+                let at = Utc::now() + chrono::Duration::seconds(grace);
+                next["metadata"]["deletionTimestamp"] =
+                    json!(at.to_rfc3339_opts(SecondsFormat::Secs, true));
+                next["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+            }
+        }
+        Some(next)
+    }
+
+    /// Creates the namespaces every cluster has.
+    pub async fn bootstrap(&self) {
+        let Some(namespaces) = self.registry.find("", "v1", "namespaces") else {
+            return;
+        };
+        for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+            let object =
+                json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": name } });
+            match self
+                .create_object(namespaces, None, object, &WriteOptions::default())
+                .await
+            {
+                Ok(_) | Err(ApiError::AlreadyExists(_)) => {}
+                Err(error) => tracing::warn!(%error, namespace = name, "bootstrap"),
+            }
+        }
+    }
+}
+
+/// A namespace also waits for its spec finalizers (emptied through
+/// `/finalize` once its contents are gone).
+fn finalizers_done(rt: &ResourceType, object: &Value) -> bool {
+    if rt.plural == "namespaces" && rt.group.is_empty() {
+        return object["spec"]["finalizers"]
+            .as_array()
+            .is_none_or(Vec::is_empty);
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uids_look_like_version_4_uuids() {
+        let uid = new_uid();
+        let parts: Vec<&str> = uid.split('-').collect();
+        assert_eq!(
+            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12]
+        );
+        assert!(parts[2].starts_with('4'));
+        assert_ne!(new_uid(), uid);
+    }
+
+    #[test]
+    fn continue_tokens_round_trip_and_reject_escapes() {
+        let token = encode_continue(42, "ns/web\0");
+        assert_eq!(
+            decode_continue(&token).unwrap(),
+            (42, "ns/web\0".to_owned())
+        );
+        assert!(decode_continue("not base64!").is_err());
+        let escape = STANDARD.encode(json!({"rv": 1, "start": "../secrets/"}).to_string());
+        assert!(decode_continue(&escape).is_err());
+    }
+
+    #[test]
+    fn generated_names_avoid_vowels() {
+        let suffix = name_suffix();
+        assert_eq!(suffix.len(), 5);
+        assert!(!suffix.contains(['a', 'e', 'i', 'o', 'u', '0', '1', '3']));
+    }
+}
