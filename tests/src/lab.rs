@@ -291,15 +291,20 @@ pub fn command(program: &str, args: &[&str]) {
 
 /// The wharf-agent binary next to the test binaries (target/<profile>/).
 pub fn agent_binary() -> PathBuf {
+    workspace_binary("wharf-agent")
+}
+
+/// A binary of this workspace, next to the test executable's directory.
+pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let path = exe
         .parent()
         .and_then(Path::parent)
         .expect("target dir")
-        .join("wharf-agent");
+        .join(name);
     assert!(
         path.exists(),
-        "{} is missing: build it first (cargo build -p wharf-agent)",
+        "{} is missing: build it first (cargo build --workspace --bins)",
         path.display()
     );
     path

@@ -1,7 +1,9 @@
 //! Helpers shared by wharf's integration suites and benchmarks: frames
 //! built and checked independently of the dataplane's own code, a loaded
-//! dataplane with private pins, and network-namespace plumbing.
+//! dataplane with private pins, network-namespace plumbing, and a wharf-control
+//! process with kubectl pointed at it.
 
+pub mod control;
 pub mod fixture;
 pub mod frame;
 pub mod lab;

@@ -1,0 +1,219 @@
+//! A wharf-control process for end-to-end tests, on the embedded store or
+//! on a real etcd started for it, and kubectl pointed at it.
+
+use std::{
+    io::Write as _,
+    net::{Ipv4Addr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use wharf_control::etcd_process::EtcdProcess;
+
+use crate::lab::workspace_binary;
+
+/// Which store the server runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    Embedded,
+    Etcd,
+}
+
+/// A running server; killed on drop (with its etcd).
+#[derive(Debug)]
+pub struct ControlPlane {
+    child: Option<Child>,
+    etcd: Option<EtcdProcess>,
+    runtime: tokio::runtime::Runtime,
+    dir: tempfile::TempDir,
+    port: u16,
+    store: StoreKind,
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a free port");
+    listener.local_addr().expect("local address").port()
+}
+
+impl ControlPlane {
+    pub fn start(store: StoreKind) -> Self {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let etcd = match store {
+            StoreKind::Embedded => None,
+            StoreKind::Etcd => {
+                let etcd_dir = dir.path().join("etcd");
+                std::fs::create_dir(&etcd_dir).expect("etcd directory");
+                Some(
+                    runtime
+                        .block_on(EtcdProcess::start(&etcd_dir))
+                        .expect("start etcd"),
+                )
+            }
+        };
+        let mut plane = Self {
+            child: None,
+            etcd,
+            runtime,
+            dir,
+            port: free_port(),
+            store,
+        };
+        plane.launch();
+        plane
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.data_dir().join("admin.kubeconfig")
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server process and waits until it answers /readyz.
+    fn launch(&mut self) {
+        let mut command = Command::new(workspace_binary("wharf-control"));
+        command
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
+        if let Some(etcd) = &self.etcd {
+            command.args(["--store", "etcd", "--etcd-endpoints", etcd.endpoint()]);
+        }
+        if let Some(tokens) = self.token_file() {
+            command.arg("--token-auth-file").arg(tokens);
+        }
+        self.child = Some(command.spawn().expect("spawn wharf-control"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.kubeconfig().exists()
+                && self
+                    .kubectl(&["get", "--raw", "/readyz", "--request-timeout=2s"])
+                    .status
+                    .success()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "wharf-control did not become ready in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn token_file(&self) -> Option<PathBuf> {
+        let path = self.dir.path().join("tokens.csv");
+        path.exists().then_some(path)
+    }
+
+    /// Restarts with a static token file (token,user,uid,"groups").
+    pub fn restart_with_tokens(&mut self, tokens: &str) {
+        std::fs::write(self.dir.path().join("tokens.csv"), tokens).expect("write token file");
+        self.kill();
+        self.launch();
+    }
+
+    /// SIGKILL, no chance to clean up: what a crash looks like.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Already exited is fine.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same data (and etcd).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+
+    pub fn store(&self) -> StoreKind {
+        self.store
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        self.kubectl_with_input(args, None)
+    }
+
+    pub fn kubectl_with_input(&self, args: &[&str], input: Option<&str>) -> Output {
+        let mut child = Command::new("kubectl")
+            .args(args)
+            .env("KUBECONFIG", self.kubeconfig())
+            .env("HOME", self.dir.path())
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kubectl (preinstalled at /usr/bin/kubectl)");
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            stdin
+                .write_all(input.as_bytes())
+                .expect("write kubectl stdin");
+        }
+        child.wait_with_output().expect("kubectl output")
+    }
+
+    /// Runs kubectl, panics with its stderr if it fails, returns stdout.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let output = self.kubectl(args);
+        assert!(
+            output.status.success(),
+            "kubectl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("kubectl output is UTF-8")
+    }
+
+    /// `kubectl apply -f -` of a YAML document.
+    pub fn apply(&self, yaml: &str) -> String {
+        let output = self.kubectl_with_input(&["apply", "-f", "-"], Some(yaml));
+        assert!(
+            output.status.success(),
+            "kubectl apply failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("kubectl output is UTF-8")
+    }
+
+    /// The store's raw bytes on disk (embedded store only).
+    pub fn store_file(&self) -> PathBuf {
+        self.data_dir().join("store.redb")
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.data_dir().join("pki/ca.crt")
+    }
+
+    pub fn runtime(&self) -> &tokio::runtime::Runtime {
+        &self.runtime
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
