@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf};
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use wharf_control::{
-    apiserver::{self, Config},
+    apiserver::{self, Config, ServiceRanges},
     store::{EmbeddedStore, EtcdStore},
 };
 
@@ -37,6 +37,14 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
     etcd_endpoints: Vec<String>,
 
+    /// ClusterIPs are allocated from this IPv4 range.
+    #[arg(long, default_value = "10.96.0.0/12")]
+    service_cidr: String,
+
+    /// NodePorts are allocated from this range.
+    #[arg(long, default_value = "30000-32767")]
+    service_node_port_range: String,
+
     /// Static bearer tokens: CSV lines of token,user,uid[,"group1,group2"].
     #[arg(long)]
     token_auth_file: Option<PathBuf>,
@@ -65,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
         data_dir: args.data_dir.clone(),
         listen: args.listen,
         token_file: args.token_auth_file,
+        ranges: ServiceRanges::parse(&args.service_cidr, &args.service_node_port_range)?,
     };
     match args.store {
         StoreKind::Embedded => {

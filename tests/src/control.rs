@@ -29,6 +29,7 @@ pub struct ControlPlane {
     dir: tempfile::TempDir,
     port: u16,
     store: StoreKind,
+    args: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -38,6 +39,11 @@ fn free_port() -> u16 {
 
 impl ControlPlane {
     pub fn start(store: StoreKind) -> Self {
+        Self::start_with_args(store, &[])
+    }
+
+    /// Starts with extra wharf-control flags.
+    pub fn start_with_args(store: StoreKind, args: &[&str]) -> Self {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -62,6 +68,7 @@ impl ControlPlane {
             dir,
             port: free_port(),
             store,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
         };
         plane.launch();
         plane
@@ -87,6 +94,7 @@ impl ControlPlane {
             .arg(self.data_dir())
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
+            .args(&self.args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null());
         if let Some(etcd) = &self.etcd {

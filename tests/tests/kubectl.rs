@@ -32,6 +32,82 @@ on_both_stores!(
     finalizers_hold_deletion,
 );
 
+#[test]
+fn service_ips_are_never_shared_embedded() {
+    service_ips_are_never_shared(StoreKind::Embedded);
+}
+
+#[test]
+fn service_ips_are_never_shared_etcd() {
+    service_ips_are_never_shared(StoreKind::Etcd);
+}
+
+/// A /27 has 30 addresses for Services; the first is the `kubernetes`
+/// Service's, so 29 more fit. 35 concurrent creates: 29 win, each with
+/// its own IP, 6 are refused, and a delete frees an IP for reuse.
+fn service_ips_are_never_shared(store: StoreKind) {
+    let plane = ControlPlane::start_with_args(store, &["--service-cidr", "10.96.0.0/27"]);
+    let service = |i: usize| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: default}}\nspec:\n  type: NodePort\n  ports: [{{port: 80}}]\n"
+        )
+    };
+    let outcomes: Vec<bool> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..35)
+            .map(|i| {
+                let plane = &plane;
+                let manifest = service(i);
+                scope.spawn(move || {
+                    plane
+                        .kubectl_with_input(&["create", "-f", "-"], Some(&manifest))
+                        .status
+                        .success()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(outcomes.iter().filter(|ok| **ok).count(), 29);
+    let list = json(&plane, &["get", "services", "-n", "default"]);
+    let items = list["items"].as_array().unwrap();
+    let mut ips: Vec<&str> = items
+        .iter()
+        .map(|s| s["spec"]["clusterIP"].as_str().unwrap())
+        .collect();
+    let mut ports: Vec<i64> = items
+        .iter()
+        .filter_map(|s| s["spec"]["ports"][0]["nodePort"].as_i64())
+        .collect();
+    ips.sort_unstable();
+    ips.dedup();
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(
+        (ips.len(), ports.len()),
+        (30, 29),
+        "distinct IPs (with kubernetes) and node ports"
+    );
+    let refused = plane.kubectl_with_input(&["create", "-f", "-"], Some(&service(99)));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("range is full"));
+    let winner = items
+        .iter()
+        .find(|s| s["metadata"]["name"] != "kubernetes")
+        .unwrap();
+    plane.kubectl_ok(&[
+        "delete",
+        "service",
+        winner["metadata"]["name"].as_str().unwrap(),
+        "-n",
+        "default",
+    ]);
+    let reused = plane.kubectl_with_input(&["create", "-f", "-"], Some(&service(99)));
+    assert!(
+        reused.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reused.stderr)
+    );
+}
+
 const APP: &str = r#"
 apiVersion: v1
 kind: Namespace

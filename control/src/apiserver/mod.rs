@@ -2,6 +2,7 @@
 //! discovery, and the generic verbs over every registered resource, backed
 //! by any [`Store`].
 
+mod allocation;
 pub mod authn;
 mod discovery;
 pub mod encryption;
@@ -23,12 +24,12 @@ use futures::StreamExt as _;
 use serde_json::Value;
 use tracing::{info, warn};
 
+pub use self::{allocation::ServiceRanges, kinds::Registry, status::ApiError};
 use self::{
     authn::Authenticator,
     encryption::SecretBox,
     watch::{CachedEvent, EventType, WatchCache},
 };
-pub use self::{kinds::Registry, status::ApiError};
 use crate::{
     pki::{self, Authority, PkiError},
     store::{EventKind, KeyValue, Revision, Store, StoreError},
@@ -43,6 +44,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub token_file: Option<PathBuf>,
+    /// Where ClusterIPs and node ports come from.
+    pub ranges: ServiceRanges,
 }
 
 /// Why the server could not start.
@@ -74,6 +77,9 @@ pub struct App<S> {
     secrets: SecretBox,
     authn: Authenticator,
     openapi: openapi::OpenApi,
+    ranges: ServiceRanges,
+    /// The `kubernetes` Service's target port.
+    listen_port: u16,
 }
 
 impl<S> std::fmt::Debug for App<S> {
@@ -233,6 +239,8 @@ pub async fn serve<S: Store>(
         cache: Arc::new(WatchCache::new(revision)),
         secrets,
         authn,
+        ranges: config.ranges.clone(),
+        listen_port: config.listen.port(),
     });
     app.bootstrap().await;
     tokio::spawn(Arc::clone(&app).feed_watch_cache());

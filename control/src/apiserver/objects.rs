@@ -6,6 +6,8 @@
 //! mod revision, so a write is whole or absent, and a stale
 //! resourceVersion is a 409, never a lost update.
 
+use std::collections::HashSet;
+
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use chrono::{SecondsFormat, Utc};
 use rand::Rng as _;
@@ -13,11 +15,12 @@ use serde_json::{Value, json};
 
 use super::{
     App,
+    allocation::{self, Plan},
     kinds::ResourceType,
     selectors::{FieldSelector, LabelSelector},
     status::{ApiError, Cause},
 };
-use crate::store::{KeyValue, RangeRequest, Revision, Store, Txn, TxnOutcome};
+use crate::store::{Check, KeyValue, Op, RangeRequest, Revision, Store, Txn, TxnOutcome};
 
 /// How unknown fields in a request body are treated (`fieldValidation`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -446,22 +449,90 @@ impl<S: Store> App<S> {
             });
         }
         let key = rt.key(namespace, &name);
-        match self
-            .store
-            .txn(Txn::create(&key, self.encode(&key, &object)))
-            .await?
-        {
-            TxnOutcome::Committed { revision } => {
-                let mut object = object;
-                object["metadata"]["resourceVersion"] = json!(revision.to_string());
-                Ok(Written {
-                    object,
-                    warnings,
-                    created: true,
-                })
+        let mut taken = HashSet::new();
+        for _ in 0..UPDATE_ATTEMPTS {
+            let mut object = object.clone();
+            let extras = self.plan_extras(rt, &name, None, Some(&mut object), &taken)?;
+            let mut txn = Txn::create(&key, self.encode(&key, &object));
+            extras.add_to(&mut txn, &key);
+            match self.store.txn(txn).await? {
+                TxnOutcome::Committed { revision } => {
+                    object["metadata"]["resourceVersion"] = json!(revision.to_string());
+                    return Ok(Written {
+                        object,
+                        warnings,
+                        created: true,
+                    });
+                }
+                TxnOutcome::Rejected { current } if current[0].is_some() => {
+                    return Err(ApiError::AlreadyExists(rt.subject(&name)));
+                }
+                TxnOutcome::Rejected { current } => {
+                    self.claim_lost(rt, &name, &extras, &current, &mut taken)
+                        .await?;
+                }
             }
-            TxnOutcome::Rejected { .. } => Err(ApiError::AlreadyExists(rt.subject(&name))),
         }
+        Err(self.conflict(rt, &name))
+    }
+
+    /// What a write must claim and release besides the object itself.
+    fn plan_extras(
+        &self,
+        rt: &ResourceType,
+        name: &str,
+        previous: Option<&Value>,
+        next: Option<&mut Value>,
+        taken: &HashSet<String>,
+    ) -> Result<Plan, ApiError> {
+        if !(rt.group.is_empty() && rt.plural == "services") {
+            return Ok(Plan::default());
+        }
+        match next {
+            Some(next) => self
+                .ranges
+                .plan(previous, next, taken)
+                .map_err(|causes| rt.invalid(name, causes)),
+            None => Ok(Plan {
+                claims: Vec::new(),
+                releases: previous.map(allocation::held).unwrap_or_default(),
+            }),
+        }
+    }
+
+    /// After a transaction failed on a claim (`current[1..]`, in claim
+    /// order): a value the user asked for is an error; a random pick that
+    /// lost a race is retried with what is taken now.
+    async fn claim_lost(
+        &self,
+        rt: &ResourceType,
+        name: &str,
+        extras: &Plan,
+        current: &[Option<KeyValue>],
+        taken: &mut HashSet<String>,
+    ) -> Result<(), ApiError> {
+        let lost = extras
+            .claims
+            .iter()
+            .zip(current.iter().skip(1))
+            .find(|(_, holder)| holder.is_some());
+        if let Some((claim, _)) = lost
+            && claim.requested
+        {
+            return Err(rt.invalid(name, vec![claim.taken()]));
+        }
+        taken.clear();
+        for prefix in allocation::CLAIM_PREFIXES {
+            let range = self
+                .store
+                .range(RangeRequest {
+                    prefix: prefix.to_owned(),
+                    ..RangeRequest::default()
+                })
+                .await?;
+            taken.extend(range.kvs.into_iter().map(|kv| kv.key));
+        }
+        Ok(())
     }
 
     /// Applies `mutate` to the current object and writes the result if
@@ -478,6 +549,7 @@ impl<S: Store> App<S> {
     ) -> Result<Written, ApiError> {
         let namespace = self.namespace_for(rt, namespace);
         let key = rt.key(namespace, name);
+        let mut taken = HashSet::new();
         for _ in 0..UPDATE_ATTEMPTS {
             let (current, kv) = self.get_object(rt, namespace, name).await?;
             let proposed = mutate(&current)?;
@@ -514,11 +586,17 @@ impl<S: Store> App<S> {
                     .as_array()
                     .is_none_or(Vec::is_empty)
                 && finalizers_done(rt, &next);
-            let txn = if finished {
-                Txn::delete(&key, kv.mod_revision)
+            let (mut txn, extras) = if finished {
+                let extras = self.plan_extras(rt, name, Some(&current), None, &taken)?;
+                (Txn::delete(&key, kv.mod_revision), extras)
             } else {
-                Txn::update(&key, kv.mod_revision, self.encode(&key, &next))
+                let extras = self.plan_extras(rt, name, Some(&current), Some(&mut next), &taken)?;
+                (
+                    Txn::update(&key, kv.mod_revision, self.encode(&key, &next)),
+                    extras,
+                )
             };
+            extras.add_to(&mut txn, &key);
             match self.store.txn(txn).await? {
                 TxnOutcome::Committed { revision } => {
                     next["metadata"]["resourceVersion"] = json!(revision.to_string());
@@ -527,6 +605,12 @@ impl<S: Store> App<S> {
                         warnings,
                         created: false,
                     });
+                }
+                TxnOutcome::Rejected { current }
+                    if current[0].as_ref().map(|kv| kv.mod_revision) == Some(kv.mod_revision) =>
+                {
+                    self.claim_lost(rt, name, &extras, &current, &mut taken)
+                        .await?;
                 }
                 TxnOutcome::Rejected { .. } if pinned.is_some() => {
                     return Err(self.conflict(rt, name));
@@ -670,7 +754,12 @@ impl<S: Store> App<S> {
             let txn = match &marked {
                 Some(next) if *next == current => return Ok(current),
                 Some(next) => Txn::update(&key, kv.mod_revision, self.encode(&key, next)),
-                None => Txn::delete(&key, kv.mod_revision),
+                None => {
+                    let mut txn = Txn::delete(&key, kv.mod_revision);
+                    self.plan_extras(rt, name, Some(&current), None, &HashSet::new())?
+                        .add_to(&mut txn, &key);
+                    txn
+                }
             };
             match self.store.txn(txn).await? {
                 TxnOutcome::Committed { revision } => {
@@ -763,7 +852,7 @@ impl<S: Store> App<S> {
         Some(next)
     }
 
-    /// Creates the namespaces every cluster has.
+    /// Creates the namespaces and the `kubernetes` Service every cluster has.
     pub async fn bootstrap(&self) {
         let Some(namespaces) = self.registry.find("", "v1", "namespaces") else {
             return;
@@ -779,6 +868,31 @@ impl<S: Store> App<S> {
                 Err(error) => tracing::warn!(%error, namespace = name, "bootstrap"),
             }
         }
+        // In-cluster clients find the API server at the first service IP.
+        let Some(services) = self.registry.find("", "v1", "services") else {
+            return;
+        };
+        let kubernetes = json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": { "name": "kubernetes", "namespace": "default", "labels": { "component": "apiserver", "provider": "kubernetes" } },
+            "spec": {
+                "clusterIP": self.ranges.first_ip().to_string(),
+                "ports": [{ "name": "https", "port": 443, "protocol": "TCP", "targetPort": self.listen_port }],
+            },
+        });
+        match self
+            .create_object(
+                services,
+                Some("default"),
+                kubernetes,
+                &WriteOptions::default(),
+            )
+            .await
+        {
+            Ok(_) | Err(ApiError::AlreadyExists(_)) => {}
+            Err(error) => tracing::warn!(%error, "bootstrap: kubernetes service"),
+        }
     }
 }
 
@@ -791,6 +905,23 @@ fn finalizers_done(rt: &ResourceType, object: &Value) -> bool {
             .is_none_or(Vec::is_empty);
     }
     true
+}
+
+impl Plan {
+    /// Adds the claims (each checked absent, owned by `owner`) and the
+    /// releases to a transaction, after its own checks and ops.
+    fn add_to(&self, txn: &mut Txn, owner: &str) {
+        for claim in &self.claims {
+            txn.checks.push(Check::Absent(claim.key.clone()));
+            txn.ops.push(Op::Put {
+                key: claim.key.clone(),
+                value: owner.as_bytes().to_vec(),
+            });
+        }
+        for key in &self.releases {
+            txn.ops.push(Op::Delete { key: key.clone() });
+        }
+    }
 }
 
 #[cfg(test)]
