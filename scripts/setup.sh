@@ -50,6 +50,13 @@ if ! bpf-linker --version 2>/dev/null | grep -qx "bpf-linker $BPF_LINKER_VERSION
     || die "cargo install bpf-linker failed"
 fi
 
+# The official Python client: the API server's end-to-end tests drive it.
+if ! python3 -c 'import kubernetes' 2>/dev/null; then
+  step "installing the kubernetes Python client"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore 'kubernetes>=32,<33' \
+    || die "pip install kubernetes failed (needs python3 with pip and PyPI access)"
+fi
+
 # bpffs: the agent mounts it itself, but tests and the demo check pins.
 if ! mountpoint -q /sys/fs/bpf; then
   mkdir -p /sys/fs/bpf && mount -t bpf bpf /sys/fs/bpf || die "cannot mount bpffs at /sys/fs/bpf"

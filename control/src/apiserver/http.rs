@@ -64,8 +64,13 @@ impl Call {
             .filter(|v| !v.is_empty())
     }
 
+    /// A boolean parameter, parsed as Go's strconv.ParseBool (the Python
+    /// client sends `watch=True`).
     fn flag(&self, name: &str) -> bool {
-        matches!(self.param(name), Some("true" | "1"))
+        matches!(
+            self.param(name),
+            Some("1" | "t" | "T" | "true" | "TRUE" | "True")
+        )
     }
 
     fn accepts(&self, needle: &str) -> bool {

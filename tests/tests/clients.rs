@@ -1,0 +1,245 @@
+//! Clients nobody here wrote, against wharf-control: kube-rs (the agent's
+//! watchers are kube-rs), the official Python client, and raw HTTP for
+//! the error paths; plus durability of acknowledged writes across kill -9.
+
+use std::{
+    path::Path,
+    process::Command,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::{
+    Api, Client, Config,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::watcher::{self, Event},
+};
+use wharf_tests::control::{ControlPlane, StoreKind};
+
+macro_rules! on_both_stores {
+    ($($case:ident),* $(,)?) => {
+        mod embedded {
+            $( #[test] fn $case() { super::$case(super::ControlPlane::start(super::StoreKind::Embedded)); } )*
+        }
+        mod etcd {
+            $( #[test] fn $case() { super::$case(super::ControlPlane::start(super::StoreKind::Etcd)); } )*
+        }
+    };
+}
+
+on_both_stores!(
+    kube_watchers_see_every_change,
+    acknowledged_writes_survive_kill_9,
+    python_client_crud_and_watch,
+);
+
+async fn client(kubeconfig: &Path) -> Client {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig).expect("read kubeconfig");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("kube config");
+    Client::try_from(config).expect("kube client")
+}
+
+fn config_map(name: &str, value: &str) -> ConfigMap {
+    serde_json::from_value(serde_json::json!({
+        "metadata": { "name": name },
+        "data": { "k": value },
+    }))
+    .expect("a ConfigMap")
+}
+
+fn kube_watchers_see_every_change(plane: ControlPlane) {
+    plane.runtime().block_on(async {
+        let client = client(&plane.kubeconfig()).await;
+        let api: Api<ConfigMap> = Api::namespaced(client, "default");
+        api.create(&PostParams::default(), &config_map("before", "0"))
+            .await
+            .unwrap();
+        // Both list+watch and streaming lists (sendInitialEvents), as
+        // kube-rs offers them.
+        for config in [
+            watcher::Config::default(),
+            watcher::Config::default().streaming_lists(),
+        ] {
+            let mut events = watcher::watcher(api.clone(), config).boxed();
+            let mut initial = Vec::new();
+            loop {
+                match tokio::time::timeout(Duration::from_secs(10), events.try_next()).await {
+                    Ok(Ok(Some(Event::InitApply(cm)))) => initial.push(cm.metadata.name.unwrap()),
+                    Ok(Ok(Some(Event::InitDone))) => break,
+                    Ok(Ok(Some(Event::Init))) => {}
+                    other => panic!("initial listing: {other:?}"),
+                }
+            }
+            assert!(initial.contains(&"before".to_owned()), "{initial:?}");
+            let name = format!("live-{}", initial.len());
+            api.create(&PostParams::default(), &config_map(&name, "1"))
+                .await
+                .unwrap();
+            let patch = serde_json::json!({ "data": { "k": "2" } });
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .unwrap();
+            api.delete(&name, &DeleteParams::default()).await.unwrap();
+            let mut seen = Vec::new();
+            while seen.len() < 3 {
+                let event = tokio::time::timeout(Duration::from_secs(10), events.try_next())
+                    .await
+                    .expect("event within 10 s")
+                    .expect("watch error")
+                    .expect("watch ended");
+                match event {
+                    Event::Apply(cm) => seen.push(format!("apply {}", cm.data.unwrap()["k"])),
+                    Event::Delete(cm) => seen.push(format!("delete {}", cm.metadata.name.unwrap())),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            assert_eq!(
+                seen,
+                ["apply 1", "apply 2", format!("delete {name}").as_str()]
+            );
+        }
+    });
+}
+
+fn acknowledged_writes_survive_kill_9(mut plane: ControlPlane) {
+    let acknowledged = Arc::new(Mutex::new(Vec::new()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let kubeconfig = plane.kubeconfig();
+    let writers = runtime.block_on(async {
+        let client = client(&kubeconfig).await;
+        (0..4)
+            .map(|writer| {
+                let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+                let acknowledged = Arc::clone(&acknowledged);
+                tokio::spawn(async move {
+                    for i in 0.. {
+                        let name = format!("burst-{writer}-{i}");
+                        match api
+                            .create(&PostParams::default(), &config_map(&name, "x"))
+                            .await
+                        {
+                            Ok(_) => acknowledged.lock().unwrap().push(name),
+                            Err(_) => return,
+                        }
+                    }
+                })
+            })
+            .collect::<Vec<_>>()
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    plane.kill();
+    runtime.block_on(async {
+        for writer in writers {
+            writer.await.unwrap();
+        }
+    });
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() > 10,
+        "only {} writes before the kill",
+        acknowledged.len()
+    );
+    plane.restart();
+    runtime.block_on(async {
+        let api: Api<ConfigMap> = Api::namespaced(client(&kubeconfig).await, "default");
+        let stored: Vec<String> = api
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|cm| cm.metadata.name)
+            .collect();
+        let lost: Vec<&String> = acknowledged
+            .iter()
+            .filter(|name| !stored.contains(name))
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "{} acknowledged writes lost: {lost:?}",
+            lost.len()
+        );
+    });
+}
+
+fn python_client_crud_and_watch(plane: ControlPlane) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/client_check.py");
+    let output = Command::new("python3")
+        .arg(script)
+        .arg(plane.kubeconfig())
+        .output()
+        .expect("run python3 (scripts/setup.sh installs the kubernetes package)");
+    assert!(
+        output.status.success(),
+        "python client failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Status code of a raw HTTPS request made with curl.
+fn curl_status(plane: &ControlPlane, args: &[&str]) -> (u16, String) {
+    let output = Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}", "--cacert"])
+        .arg(plane.ca_file())
+        .args(args)
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or_default();
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+#[test]
+fn anonymous_requests_are_refused_and_tokens_authenticate() {
+    let mut plane = ControlPlane::start(StoreKind::Embedded);
+    let url = format!("{}/api/v1/namespaces", plane.url());
+    let (code, body) = curl_status(&plane, &[&url]);
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("\"reason\":\"Unauthorized\""), "{body}");
+    plane.restart_with_tokens("s3cret,alice,1000,\"dev\"\n");
+    let (code, body) = curl_status(&plane, &["-H", "Authorization: Bearer s3cret", &url]);
+    assert_eq!(code, 200, "{body}");
+    let (code, _) = curl_status(&plane, &["-H", "Authorization: Bearer wrong", &url]);
+    assert_eq!(code, 401);
+}
+
+#[test]
+fn malformed_and_oversized_bodies_get_statuses_not_writes() {
+    let plane = ControlPlane::start(StoreKind::Embedded);
+    let path = "/api/v1/namespaces/default/configmaps";
+    let bad = plane.path().join("bad.json");
+    std::fs::write(&bad, "{\"metadata\": ").unwrap();
+    let output = plane.kubectl(&["create", "--raw", path, "-f", bad.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("BadRequest"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let big = plane.path().join("big.json");
+    let payload = "x".repeat(4 * 1024 * 1024);
+    std::fs::write(
+        &big,
+        format!("{{\"metadata\":{{\"name\":\"big\"}},\"data\":{{\"k\":\"{payload}\"}}}}"),
+    )
+    .unwrap();
+    let output = plane.kubectl(&["create", "--raw", path, "-f", big.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("RequestEntityTooLarge") || stderr.contains("larger than"),
+        "{stderr}"
+    );
+    let list = plane.kubectl_ok(&["get", "configmaps", "-n", "default", "-o", "name"]);
+    assert!(list.trim().is_empty(), "nothing was written: {list}");
+    let missing = plane.kubectl(&["get", "--raw", "/apis/nope.example.com/v1/things"]);
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("NotFound"));
+}
