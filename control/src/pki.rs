@@ -194,8 +194,22 @@ impl Authority {
     }
 }
 
+/// How a kubeconfig's user authenticates.
+#[derive(Clone, Copy, Debug)]
+pub enum KubeconfigUser<'a> {
+    Certificate(&'a Credential),
+    Token(&'a str),
+}
+
 /// A kubeconfig with everything embedded, for one user of one cluster.
-pub fn kubeconfig(server: &str, ca_pem: &str, user: &str, credential: &Credential) -> String {
+pub fn kubeconfig(server: &str, ca_pem: &str, user: &str, auth: &KubeconfigUser<'_>) -> String {
+    let credentials = match auth {
+        KubeconfigUser::Certificate(credential) => serde_json::json!({
+            "client-certificate-data": STANDARD.encode(&credential.cert_pem),
+            "client-key-data": STANDARD.encode(&credential.key_pem),
+        }),
+        KubeconfigUser::Token(token) => serde_json::json!({ "token": token }),
+    };
     let yaml = serde_json::json!({
         "apiVersion": "v1",
         "kind": "Config",
@@ -208,10 +222,7 @@ pub fn kubeconfig(server: &str, ca_pem: &str, user: &str, credential: &Credentia
         }],
         "users": [{
             "name": user,
-            "user": {
-                "client-certificate-data": STANDARD.encode(&credential.cert_pem),
-                "client-key-data": STANDARD.encode(&credential.key_pem),
-            },
+            "user": credentials,
         }],
         "contexts": [{
             "name": format!("{user}@wharf"),

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use wharf_control::etcd_process::EtcdProcess;
+use wharf_control::{etcd_process::EtcdProcess, pki::KubeconfigUser};
 
 use crate::lab::workspace_binary;
 
@@ -209,6 +209,38 @@ impl ControlPlane {
 
     pub fn ca_file(&self) -> PathBuf {
         self.data_dir().join("pki/ca.crt")
+    }
+
+    /// A kubeconfig that authenticates with a bearer token.
+    pub fn kubeconfig_for_token(&self, name: &str, token: &str) -> PathBuf {
+        let ca = std::fs::read_to_string(self.ca_file()).expect("read the CA");
+        let path = self.dir.path().join(format!("{name}.kubeconfig"));
+        let config =
+            wharf_control::pki::kubeconfig(&self.url(), &ca, name, &KubeconfigUser::Token(token));
+        std::fs::write(&path, config).expect("write kubeconfig");
+        path
+    }
+
+    /// A kubeconfig with a client certificate for `user` in `groups`,
+    /// issued by the cluster CA (as a node's would be).
+    pub fn kubeconfig_for_certificate(&self, user: &str, groups: &[&str]) -> PathBuf {
+        let ca =
+            wharf_control::pki::Authority::load_or_create(&self.data_dir()).expect("load the CA");
+        let credential = ca
+            .issue_client(user, groups)
+            .expect("issue a client certificate");
+        let path = self
+            .dir
+            .path()
+            .join(format!("{}.kubeconfig", user.replace(':', "-")));
+        let config = wharf_control::pki::kubeconfig(
+            &self.url(),
+            &ca.cert_pem,
+            user,
+            &KubeconfigUser::Certificate(&credential),
+        );
+        std::fs::write(&path, config).expect("write kubeconfig");
+        path
     }
 
     pub fn runtime(&self) -> &tokio::runtime::Runtime {

@@ -15,12 +15,15 @@ use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{
-    App, discovery,
+    App,
+    authn::User,
+    authz::{Attributes, Decision},
+    discovery,
     kinds::ResourceType,
     objects::{DeleteOptions, FieldValidation, ListParams, UpdateMode, WriteOptions},
     patch::{self, PatchType},
     selectors::{FieldSelector, LabelSelector},
-    status::ApiError,
+    status::{ApiError, Subject},
     table::{IncludeObject, table},
     tls::PeerIdentity,
     watch::{self, WatchSpec, json_frame},
@@ -158,7 +161,7 @@ async fn dispatch<S: Store>(app: &Arc<App<S>>, request: Request) -> Result<Respo
         .get::<PeerIdentity>()
         .cloned()
         .unwrap_or_default();
-    let Some(_user) = app.authn.authenticate(peer.0.as_ref(), &parts.headers) else {
+    let Some(user) = app.authn.authenticate(peer.0.as_ref(), &parts.headers) else {
         return Err(ApiError::Unauthorized);
     };
     let body = axum::body::to_bytes(body, MAX_BODY)
@@ -175,6 +178,22 @@ async fn dispatch<S: Store>(app: &Arc<App<S>>, request: Request) -> Result<Respo
     };
     let path = parts.uri.path().to_owned();
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let resource_path = matches!(
+        segments.as_slice(),
+        ["api", "v1", _, ..] | ["apis", _, _, _, ..]
+    );
+    if !resource_path {
+        let attributes = Attributes::NonResource {
+            verb: call.method.as_str().to_ascii_lowercase(),
+            path: path.clone(),
+        };
+        if let Decision::Deny(reason) = app.authz.decide(&user, &attributes) {
+            return Err(ApiError::Forbidden {
+                subject: Subject::default(),
+                message: format!("forbidden: {reason}"),
+            });
+        }
+    }
     let get = call.method == Method::GET;
     let aggregated = call.accepts("as=APIGroupDiscoveryList");
     let discovery_response = |value: Value| {
@@ -230,8 +249,10 @@ async fn dispatch<S: Store>(app: &Arc<App<S>>, request: Request) -> Result<Respo
             .get(&rest.join("/"))
             .map(|doc| ([(header::CONTENT_TYPE, "application/json")], doc.clone()).into_response())
             .ok_or(ApiError::NoSuchResource),
-        ["api", "v1", rest @ ..] => resource(app, &call, "", "v1", rest).await,
-        ["apis", group, version, rest @ ..] => resource(app, &call, group, version, rest).await,
+        ["api", "v1", rest @ ..] => resource(app, &call, &user, "", "v1", rest).await,
+        ["apis", group, version, rest @ ..] => {
+            resource(app, &call, &user, group, version, rest).await
+        }
         _ => Err(ApiError::NoSuchResource),
     }
 }
@@ -293,14 +314,87 @@ fn resolve<'a, S: Store>(
     })
 }
 
+/// The RBAC verb of a request on a resource URL.
+fn verb(call: &Call, target: &Target<'_>) -> &'static str {
+    match (&call.method, target.name.is_some()) {
+        (&Method::GET, false) if call.flag("watch") => "watch",
+        (&Method::GET, false) => "list",
+        (&Method::GET, true) => "get",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, false) => "deletecollection",
+        (&Method::DELETE, true) => "delete",
+        _ => "unknown",
+    }
+}
+
+/// Authorizes a resource request; a node's pod writes are checked
+/// against the pod's binding.
+async fn authorize<S: Store>(
+    app: &App<S>,
+    call: &Call,
+    user: &User,
+    target: &Target<'_>,
+) -> Result<(), ApiError> {
+    let rt = target.rt;
+    // A create names its object in the body: the node authorizer needs
+    // it to tell a node's own Node and Lease from others'.
+    let name = target.name.clone().or_else(|| {
+        let body: Value = serde_json::from_slice(&call.body).ok()?;
+        body["metadata"]["name"].as_str().map(str::to_owned)
+    });
+    let attributes = Attributes::Resource {
+        verb: verb(call, target).to_owned(),
+        group: rt.group.to_owned(),
+        resource: rt.plural.to_owned(),
+        subresource: target.subresource.clone(),
+        namespace: target.namespace.clone(),
+        name: name.clone(),
+    };
+    let denied = |reason: String| {
+        let what = match &target.name {
+            Some(name) => format!("{} \"{name}\"", rt.plural),
+            None => rt.plural.to_owned(),
+        };
+        ApiError::Forbidden {
+            subject: rt.subject(target.name.as_deref().unwrap_or_default()),
+            message: format!("{what} is forbidden: {reason}"),
+        }
+    };
+    match app.authz.decide(user, &attributes) {
+        Decision::Allow => Ok(()),
+        Decision::Deny(reason) => Err(denied(reason)),
+        Decision::AllowIfPodBoundTo(node) => {
+            let pod = app
+                .get_object(
+                    rt,
+                    target.namespace.as_deref(),
+                    name.as_deref().unwrap_or_default(),
+                )
+                .await?
+                .0;
+            if pod["spec"]["nodeName"].as_str() == Some(node.as_str()) {
+                Ok(())
+            } else {
+                Err(denied(format!(
+                    "node \"{node}\" can only change pods bound to it"
+                )))
+            }
+        }
+    }
+}
+
 async fn resource<S: Store>(
     app: &Arc<App<S>>,
     call: &Call,
+    user: &User,
     group: &str,
     version: &str,
     rest: &[&str],
 ) -> Result<Response, ApiError> {
     let target = resolve(app, group, version, rest)?;
+    authorize(app, call, user, &target).await?;
     let rt = target.rt;
     let namespace = target.namespace.as_deref();
     let unsupported = || ApiError::MethodNotSupported {

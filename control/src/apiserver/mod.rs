@@ -4,6 +4,7 @@
 
 mod allocation;
 pub mod authn;
+mod authz;
 mod discovery;
 pub mod encryption;
 mod http;
@@ -76,6 +77,7 @@ pub struct App<S> {
     cache: Arc<WatchCache>,
     secrets: SecretBox,
     authn: Authenticator,
+    authz: authz::Authorizer,
     openapi: openapi::OpenApi,
     ranges: ServiceRanges,
     /// The `kubernetes` Service's target port.
@@ -150,6 +152,26 @@ impl<S: Store> App<S> {
         }
     }
 
+    /// Indexes the RBAC objects as of `revision`; the watch cache applies
+    /// every later change.
+    async fn load_rbac(&self, revision: Revision) -> Result<(), StoreError> {
+        let range = self
+            .store
+            .range(crate::store::RangeRequest {
+                prefix: authz::RBAC_PREFIX.to_owned(),
+                revision,
+                ..Default::default()
+            })
+            .await?;
+        for kv in range.kvs {
+            match self.decode(&kv, kv.mod_revision) {
+                Ok(object) => self.authz.update(&kv.key, Some(&object)),
+                Err(error) => warn!(%error, "RBAC object skipped"),
+            }
+        }
+        Ok(())
+    }
+
     fn cache_batch(&self, events: Vec<crate::store::Event>) {
         let Some(revision) = events.first().map(|e| e.kv.mod_revision) else {
             return;
@@ -171,6 +193,10 @@ impl<S: Store> App<S> {
                 }
                 (EventKind::Delete, None) => continue,
             };
+            if event.kv.key.starts_with(authz::RBAC_PREFIX) {
+                let current = object.as_ref().ok().filter(|_| kind != EventType::Deleted);
+                self.authz.update(&event.kv.key, current);
+            }
             match object {
                 Ok(object) => {
                     decoded.push(CachedEvent::new(revision, event.kv.key, kind, object, prev))
@@ -222,7 +248,13 @@ pub async fn serve<S: Store>(
     let kubeconfig = config.data_dir.join("admin.kubeconfig");
     pki::write_private(
         &kubeconfig,
-        pki::kubeconfig(&server_url, &ca.cert_pem, "kubernetes-admin", &admin).as_bytes(),
+        pki::kubeconfig(
+            &server_url,
+            &ca.cert_pem,
+            "kubernetes-admin",
+            &pki::KubeconfigUser::Certificate(&admin),
+        )
+        .as_bytes(),
     )?;
 
     let authn = match &config.token_file {
@@ -239,11 +271,13 @@ pub async fn serve<S: Store>(
         cache: Arc::new(WatchCache::new(revision)),
         secrets,
         authn,
+        authz: authz::Authorizer::default(),
         ranges: config.ranges.clone(),
         listen_port: config.listen.port(),
     });
-    app.bootstrap().await;
+    app.load_rbac(revision).await?;
     tokio::spawn(Arc::clone(&app).feed_watch_cache());
+    app.bootstrap().await;
 
     let tls = tls::server_config(&ca.cert_pem, &serving)?;
     let listener = tokio::net::TcpListener::bind(config.listen)

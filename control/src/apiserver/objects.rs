@@ -852,7 +852,8 @@ impl<S: Store> App<S> {
         Some(next)
     }
 
-    /// Creates the namespaces and the `kubernetes` Service every cluster has.
+    /// Creates the namespaces, RBAC policy and `kubernetes` Service every
+    /// cluster has.
     pub async fn bootstrap(&self) {
         let Some(namespaces) = self.registry.find("", "v1", "namespaces") else {
             return;
@@ -866,6 +867,21 @@ impl<S: Store> App<S> {
             {
                 Ok(_) | Err(ApiError::AlreadyExists(_)) => {}
                 Err(error) => tracing::warn!(%error, namespace = name, "bootstrap"),
+            }
+        }
+        for (plural, object) in super::authz::bootstrap_policy() {
+            let Some(rt) = self
+                .registry
+                .find("rbac.authorization.k8s.io", "v1", plural)
+            else {
+                continue;
+            };
+            match self
+                .create_object(rt, None, object, &WriteOptions::default())
+                .await
+            {
+                Ok(_) | Err(ApiError::AlreadyExists(_)) => {}
+                Err(error) => tracing::warn!(%error, "bootstrap: RBAC policy"),
             }
         }
         // In-cluster clients find the API server at the first service IP.

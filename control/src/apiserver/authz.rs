@@ -1,0 +1,574 @@
+//! Authorization: `system:masters` may do anything; node identities get
+//! the node authorizer's narrow rights; everyone else gets what RBAC
+//! (Roles, ClusterRoles and their bindings) grants.
+//!
+//! RBAC objects are indexed in memory from the watch cache, as upstream's
+//! authorizer reads them from informers: a new binding takes effect
+//! within the cache's delay, and no request pays a store read.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
+
+use k8s_openapi::api::rbac::v1::{
+    ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, Subject,
+};
+use serde::Deserialize as _;
+use serde_json::{Value, json};
+
+use super::authn::User;
+
+/// The group whose members bypass authorization.
+pub const MASTERS: &str = "system:masters";
+/// Node identities: `system:node:<name>` in this group.
+pub const NODES: &str = "system:nodes";
+
+/// What a request wants to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Attributes {
+    Resource {
+        verb: String,
+        group: String,
+        resource: String,
+        subresource: Option<String>,
+        namespace: Option<String>,
+        name: Option<String>,
+    },
+    NonResource {
+        verb: String,
+        path: String,
+    },
+}
+
+/// The answer, with the upstream-shaped reason when denied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    /// Allowed for a node if the pod named in the request is bound to it;
+    /// the handler checks the binding against the stored pod.
+    AllowIfPodBoundTo(String),
+    Deny(String),
+}
+
+#[derive(Default)]
+struct Index {
+    roles: HashMap<(String, String), Vec<PolicyRule>>,
+    cluster_roles: HashMap<String, Vec<PolicyRule>>,
+    role_bindings: HashMap<(String, String), RoleBinding>,
+    cluster_role_bindings: HashMap<String, ClusterRoleBinding>,
+}
+
+/// The RBAC index, updated from the watch cache.
+#[derive(Clone, Default)]
+pub struct Authorizer {
+    index: Arc<RwLock<Index>>,
+}
+
+impl std::fmt::Debug for Authorizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Authorizer(..)")
+    }
+}
+
+/// The store key prefix of RBAC objects.
+pub const RBAC_PREFIX: &str = "/registry/rbac.authorization.k8s.io/";
+
+fn matches_list(list: &[String], value: &str) -> bool {
+    list.iter().any(|item| item == "*" || item == value)
+}
+
+fn rule_allows(rule: &PolicyRule, attributes: &Attributes) -> bool {
+    match attributes {
+        Attributes::Resource {
+            verb,
+            group,
+            resource,
+            subresource,
+            name,
+            ..
+        } => {
+            let groups = rule.api_groups.as_deref().unwrap_or_default();
+            let resources = rule.resources.as_deref().unwrap_or_default();
+            let full = match subresource {
+                Some(sub) => format!("{resource}/{sub}"),
+                None => resource.clone(),
+            };
+            let resource_ok = resources.iter().any(|r| {
+                r == "*"
+                    || *r == full
+                    || subresource
+                        .as_ref()
+                        .is_some_and(|sub| *r == format!("*/{sub}"))
+            });
+            let names = rule.resource_names.as_deref().unwrap_or_default();
+            let name_ok = names.is_empty() || name.as_ref().is_some_and(|n| names.contains(n));
+            matches_list(&rule.verbs, verb) && matches_list(groups, group) && resource_ok && name_ok
+        }
+        Attributes::NonResource { verb, path } => {
+            let urls = rule.non_resource_urls.as_deref().unwrap_or_default();
+            let url_ok = urls.iter().any(|url| match url.strip_suffix('*') {
+                Some(prefix) => path.starts_with(prefix),
+                None => url == path,
+            });
+            matches_list(&rule.verbs, verb) && url_ok
+        }
+    }
+}
+
+fn subject_matches(subject: &Subject, user: &User, binding_namespace: Option<&str>) -> bool {
+    match subject.kind.as_str() {
+        "User" => subject.name == user.name,
+        "Group" => user.in_group(&subject.name),
+        "ServiceAccount" => {
+            let namespace = subject
+                .namespace
+                .as_deref()
+                .or(binding_namespace)
+                .unwrap_or_default();
+            user.name == format!("system:serviceaccount:{namespace}:{}", subject.name)
+        }
+        _ => false,
+    }
+}
+
+/// Upstream's denial message.
+fn forbidden_reason(user: &User, attributes: &Attributes) -> String {
+    match attributes {
+        Attributes::Resource {
+            verb,
+            group,
+            resource,
+            subresource,
+            namespace,
+            ..
+        } => {
+            let full = match subresource {
+                Some(sub) => format!("{resource}/{sub}"),
+                None => resource.clone(),
+            };
+            let scope = match namespace {
+                Some(namespace) => format!("in the namespace \"{namespace}\""),
+                None => "at the cluster scope".to_owned(),
+            };
+            format!(
+                "User \"{}\" cannot {verb} resource \"{full}\" in API group \"{group}\" {scope}",
+                user.name
+            )
+        }
+        Attributes::NonResource { verb, path } => {
+            format!("User \"{}\" cannot {verb} path \"{path}\"", user.name)
+        }
+    }
+}
+
+/// Reads the node authorizer's rules: a node reads what it needs to run
+/// pods and forward services, writes its own Node and Lease, the status of
+/// its pods, and events.
+fn node_decision(node: &str, attributes: &Attributes) -> Option<Decision> {
+    let Attributes::Resource {
+        verb,
+        group,
+        resource,
+        subresource,
+        namespace,
+        name,
+    } = attributes
+    else {
+        return Some(Decision::Allow);
+    };
+    let read = matches!(verb.as_str(), "get" | "list" | "watch");
+    let own = name.as_deref() == Some(node);
+    Some(
+        match (group.as_str(), resource.as_str(), subresource.as_deref()) {
+            ("", "secrets", _) if verb != "get" => return None,
+            _ if read => Decision::Allow,
+            // For creates, `name` is the body's (the handler fills it in).
+            ("", "nodes", None | Some("status")) if own => Decision::Allow,
+            ("coordination.k8s.io", "leases", None)
+                if namespace.as_deref() == Some("kube-node-lease") && own =>
+            {
+                Decision::Allow
+            }
+            ("", "pods", Some("status")) if matches!(verb.as_str(), "update" | "patch") => {
+                Decision::AllowIfPodBoundTo(node.to_owned())
+            }
+            // The agent deletes its pods once they have stopped.
+            ("", "pods", None) if verb == "delete" => Decision::AllowIfPodBoundTo(node.to_owned()),
+            ("", "events", None) | ("events.k8s.io", "events", None) => Decision::Allow,
+            _ => return None,
+        },
+    )
+}
+
+impl Authorizer {
+    pub fn decide(&self, user: &User, attributes: &Attributes) -> Decision {
+        if user.in_group(MASTERS) {
+            return Decision::Allow;
+        }
+        if user.in_group(NODES)
+            && let Some(node) = user.name.strip_prefix("system:node:")
+            && let Some(decision) = node_decision(node, attributes)
+        {
+            return decision;
+        }
+        if self.rbac_allows(user, attributes) {
+            return Decision::Allow;
+        }
+        Decision::Deny(forbidden_reason(user, attributes))
+    }
+
+    fn rbac_allows(&self, user: &User, attributes: &Attributes) -> bool {
+        let index = self
+            .index
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let allows = |rules: Option<&Vec<PolicyRule>>| {
+            rules.is_some_and(|rules| rules.iter().any(|rule| rule_allows(rule, attributes)))
+        };
+        let cluster_wide = index.cluster_role_bindings.values().any(|binding| {
+            binding
+                .subjects
+                .iter()
+                .flatten()
+                .any(|subject| subject_matches(subject, user, None))
+                && binding.role_ref.kind == "ClusterRole"
+                && allows(index.cluster_roles.get(&binding.role_ref.name))
+        });
+        if cluster_wide {
+            return true;
+        }
+        let Attributes::Resource {
+            namespace: Some(namespace),
+            ..
+        } = attributes
+        else {
+            return false;
+        };
+        index
+            .role_bindings
+            .iter()
+            .filter(|((binding_namespace, _), _)| binding_namespace == namespace)
+            .any(|(_, binding)| {
+                binding
+                    .subjects
+                    .iter()
+                    .flatten()
+                    .any(|subject| subject_matches(subject, user, Some(namespace)))
+                    && match binding.role_ref.kind.as_str() {
+                        "Role" => allows(
+                            index
+                                .roles
+                                .get(&(namespace.clone(), binding.role_ref.name.clone())),
+                        ),
+                        "ClusterRole" => allows(index.cluster_roles.get(&binding.role_ref.name)),
+                        _ => false,
+                    }
+            })
+    }
+
+    /// Applies one stored RBAC object (`object` None: deleted).
+    pub fn update(&self, key: &str, object: Option<&Value>) {
+        let Some(rest) = key.strip_prefix(RBAC_PREFIX) else {
+            return;
+        };
+        let parts: Vec<&str> = rest.split('/').collect();
+        let mut index = self
+            .index
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match parts.as_slice() {
+            ["roles", namespace, name] => {
+                let id = ((*namespace).to_owned(), (*name).to_owned());
+                match object.and_then(|v| Role::deserialize(v).ok()) {
+                    Some(role) => index.roles.insert(id, role.rules.unwrap_or_default()),
+                    None => index.roles.remove(&id),
+                };
+            }
+            ["clusterroles", name] => {
+                match object.and_then(|v| ClusterRole::deserialize(v).ok()) {
+                    Some(role) => index
+                        .cluster_roles
+                        .insert((*name).to_owned(), role.rules.unwrap_or_default()),
+                    None => index.cluster_roles.remove(*name),
+                };
+            }
+            ["rolebindings", namespace, name] => {
+                let id = ((*namespace).to_owned(), (*name).to_owned());
+                match object.and_then(|v| RoleBinding::deserialize(v).ok()) {
+                    Some(binding) => index.role_bindings.insert(id, binding),
+                    None => index.role_bindings.remove(&id),
+                };
+            }
+            ["clusterrolebindings", name] => {
+                match object.and_then(|v| ClusterRoleBinding::deserialize(v).ok()) {
+                    Some(binding) => index
+                        .cluster_role_bindings
+                        .insert((*name).to_owned(), binding),
+                    None => index.cluster_role_bindings.remove(*name),
+                };
+            }
+            _ => {}
+        }
+    }
+}
+
+fn rule(verbs: &[&str], groups: &[&str], resources: &[&str]) -> Value {
+    json!({ "verbs": verbs, "apiGroups": groups, "resources": resources })
+}
+
+/// Upstream's bootstrap roles and bindings that matter for a cluster of
+/// wharf's scope: cluster-admin for system:masters; discovery, version and
+/// health for every authenticated user; admin, edit and view to bind.
+pub fn bootstrap_policy() -> Vec<(&'static str, Value)> {
+    let read = ["get", "list", "watch"];
+    let write = ["create", "delete", "deletecollection", "patch", "update"];
+    let all_write: Vec<&str> = read.iter().chain(write.iter()).copied().collect();
+    let workloads = [
+        "pods",
+        "pods/log",
+        "pods/status",
+        "services",
+        "endpoints",
+        "configmaps",
+        "persistentvolumeclaims",
+        "events",
+        "serviceaccounts",
+    ];
+    let apps = [
+        "deployments",
+        "deployments/scale",
+        "replicasets",
+        "replicasets/scale",
+        "daemonsets",
+        "statefulsets",
+        "statefulsets/scale",
+    ];
+    let view_rules = json!([
+        rule(&read, &[""], &workloads),
+        rule(&read, &[""], &["namespaces"]),
+        rule(&read, &["apps"], &apps),
+        rule(&read, &["batch"], &["jobs", "cronjobs"]),
+        rule(&read, &["discovery.k8s.io"], &["endpointslices"]),
+        rule(&read, &["autoscaling"], &["horizontalpodautoscalers"]),
+        rule(&read, &["policy"], &["poddisruptionbudgets"]),
+    ]);
+    let edit_rules = json!([
+        rule(&all_write, &[""], &workloads),
+        rule(&all_write, &[""], &["secrets"]),
+        rule(&read, &[""], &["namespaces"]),
+        rule(&all_write, &["apps"], &apps),
+        rule(&all_write, &["batch"], &["jobs", "cronjobs"]),
+        rule(&all_write, &["discovery.k8s.io"], &["endpointslices"]),
+        rule(&all_write, &["autoscaling"], &["horizontalpodautoscalers"]),
+        rule(&all_write, &["policy"], &["poddisruptionbudgets"]),
+        rule(&all_write, &["coordination.k8s.io"], &["leases"]),
+    ]);
+    let mut admin_rules = edit_rules.clone();
+    if let Some(rules) = admin_rules.as_array_mut() {
+        rules.push(rule(
+            &all_write,
+            &["rbac.authorization.k8s.io"],
+            &["roles", "rolebindings"],
+        ));
+    }
+    let cluster_role = |name: &str, rules: Value| {
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": { "name": name, "annotations": { "rbac.authorization.kubernetes.io/autoupdate": "true" }, "labels": { "kubernetes.io/bootstrapping": "rbac-defaults" } },
+            "rules": rules,
+        })
+    };
+    let binding = |name: &str, role: &str, group: &str| {
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": { "name": name, "annotations": { "rbac.authorization.kubernetes.io/autoupdate": "true" }, "labels": { "kubernetes.io/bootstrapping": "rbac-defaults" } },
+            "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role },
+            "subjects": [{ "apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": group }],
+        })
+    };
+    let discovery_urls = json!([{
+        "verbs": ["get"],
+        "nonResourceURLs": ["/api", "/api/*", "/apis", "/apis/*", "/openapi", "/openapi/*", "/version", "/version/", "/healthz", "/livez", "/readyz"],
+    }]);
+    vec![
+        (
+            "clusterroles",
+            cluster_role(
+                "cluster-admin",
+                json!([
+                    rule(&["*"], &["*"], &["*"]),
+                    { "verbs": ["*"], "nonResourceURLs": ["*"] },
+                ]),
+            ),
+        ),
+        (
+            "clusterroles",
+            cluster_role("system:discovery", discovery_urls),
+        ),
+        ("clusterroles", cluster_role("admin", admin_rules)),
+        ("clusterroles", cluster_role("edit", edit_rules)),
+        ("clusterroles", cluster_role("view", view_rules)),
+        (
+            "clusterrolebindings",
+            binding("cluster-admin", "cluster-admin", MASTERS),
+        ),
+        (
+            "clusterrolebindings",
+            binding(
+                "system:discovery",
+                "system:discovery",
+                super::authn::AUTHENTICATED,
+            ),
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(name: &str, groups: &[&str]) -> User {
+        User {
+            name: name.to_owned(),
+            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+        }
+    }
+
+    fn resource(
+        verb: &str,
+        resource: &str,
+        namespace: Option<&str>,
+        name: Option<&str>,
+    ) -> Attributes {
+        Attributes::Resource {
+            verb: verb.to_owned(),
+            group: String::new(),
+            resource: resource.to_owned(),
+            subresource: None,
+            namespace: namespace.map(str::to_owned),
+            name: name.map(str::to_owned),
+        }
+    }
+
+    fn authorizer() -> Authorizer {
+        let authorizer = Authorizer::default();
+        for (plural, object) in bootstrap_policy() {
+            let key = format!(
+                "{RBAC_PREFIX}{plural}/{}",
+                object["metadata"]["name"].as_str().unwrap()
+            );
+            authorizer.update(&key, Some(&object));
+        }
+        authorizer
+    }
+
+    #[test]
+    fn role_bindings_grant_within_their_namespace_only() {
+        let authorizer = authorizer();
+        let alice = user("alice", &["system:authenticated"]);
+        let list_pods = resource("list", "pods", Some("team"), None);
+        assert_eq!(
+            authorizer.decide(&alice, &list_pods),
+            Decision::Deny("User \"alice\" cannot list resource \"pods\" in API group \"\" in the namespace \"team\"".to_owned())
+        );
+        let binding = json!({
+            "metadata": {"name": "alice-view", "namespace": "team"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
+            "subjects": [{"kind": "User", "name": "alice"}],
+        });
+        authorizer.update(
+            &format!("{RBAC_PREFIX}rolebindings/team/alice-view"),
+            Some(&binding),
+        );
+        assert_eq!(authorizer.decide(&alice, &list_pods), Decision::Allow);
+        assert!(matches!(
+            authorizer.decide(&alice, &resource("list", "pods", Some("other"), None)),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            authorizer.decide(&alice, &resource("delete", "pods", Some("team"), Some("p"))),
+            Decision::Deny(_)
+        ));
+        authorizer.update(&format!("{RBAC_PREFIX}rolebindings/team/alice-view"), None);
+        assert!(matches!(
+            authorizer.decide(&alice, &list_pods),
+            Decision::Deny(_)
+        ));
+    }
+
+    #[test]
+    fn masters_and_discovery() {
+        let authorizer = authorizer();
+        let admin = user("kubernetes-admin", &[MASTERS]);
+        assert_eq!(
+            authorizer.decide(&admin, &resource("delete", "nodes", None, Some("n"))),
+            Decision::Allow
+        );
+        let anyone = user("bob", &["system:authenticated"]);
+        let api = Attributes::NonResource {
+            verb: "get".to_owned(),
+            path: "/apis/apps/v1".to_owned(),
+        };
+        assert_eq!(authorizer.decide(&anyone, &api), Decision::Allow);
+        let metrics = Attributes::NonResource {
+            verb: "get".to_owned(),
+            path: "/metrics".to_owned(),
+        };
+        assert!(matches!(
+            authorizer.decide(&anyone, &metrics),
+            Decision::Deny(_)
+        ));
+    }
+
+    #[test]
+    fn nodes_write_only_their_own_objects() {
+        let authorizer = authorizer();
+        let node = user("system:node:n1", &[NODES, "system:authenticated"]);
+        assert_eq!(
+            authorizer.decide(&node, &resource("update", "nodes", None, Some("n1"))),
+            Decision::Allow
+        );
+        assert!(matches!(
+            authorizer.decide(&node, &resource("update", "nodes", None, Some("n2"))),
+            Decision::Deny(_)
+        ));
+        let status = Attributes::Resource {
+            verb: "patch".to_owned(),
+            group: String::new(),
+            resource: "pods".to_owned(),
+            subresource: Some("status".to_owned()),
+            namespace: Some("default".to_owned()),
+            name: Some("p".to_owned()),
+        };
+        assert_eq!(
+            authorizer.decide(&node, &status),
+            Decision::AllowIfPodBoundTo("n1".to_owned())
+        );
+        let lease = Attributes::Resource {
+            verb: "update".to_owned(),
+            group: "coordination.k8s.io".to_owned(),
+            resource: "leases".to_owned(),
+            subresource: None,
+            namespace: Some("kube-node-lease".to_owned()),
+            name: Some("n2".to_owned()),
+        };
+        assert!(matches!(
+            authorizer.decide(&node, &lease),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            authorizer.decide(&node, &resource("list", "secrets", None, None)),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            authorizer.decide(
+                &node,
+                &resource("create", "configmaps", Some("default"), None)
+            ),
+            Decision::Deny(_)
+        ));
+    }
+}
