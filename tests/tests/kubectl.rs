@@ -393,6 +393,17 @@ fn watch_sees_changes(plane: ControlPlane) {
     assert_eq!(next(), "MODIFIED settings eco");
     plane.kubectl_ok(&["delete", "cm", "extra", "-n", "shop"]);
     assert_eq!(next(), "DELETED extra slow");
+    let metrics = plane.kubectl_ok(&["get", "--raw", "/metrics"]);
+    assert!(
+        metrics.contains("apiserver_longrunning_requests{resource=\"configmaps\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "apiserver_request_total{verb=\"PATCH\",resource=\"configmaps\",code=\"200\"} 1"
+        ),
+        "{metrics}"
+    );
     let _ = watcher.kill();
     let _ = watcher.wait();
 }

@@ -45,10 +45,28 @@ pub fn router<S: Store>(app: Arc<App<S>>) -> Router {
 }
 
 async fn handle<S: Store>(State(app): State<Arc<App<S>>>, request: Request) -> Response {
-    match dispatch(&app, request).await {
+    let started = std::time::Instant::now();
+    let mut labels = Labels::default();
+    let response = match dispatch(&app, request, &mut labels).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
-    }
+    };
+    app.metrics.observe(
+        &labels.verb,
+        &labels.resource,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+/// How a request is counted in `/metrics`.
+#[derive(Debug, Default)]
+struct Labels {
+    /// Upstream's verb label: LIST, WATCH, GET, CREATE, ...
+    verb: String,
+    /// `pods`, `deployments.apps`, `pods/status`; empty for other paths.
+    resource: String,
 }
 
 /// A parsed request.
@@ -154,8 +172,13 @@ fn version() -> Value {
     })
 }
 
-async fn dispatch<S: Store>(app: &Arc<App<S>>, request: Request) -> Result<Response, ApiError> {
+async fn dispatch<S: Store>(
+    app: &Arc<App<S>>,
+    request: Request,
+    labels: &mut Labels,
+) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
+    labels.verb = parts.method.as_str().to_owned();
     let peer = parts
         .extensions
         .get::<PeerIdentity>()
@@ -206,6 +229,11 @@ async fn dispatch<S: Store>(app: &Arc<App<S>>, request: Request) -> Result<Respo
     };
     match segments.as_slice() {
         ["version"] if get => Ok(json_response(StatusCode::OK, &version(), &[])),
+        ["metrics"] if get => Ok((
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            app.metrics.render(),
+        )
+            .into_response()),
         ["healthz" | "livez" | "readyz"] if get => {
             app.store.revision().await?;
             Ok((StatusCode::OK, "ok").into_response())
@@ -249,9 +277,9 @@ async fn dispatch<S: Store>(app: &Arc<App<S>>, request: Request) -> Result<Respo
             .get(&rest.join("/"))
             .map(|doc| ([(header::CONTENT_TYPE, "application/json")], doc.clone()).into_response())
             .ok_or(ApiError::NoSuchResource),
-        ["api", "v1", rest @ ..] => resource(app, &call, &user, "", "v1", rest).await,
+        ["api", "v1", rest @ ..] => resource(app, &call, &user, "", "v1", rest, labels).await,
         ["apis", group, version, rest @ ..] => {
-            resource(app, &call, &user, group, version, rest).await
+            resource(app, &call, &user, group, version, rest, labels).await
         }
         _ => Err(ApiError::NoSuchResource),
     }
@@ -392,8 +420,18 @@ async fn resource<S: Store>(
     group: &str,
     version: &str,
     rest: &[&str],
+    labels: &mut Labels,
 ) -> Result<Response, ApiError> {
     let target = resolve(app, group, version, rest)?;
+    labels.verb = verb(call, &target).to_ascii_uppercase();
+    let qualified = match target.rt.group {
+        "" => target.rt.plural.to_owned(),
+        group => format!("{}.{group}", target.rt.plural),
+    };
+    labels.resource = match &target.subresource {
+        Some(sub) => format!("{qualified}/{sub}"),
+        None => qualified,
+    };
     authorize(app, call, user, &target).await?;
     let rt = target.rt;
     let namespace = target.namespace.as_deref();
@@ -727,7 +765,8 @@ async fn watch_collection<S: Store>(
     } else {
         Box::new(json_frame)
     };
-    let frames = watch::start(&app.cache, spec, encoder)?;
+    let guard = app.metrics.watch_started(rt.plural);
+    let frames = watch::start(&app.cache, spec, encoder, guard)?;
     Ok((
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],

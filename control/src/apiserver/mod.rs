@@ -9,6 +9,7 @@ mod discovery;
 pub mod encryption;
 mod http;
 mod kinds;
+mod metrics;
 mod objects;
 mod openapi;
 mod patch;
@@ -78,6 +79,7 @@ pub struct App<S> {
     secrets: SecretBox,
     authn: Authenticator,
     authz: authz::Authorizer,
+    metrics: metrics::Metrics,
     openapi: openapi::OpenApi,
     ranges: ServiceRanges,
     /// The `kubernetes` Service's target port.
@@ -272,6 +274,7 @@ pub async fn serve<S: Store>(
         secrets,
         authn,
         authz: authz::Authorizer::default(),
+        metrics: metrics::Metrics::new(),
         ranges: config.ranges.clone(),
         listen_port: config.listen.port(),
     });

@@ -249,15 +249,18 @@ impl WatchSpec {
 
 /// Starts a client watch; the stream ends at the timeout, when the client
 /// goes away, or when the watcher falls too far behind.
+/// `guard` lives as long as the watch (it counts open watches).
 pub fn start(
     cache: &Arc<WatchCache>,
     spec: WatchSpec,
     encode: Encoder,
+    guard: impl Send + 'static,
 ) -> Result<mpsc::Receiver<Result<Bytes, Infallible>>, ApiError> {
     let (replay, mut live) = cache.subscribe(spec.after)?;
     let (tx, rx) = mpsc::channel(64);
     let cache = Arc::clone(cache);
     tokio::spawn(async move {
+        let _guard = guard;
         let deadline = tokio::time::sleep(spec.timeout);
         tokio::pin!(deadline);
         let mut last = spec.after;
@@ -397,7 +400,7 @@ mod tests {
         let cache = Arc::new(WatchCache::new(10));
         cache.push(11, vec![event(11, "a", EventType::Added, json!({}), None)]);
         cache.push(12, vec![event(12, "b", EventType::Added, json!({}), None)]);
-        let mut rx = start(&cache, spec(11, ""), Box::new(json_frame)).unwrap();
+        let mut rx = start(&cache, spec(11, ""), Box::new(json_frame), ()).unwrap();
         cache.push(13, vec![event(13, "c", EventType::Added, json!({}), None)]);
         let got = frames(&mut rx, 2).await;
         assert_eq!(got[0]["object"]["metadata"]["name"], "b");
@@ -408,7 +411,7 @@ mod tests {
     #[tokio::test]
     async fn leaving_a_label_selection_is_a_delete() {
         let cache = Arc::new(WatchCache::new(1));
-        let mut rx = start(&cache, spec(1, "app=web"), Box::new(json_frame)).unwrap();
+        let mut rx = start(&cache, spec(1, "app=web"), Box::new(json_frame), ()).unwrap();
         let before = json!({"metadata": {"name": "a", "labels": {"app": "web"}}});
         cache.push(
             2,
