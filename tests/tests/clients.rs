@@ -206,9 +206,12 @@ fn anonymous_requests_are_refused_and_tokens_authenticate() {
     let (code, body) = curl_status(&plane, &[&url]);
     assert_eq!(code, 401, "{body}");
     assert!(body.contains("\"reason\":\"Unauthorized\""), "{body}");
-    plane.restart_with_tokens("s3cret,alice,1000,\"dev\"\n");
+    plane.restart_with_tokens("s3cret,alice,1000,\"system:masters\"\nplain,bob,1001\n");
     let (code, body) = curl_status(&plane, &["-H", "Authorization: Bearer s3cret", &url]);
     assert_eq!(code, 200, "{body}");
+    // Authenticated but not authorized: 403, not 401.
+    let (code, body) = curl_status(&plane, &["-H", "Authorization: Bearer plain", &url]);
+    assert_eq!(code, 403, "{body}");
     let (code, _) = curl_status(&plane, &["-H", "Authorization: Bearer wrong", &url]);
     assert_eq!(code, 401);
 }

@@ -30,6 +30,7 @@ on_both_stores!(
     invalid_manifests_are_rejected_like_upstream,
     stale_updates_conflict,
     finalizers_hold_deletion,
+    server_side_apply_owns_fields,
 );
 
 #[test]
@@ -495,4 +496,86 @@ fn finalizers_hold_deletion(plane: ControlPlane) {
     plane.kubectl_ok(&["delete", "deployment", "web", "-n", "shop"]);
     let gone = plane.kubectl(&["get", "deployment", "web", "-n", "shop"]);
     assert!(String::from_utf8_lossy(&gone.stderr).contains("NotFound"));
+}
+
+fn server_side_apply_owns_fields(plane: ControlPlane) {
+    let ssa = |extra: &[&str]| {
+        let mut args = vec!["apply", "--server-side", "-f", "-"];
+        args.extend(extra);
+        plane.kubectl_with_input(&args, Some(APP))
+    };
+    let first = ssa(&[]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&first.stdout).contains("deployment.apps/web serverside-applied")
+    );
+    let version = |plane: &ControlPlane| {
+        json(plane, &["get", "deploy", "web", "-n", "shop"])["metadata"]["resourceVersion"].clone()
+    };
+    let before = version(&plane);
+    assert!(ssa(&[]).status.success());
+    assert_eq!(
+        version(&plane),
+        before,
+        "re-applying the same configuration is a no-op"
+    );
+
+    let deployment = json(
+        &plane,
+        &[
+            "get",
+            "deploy",
+            "web",
+            "-n",
+            "shop",
+            "--show-managed-fields",
+        ],
+    );
+    let managers = deployment["metadata"]["managedFields"].as_array().unwrap();
+    let kubectl = managers
+        .iter()
+        .find(|m| m["manager"] == "kubectl" && m["operation"] == "Apply")
+        .unwrap();
+    assert_eq!(
+        kubectl["fieldsV1"]["f:spec"]["f:replicas"],
+        serde_json::json!({})
+    );
+    assert!(kubectl["fieldsV1"]["f:spec"]["f:template"]["f:spec"]["f:containers"]["k:{\"name\":\"web\"}"]["f:image"].is_object());
+
+    plane.kubectl_ok(&[
+        "patch",
+        "deployment",
+        "web",
+        "-n",
+        "shop",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"replicas":7}}"#,
+        "--field-manager=autoscaler",
+    ]);
+    let conflict = ssa(&[]);
+    assert!(!conflict.status.success());
+    let stderr = String::from_utf8_lossy(&conflict.stderr);
+    assert!(stderr.contains("Apply failed with 1 conflict: conflict with \"autoscaler\" using apps/v1: .spec.replicas"), "{stderr}");
+    assert_eq!(
+        json(&plane, &["get", "deploy", "web", "-n", "shop"])["spec"]["replicas"],
+        7
+    );
+    assert!(ssa(&["--force-conflicts"]).status.success());
+    assert_eq!(
+        json(&plane, &["get", "deploy", "web", "-n", "shop"])["spec"]["replicas"],
+        2
+    );
+
+    // Dropping a field from the configuration removes it.
+    let without_label = APP.replace("labels: {app: web, tier: front}", "labels: {app: web}");
+    let applied =
+        plane.kubectl_with_input(&["apply", "--server-side", "-f", "-"], Some(&without_label));
+    assert!(applied.status.success());
+    let labels = &json(&plane, &["get", "deploy", "web", "-n", "shop"])["metadata"]["labels"];
+    assert_eq!(*labels, serde_json::json!({"app": "web"}));
 }

@@ -20,7 +20,8 @@ use super::{
     authz::{Attributes, Decision},
     discovery,
     kinds::ResourceType,
-    objects::{DeleteOptions, FieldValidation, ListParams, UpdateMode, WriteOptions},
+    managed::{self, Writer},
+    objects::{DeleteOptions, FieldValidation, ListParams, UpdateMode, WriteOptions, now_rfc3339},
     patch::{self, PatchType},
     selectors::{FieldSelector, LabelSelector},
     status::{ApiError, Subject},
@@ -135,9 +136,20 @@ impl Call {
     }
 
     fn write_options(&self) -> Result<WriteOptions, ApiError> {
+        let user_agent = self
+            .headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|agent| agent.split('/').next())
+            .filter(|product| !product.is_empty());
+        let field_manager = self
+            .param("fieldManager")
+            .or(user_agent)
+            .unwrap_or("unknown");
         Ok(WriteOptions {
             dry_run: self.param("dryRun").is_some(),
             field_validation: FieldValidation::parse(self.param("fieldValidation"))?,
+            field_manager: field_manager.to_owned(),
         })
     }
 }
@@ -479,6 +491,16 @@ async fn resource<S: Store>(
                 &written.object,
                 &written.warnings,
             ))
+        }
+        (&Method::PATCH, Some(name), sub @ (None | Some("status")))
+            if PatchType::from_content_type(call.content_type()) == Some(PatchType::Apply) =>
+        {
+            let mode = if sub.is_some() {
+                UpdateMode::Status
+            } else {
+                UpdateMode::Main
+            };
+            server_side_apply(app, call, rt, namespace, name, mode).await
         }
         (&Method::PATCH, Some(name), sub @ (None | Some("status"))) => {
             let mode = if sub.is_some() {
@@ -855,6 +877,96 @@ async fn scale<S: Store>(
         &scale_of(rt, &written.object),
         &written.warnings,
     ))
+}
+
+/// `PATCH` with `application/apply-patch+yaml`: creates or merges the
+/// configuration, owning its fields for `fieldManager`.
+async fn server_side_apply<S: Store>(
+    app: &Arc<App<S>>,
+    call: &Call,
+    rt: &ResourceType,
+    namespace: Option<&str>,
+    name: &str,
+    mode: UpdateMode,
+) -> Result<Response, ApiError> {
+    if call.param("fieldManager").is_none() {
+        return Err(ApiError::bad_request(
+            "PATCH requests with apply must have a fieldManager",
+        ));
+    }
+    let options = call.write_options()?;
+    let config: Value = serde_yaml::from_slice(&call.body)
+        .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?;
+    if !config.is_object() {
+        return Err(ApiError::bad_request(
+            "the applied configuration must be an object",
+        ));
+    }
+    if config["metadata"]["name"]
+        .as_str()
+        .is_some_and(|body| body != name)
+    {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({}) does not match the name on the URL ({name})",
+            config["metadata"]["name"].as_str().unwrap_or_default()
+        )));
+    }
+    let force = call.flag("force");
+    let now = now_rfc3339();
+    let writer = Writer {
+        manager: &options.field_manager,
+        api_version: rt.api_version,
+        now: &now,
+        subresource: (mode == UpdateMode::Status).then_some("status"),
+    };
+    let conflict = |conflicts: Vec<managed::Conflict>| ApiError::ApplyConflict {
+        subject: rt.subject(name),
+        conflicts: conflicts
+            .into_iter()
+            .map(|c| super::status::Cause {
+                reason: "FieldManagerConflict",
+                message: format!("conflict with \"{}\" using {}", c.manager, c.api_version),
+                field: c.field,
+            })
+            .collect(),
+    };
+    match app.get_object(rt, namespace, name).await {
+        Err(ApiError::NotFound(_)) => {
+            let mut object = managed::apply(None, &config, &writer, force).map_err(conflict)?;
+            object["metadata"]["name"] = json!(name);
+            let written = app.create_object(rt, namespace, object, &options).await?;
+            Ok(json_response(
+                StatusCode::CREATED,
+                &written.object,
+                &written.warnings,
+            ))
+        }
+        Err(error) => Err(error),
+        Ok(_) => {
+            let written = app
+                .update_object(rt, namespace, name, mode, &options, |current| {
+                    let mut merged =
+                        managed::apply(Some(current), &config, &writer, force).map_err(conflict)?;
+                    // Only a resourceVersion in the configuration is a
+                    // precondition.
+                    match config["metadata"]["resourceVersion"].as_str() {
+                        Some(rv) => merged["metadata"]["resourceVersion"] = json!(rv),
+                        None => {
+                            if let Some(metadata) = merged["metadata"].as_object_mut() {
+                                metadata.remove("resourceVersion");
+                            }
+                        }
+                    }
+                    Ok(merged)
+                })
+                .await?;
+            Ok(json_response(
+                StatusCode::OK,
+                &written.object,
+                &written.warnings,
+            ))
+        }
+    }
 }
 
 async fn bind<S: Store>(

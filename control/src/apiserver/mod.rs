@@ -9,6 +9,7 @@ mod discovery;
 pub mod encryption;
 mod http;
 mod kinds;
+mod managed;
 mod metrics;
 mod objects;
 mod openapi;

@@ -17,6 +17,7 @@ use super::{
     App,
     allocation::{self, Plan},
     kinds::ResourceType,
+    managed::{self, Writer},
     selectors::{FieldSelector, LabelSelector},
     status::{ApiError, Cause},
 };
@@ -49,6 +50,20 @@ impl FieldValidation {
 pub struct WriteOptions {
     pub dry_run: bool,
     pub field_validation: FieldValidation,
+    /// Who is writing, for managedFields (`fieldManager`, else the
+    /// User-Agent's product name, as upstream).
+    pub field_manager: String,
+}
+
+impl WriteOptions {
+    fn writer<'a>(&'a self, rt: &'a ResourceType, now: &'a str, mode: UpdateMode) -> Writer<'a> {
+        Writer {
+            manager: &self.field_manager,
+            api_version: rt.api_version,
+            now,
+            subresource: (mode == UpdateMode::Status).then_some("status"),
+        }
+    }
 }
 
 /// A write's result: the object as stored, warnings for the client, and
@@ -436,7 +451,13 @@ impl<S: Store> App<S> {
         if object.get("spec").is_some() {
             object["metadata"]["generation"] = json!(1);
         }
-        let (object, warnings) = self.admit(rt, &object, options)?;
+        let (mut object, warnings) = self.admit(rt, &object, options)?;
+        let now = now_rfc3339();
+        managed::track_update(
+            None,
+            &mut object,
+            &options.writer(rt, &now, UpdateMode::Main),
+        );
         let name = meta_str(&object, "name").unwrap_or_default().to_owned();
         if let Some(namespace) = namespace {
             self.check_namespace(rt, namespace).await?;
@@ -563,6 +584,8 @@ impl<S: Store> App<S> {
             }
             let next = self.prepare_update(rt, namespace, name, &current, proposed, mode)?;
             let (mut next, warnings) = self.admit(rt, &next, options)?;
+            let now = now_rfc3339();
+            managed::track_update(Some(&current), &mut next, &options.writer(rt, &now, mode));
             let mut unchanged = next.clone();
             unchanged["metadata"]["resourceVersion"] =
                 current["metadata"]["resourceVersion"].clone();
@@ -666,6 +689,13 @@ impl<S: Store> App<S> {
             next = merged;
         } else if rt.status {
             next["status"] = current["status"].clone();
+        }
+        if next["metadata"].get("managedFields").is_none()
+            && let Some(managed) = current["metadata"].get("managedFields")
+        {
+            // Omitted managedFields are kept; only a request that sets
+            // them replaces them (as upstream).
+            next["metadata"]["managedFields"] = managed.clone();
         }
         let metadata = &mut next["metadata"];
         for field in [

@@ -73,7 +73,7 @@ pub fn apply(kind: PatchType, current: &Value, body: &[u8]) -> Result<Value, Api
 
 /// The merge key of the list at `path` (field names from the root), as
 /// the built-in types declare with `patchMergeKey`.
-fn merge_key(path: &[String]) -> Option<&'static str> {
+pub(super) fn merge_key(path: &[String]) -> Option<&'static str> {
     let last = path.last()?.as_str();
     let parent = path.len().checked_sub(2).map(|i| path[i].as_str());
     let in_container = matches!(
@@ -102,11 +102,11 @@ fn merge_key(path: &[String]) -> Option<&'static str> {
 }
 
 /// Lists of scalars that merge as sets (`patchStrategy: merge`).
-fn merges_as_set(path: &[String]) -> bool {
+pub(super) fn merges_as_set(path: &[String]) -> bool {
     matches!(path.last().map(String::as_str), Some("finalizers"))
 }
 
-fn strategic_merge(current: &Value, patch: &Value, path: &mut Vec<String>) -> Value {
+pub(super) fn strategic_merge(current: &Value, patch: &Value, path: &mut Vec<String>) -> Value {
     let (Some(current_map), Some(patch_map)) = (current.as_object(), patch.as_object()) else {
         return patch.clone();
     };

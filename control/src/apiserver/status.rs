@@ -98,6 +98,11 @@ pub enum ApiError {
     AlreadyExists(Subject),
     #[error("Operation cannot be fulfilled on {} \"{}\": {reason}", subject.qualified(), subject.name)]
     Conflict { subject: Subject, reason: String },
+    #[error("Apply failed with {} conflict{}: {}", .conflicts.len(), if .conflicts.len() == 1 { "" } else { "s" }, describe_conflicts(.conflicts))]
+    ApplyConflict {
+        subject: Subject,
+        conflicts: Vec<Cause>,
+    },
     #[error("{kind} \"{name}\" is invalid: {}", describe_causes(.causes))]
     Invalid {
         kind: String,
@@ -125,6 +130,14 @@ pub enum ApiError {
     Gone { message: String },
     #[error("Internal error occurred: {message}")]
     Internal { message: String },
+}
+
+fn describe_conflicts(conflicts: &[Cause]) -> String {
+    conflicts
+        .iter()
+        .map(|c| format!("{}: {}", c.message, c.field))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn describe_causes(causes: &[Cause]) -> String {
@@ -156,7 +169,9 @@ impl ApiError {
     pub fn code(&self) -> StatusCode {
         match self {
             Self::NotFound(_) | Self::NoSuchResource => StatusCode::NOT_FOUND,
-            Self::AlreadyExists(_) | Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::AlreadyExists(_) | Self::Conflict { .. } | Self::ApplyConflict { .. } => {
+                StatusCode::CONFLICT
+            }
             Self::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -173,7 +188,7 @@ impl ApiError {
         match self {
             Self::NotFound(_) | Self::NoSuchResource => "NotFound",
             Self::AlreadyExists(_) => "AlreadyExists",
-            Self::Conflict { .. } => "Conflict",
+            Self::Conflict { .. } | Self::ApplyConflict { .. } => "Conflict",
             Self::Invalid { .. } => "Invalid",
             Self::BadRequest { .. } => "BadRequest",
             Self::Unauthorized => "Unauthorized",
@@ -193,6 +208,17 @@ impl ApiError {
             Self::Conflict { subject: s, .. }
             | Self::Forbidden { subject: s, .. }
             | Self::MethodNotSupported { subject: s } => Some(subject(s)),
+            Self::ApplyConflict {
+                subject: s,
+                conflicts,
+            } => {
+                let mut details = subject(s);
+                details["causes"] = conflicts
+                    .iter()
+                    .map(|c| json!({ "reason": c.reason, "message": c.message, "field": c.field }))
+                    .collect();
+                Some(details)
+            }
             Self::Invalid {
                 kind,
                 name,
