@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Runs the benchmarks (as root: they load eBPF programs): criterion's
-# per-packet and sync benchmarks, then the interleaved flatness check
-# (median per-packet cost from 1 to 100k services, max/min within 10%).
+# per-packet and sync benchmarks, the interleaved flatness check (median
+# per-packet cost from 1 to 100k services, max/min within 10%), and the API
+# server's create throughput and 1,000-watcher fan-out, embedded vs etcd.
 # The summary is also written as JSON next to criterion's reports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 . scripts/env.sh
+# The API server benchmark starts the release wharf-control binary.
+cargo build --release --workspace --bins
 cargo bench -p wharf-benches "$@"
 python3 - "$CARGO_TARGET_DIR/criterion" <<'PY'
 import json, os, sys
@@ -14,7 +17,7 @@ root = sys.argv[1]
 def mean_ns(*path):
     with open(os.path.join(root, *path, "new", "estimates.json")) as f:
         return json.load(f)["mean"]["point_estimate"]
-summary = {"criterion_per_packet_ns": {}, "sync_ms": {}}
+summary = {"criterion_per_packet_ns": {}, "sync_ms": {}, "apiserver": {}}
 print(f"{'criterion mean ns':<18}" + "".join(f"{n:>10}" for n in ("1", "1k", "10k", "100k")))
 for hook in ("xdp", "tc"):
     values = [mean_ns("per_packet", hook, str(n)) for n in (1, 1000, 10000, 100000)]
@@ -23,6 +26,11 @@ for hook in ("xdp", "tc"):
 for name in ("full_10k_services_x10", "one_endpoint_change_at_10k"):
     summary["sync_ms"][name] = mean_ns("sync", name) / 1e6
     print(f"sync {name:<35} {summary['sync_ms'][name]:>10.2f} ms")
+for store in ("embedded", "etcd"):
+    creates = 1e9 / mean_ns("apiserver_create", store)
+    fanout = 1000 * 1e9 / mean_ns("apiserver_watch_fanout", store)
+    summary["apiserver"][store] = {"creates_per_s": creates, "watch_events_per_s_to_1000_watchers": fanout}
+    print(f"apiserver {store:<9} {creates:>8.0f} creates/s   {fanout:>8.0f} watch events/s (1,000 watchers)")
 with open(os.path.join(root, "wharf-flatness.json")) as f:
     flatness = json.load(f)
 summary["flatness_median_ns"] = flatness
