@@ -31,6 +31,7 @@ on_both_stores!(
     stale_updates_conflict,
     finalizers_hold_deletion,
     server_side_apply_owns_fields,
+    generator_commands_send_protobuf,
 );
 
 #[test]
@@ -578,4 +579,126 @@ fn server_side_apply_owns_fields(plane: ControlPlane) {
     assert!(applied.status.success());
     let labels = &json(&plane, &["get", "deploy", "web", "-n", "shop"])["metadata"]["labels"];
     assert_eq!(*labels, serde_json::json!({"app": "web"}));
+}
+
+/// `kubectl create <kind>` sends protobuf bodies.
+fn generator_commands_send_protobuf(plane: ControlPlane) {
+    for args in [
+        &["create", "namespace", "team"][..],
+        &[
+            "create",
+            "configmap",
+            "c",
+            "-n",
+            "team",
+            "--from-literal=a=b",
+        ],
+        &[
+            "create",
+            "secret",
+            "generic",
+            "s",
+            "-n",
+            "team",
+            "--from-literal=p=hunter2",
+        ],
+        &[
+            "create",
+            "deployment",
+            "web",
+            "-n",
+            "team",
+            "--image=nginx",
+            "--replicas=3",
+            "--port=80",
+        ],
+        &[
+            "create",
+            "deployment",
+            "idle",
+            "-n",
+            "team",
+            "--image=nginx",
+            "--replicas=0",
+        ],
+        &[
+            "create",
+            "service",
+            "clusterip",
+            "web",
+            "-n",
+            "team",
+            "--tcp=80:8080",
+        ],
+        &["create", "serviceaccount", "bot", "-n", "team"],
+        &[
+            "create",
+            "role",
+            "r",
+            "-n",
+            "team",
+            "--verb=get",
+            "--resource=pods",
+        ],
+        &[
+            "create",
+            "rolebinding",
+            "rb",
+            "-n",
+            "team",
+            "--role=r",
+            "--user=alice",
+        ],
+        &["create", "job", "j", "-n", "team", "--image=busybox"],
+        &[
+            "create",
+            "cronjob",
+            "cj",
+            "-n",
+            "team",
+            "--image=busybox",
+            "--schedule=*/5 * * * *",
+        ],
+        &[
+            "create",
+            "poddisruptionbudget",
+            "p",
+            "-n",
+            "team",
+            "--selector=app=web",
+            "--min-available=1",
+        ],
+    ] {
+        plane.kubectl_ok(args);
+    }
+    let deployment = json(&plane, &["get", "deploy", "web", "-n", "team"]);
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    assert_eq!(deployment["spec"]["selector"]["matchLabels"]["app"], "web");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        (
+            container["image"].as_str(),
+            container["ports"][0]["containerPort"].as_i64()
+        ),
+        (Some("nginx"), Some(80))
+    );
+    assert_eq!(
+        json(&plane, &["get", "deploy", "idle", "-n", "team"])["spec"]["replicas"],
+        0,
+        "an explicit zero is kept"
+    );
+    let service = json(&plane, &["get", "svc", "web", "-n", "team"]);
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], 8080);
+    assert_eq!(
+        json(&plane, &["get", "secret", "s", "-n", "team"])["data"]["p"],
+        "aHVudGVyMg=="
+    );
+    assert_eq!(
+        json(&plane, &["get", "rolebinding", "rb", "-n", "team"])["subjects"][0]["name"],
+        "alice"
+    );
+    assert_eq!(
+        json(&plane, &["get", "job", "j", "-n", "team"])["spec"]["template"]["spec"]["restartPolicy"],
+        "Never"
+    );
 }

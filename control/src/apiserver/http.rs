@@ -23,6 +23,7 @@ use super::{
     managed::{self, Writer},
     objects::{DeleteOptions, FieldValidation, ListParams, UpdateMode, WriteOptions, now_rfc3339},
     patch::{self, PatchType},
+    protobuf,
     selectors::{FieldSelector, LabelSelector},
     status::{ApiError, Subject},
     table::{IncludeObject, table},
@@ -129,8 +130,9 @@ impl Call {
                 .map_err(|e| ApiError::bad_request(format!("error decoding YAML body: {e}"))),
             "application/json" | "" | "*/*" => serde_json::from_slice(&self.body)
                 .map_err(|e| ApiError::bad_request(format!("error decoding JSON body: {e}"))),
+            protobuf::MEDIA_TYPE => protobuf::decode(&self.body),
             _ => Err(ApiError::UnsupportedMediaType {
-                accepted: "application/json, application/yaml",
+                accepted: "application/json, application/yaml, application/vnd.kubernetes.protobuf",
             }),
         }
     }

@@ -14,6 +14,7 @@ mod metrics;
 mod objects;
 mod openapi;
 mod patch;
+mod protobuf;
 mod selectors;
 mod status;
 mod table;
