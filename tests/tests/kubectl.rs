@@ -702,3 +702,35 @@ fn generator_commands_send_protobuf(plane: ControlPlane) {
         "Never"
     );
 }
+
+#[test]
+fn watches_get_bookmarks_and_410_when_too_old() {
+    let mut plane = ControlPlane::start(StoreKind::Embedded);
+    let created =
+        plane.apply("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c, namespace: default}\n");
+    assert!(created.contains("created"));
+    let version: i64 =
+        json(&plane, &["get", "cm", "c", "-n", "default"])["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+    let watch = |plane: &ControlPlane, from: i64, extra: &str| {
+        let path = format!(
+            "/api/v1/namespaces/default/configmaps?watch=1&resourceVersion={from}&timeoutSeconds=12{extra}"
+        );
+        plane.kubectl(&["get", "--raw", &path])
+    };
+    let bookmarked = watch(&plane, version, "&allowWatchBookmarks=true");
+    let stdout = String::from_utf8_lossy(&bookmarked.stdout);
+    assert!(
+        stdout.contains("\"type\":\"BOOKMARK\""),
+        "a bookmark within 12 s: {stdout}"
+    );
+    // A restarted server's watch cache starts at the store's revision:
+    // older versions are gone, and clients re-list.
+    plane.restart();
+    let too_old = watch(&plane, version - 1, "");
+    let stderr = String::from_utf8_lossy(&too_old.stderr);
+    assert!(stderr.contains("too old resource version"), "{stderr}");
+}
