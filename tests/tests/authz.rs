@@ -73,6 +73,27 @@ fn role_bindings_grant_what_their_roles_say() {
     let (ok, stderr) = kubectl_as(&plane, &alice, &["get", "nodes"], None);
     assert!(!ok && stderr.contains("at the cluster scope"), "{stderr}");
 
+    // Server-side apply of a missing object is a create, and needs it.
+    plane.apply(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n\
+         ---\napiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {name: patcher, namespace: other}\n\
+         rules: [{apiGroups: [\"\"], resources: [configmaps], verbs: [get, patch]}]\n\
+         ---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: alice-patch, namespace: other}\n\
+         roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: patcher}\n\
+         subjects: [{kind: User, name: alice}]\n",
+    );
+    let new_config_map =
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: fresh, namespace: other}\n";
+    assert!(eventually(|| {
+        let (_, stderr) = kubectl_as(
+            &plane,
+            &alice,
+            &["apply", "--server-side", "-f", "-"],
+            Some(new_config_map),
+        );
+        stderr.contains("cannot create resource \"configmaps\"")
+    }));
+
     plane.kubectl_ok(&["delete", "rolebinding", "alice-edit", "-n", "team"]);
     assert!(eventually(|| !kubectl_as(
         &plane,

@@ -243,6 +243,25 @@ fn malformed_and_oversized_bodies_get_statuses_not_writes() {
     );
     let list = plane.kubectl_ok(&["get", "configmaps", "-n", "default", "-o", "name"]);
     assert!(list.trim().is_empty(), "nothing was written: {list}");
+    // An applied configuration whose metadata is not an object.
+    let pki = plane.data_dir().join("pki");
+    let (code, body) = curl_status(
+        &plane,
+        &[
+            "--cert",
+            pki.join("admin.crt").to_str().unwrap(),
+            "--key",
+            pki.join("admin.key").to_str().unwrap(),
+            "-X",
+            "PATCH",
+            "-H",
+            "Content-Type: application/apply-patch+yaml",
+            "--data-binary",
+            r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":"x"}"#,
+            &format!("{}{path}/x?fieldManager=test", plane.url()),
+        ],
+    );
+    assert_eq!(code, 400, "{body}");
     let missing = plane.kubectl(&["get", "--raw", "/apis/nope.example.com/v1/things"]);
     assert!(String::from_utf8_lossy(&missing.stderr).contains("NotFound"));
 }

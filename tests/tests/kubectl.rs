@@ -734,3 +734,49 @@ fn watches_get_bookmarks_and_410_when_too_old() {
     let stderr = String::from_utf8_lossy(&too_old.stderr);
     assert!(stderr.contains("too old resource version"), "{stderr}");
 }
+
+#[test]
+fn bound_pods_end_gracefully_and_status_is_the_systems() {
+    let plane = ControlPlane::start(StoreKind::Embedded);
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: default}\n\
+               spec:\n  nodeName: n1\n  containers: [{name: c, image: busybox}]\n\
+               status: {phase: Succeeded, podIP: 10.0.0.9}\n";
+    plane.apply(pod);
+    let created = json(&plane, &["get", "pod", "p", "-n", "default"]);
+    assert_eq!(
+        created["status"]["phase"], "Pending",
+        "a client's status is not taken on create"
+    );
+    assert!(created["status"]["podIP"].is_null());
+    plane.kubectl_ok(&["delete", "pod", "p", "-n", "default", "--wait=false"]);
+    let marked = json(&plane, &["get", "pod", "p", "-n", "default"]);
+    assert_eq!(marked["metadata"]["deletionGracePeriodSeconds"], 30);
+    // The node reporting status while the pod stops must not delete it.
+    plane.kubectl_ok(&[
+        "patch",
+        "pod",
+        "p",
+        "-n",
+        "default",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"phase":"Running"}}"#,
+    ]);
+    plane.kubectl_ok(&["label", "pod", "p", "-n", "default", "stopping=yes"]);
+    assert!(
+        json(&plane, &["get", "pod", "p", "-n", "default"])["metadata"]["deletionTimestamp"]
+            .is_string()
+    );
+    plane.kubectl_ok(&[
+        "delete",
+        "pod",
+        "p",
+        "-n",
+        "default",
+        "--grace-period=0",
+        "--force",
+    ]);
+    let gone = plane.kubectl(&["get", "pod", "p", "-n", "default"]);
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("NotFound"));
+}

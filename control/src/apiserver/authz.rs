@@ -162,9 +162,10 @@ fn forbidden_reason(user: &User, attributes: &Attributes) -> String {
     }
 }
 
-/// Reads the node authorizer's rules: a node reads what it needs to run
-/// pods and forward services, writes its own Node and Lease, the status of
-/// its pods, and events.
+/// The node authorizer's rules: a node reads what it needs to run pods and
+/// forward services (not Secrets: those will be granted per pod bound to
+/// the node), writes its own Node and Lease, the status of its pods, and
+/// events. Anything else falls through to RBAC.
 fn node_decision(node: &str, attributes: &Attributes) -> Option<Decision> {
     let Attributes::Resource {
         verb,
@@ -175,13 +176,13 @@ fn node_decision(node: &str, attributes: &Attributes) -> Option<Decision> {
         name,
     } = attributes
     else {
-        return Some(Decision::Allow);
+        return None;
     };
     let read = matches!(verb.as_str(), "get" | "list" | "watch");
     let own = name.as_deref() == Some(node);
     Some(
         match (group.as_str(), resource.as_str(), subresource.as_deref()) {
-            ("", "secrets", _) if verb != "get" => return None,
+            ("", "secrets", _) => return None,
             _ if read => Decision::Allow,
             // For creates, `name` is the body's (the handler fills it in).
             ("", "nodes", None | Some("status")) if own => Decision::Allow,
@@ -195,7 +196,11 @@ fn node_decision(node: &str, attributes: &Attributes) -> Option<Decision> {
             }
             // The agent deletes its pods once they have stopped.
             ("", "pods", None) if verb == "delete" => Decision::AllowIfPodBoundTo(node.to_owned()),
-            ("", "events", None) | ("events.k8s.io", "events", None) => Decision::Allow,
+            ("", "events", None) | ("events.k8s.io", "events", None)
+                if matches!(verb.as_str(), "create" | "update" | "patch") =>
+            {
+                Decision::Allow
+            }
             _ => return None,
         },
     )
@@ -265,6 +270,14 @@ impl Authorizer {
                         _ => false,
                     }
             })
+    }
+
+    /// Forgets every RBAC object (before a reload).
+    pub fn clear(&self) {
+        *self
+            .index
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Index::default();
     }
 
     /// Applies one stored RBAC object (`object` None: deleted).

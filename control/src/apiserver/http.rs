@@ -502,7 +502,7 @@ async fn resource<S: Store>(
             } else {
                 UpdateMode::Main
             };
-            server_side_apply(app, call, rt, namespace, name, mode).await
+            server_side_apply(app, call, user, rt, namespace, name, mode).await
         }
         (&Method::PATCH, Some(name), sub @ (None | Some("status"))) => {
             let mode = if sub.is_some() {
@@ -886,6 +886,7 @@ async fn scale<S: Store>(
 async fn server_side_apply<S: Store>(
     app: &Arc<App<S>>,
     call: &Call,
+    user: &User,
     rt: &ResourceType,
     namespace: Option<&str>,
     name: &str,
@@ -899,9 +900,14 @@ async fn server_side_apply<S: Store>(
     let options = call.write_options()?;
     let config: Value = serde_yaml::from_slice(&call.body)
         .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?;
-    if !config.is_object() {
+    if !config.is_object() || !(config["metadata"].is_object() || config["metadata"].is_null()) {
         return Err(ApiError::bad_request(
-            "the applied configuration must be an object",
+            "the applied configuration must be an object with object metadata",
+        ));
+    }
+    if !config["metadata"]["managedFields"].is_null() {
+        return Err(ApiError::bad_request(
+            "metadata.managedFields must be nil in an applied configuration",
         ));
     }
     if config["metadata"]["name"]
@@ -933,7 +939,23 @@ async fn server_side_apply<S: Store>(
             .collect(),
     };
     match app.get_object(rt, namespace, name).await {
+        Err(error @ ApiError::NotFound(_)) if mode == UpdateMode::Status => Err(error),
         Err(ApiError::NotFound(_)) => {
+            // Applying to a missing object creates it: that needs `create`.
+            let create = Attributes::Resource {
+                verb: "create".to_owned(),
+                group: rt.group.to_owned(),
+                resource: rt.plural.to_owned(),
+                subresource: None,
+                namespace: namespace.map(str::to_owned),
+                name: Some(name.to_owned()),
+            };
+            if let Decision::Deny(reason) = app.authz.decide(user, &create) {
+                return Err(ApiError::Forbidden {
+                    subject: rt.subject(name),
+                    message: format!("{} \"{name}\" is forbidden: {reason}", rt.plural),
+                });
+            }
             let mut object = managed::apply(None, &config, &writer, force).map_err(conflict)?;
             object["metadata"]["name"] = json!(name);
             let written = app.create_object(rt, namespace, object, &options).await?;

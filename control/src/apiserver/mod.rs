@@ -39,6 +39,11 @@ use crate::{
     store::{EventKind, KeyValue, Revision, Store, StoreError},
 };
 
+/// History older than this is compacted away (kube-apiserver's default
+/// compaction interval): old continue tokens and resourceVersions then get
+/// 410, and the embedded store's history stays bounded.
+const COMPACTION_INTERVAL: Duration = Duration::from_secs(300);
+
 /// Everything under the registry prefix is an API object.
 const REGISTRY_PREFIX: &str = "/registry/";
 
@@ -137,7 +142,15 @@ impl<S: Store> App<S> {
                 Err(error) => {
                     warn!(%error, after, "watch cache: store watch failed; resetting");
                     match self.store.revision().await {
-                        Ok(current) => self.cache.reset(current),
+                        Ok(current) => {
+                            self.cache.reset(current);
+                            // Changes in between never reach the index:
+                            // rebuild it at the revision the cache restarts.
+                            self.authz.clear();
+                            if let Err(error) = self.load_rbac(current).await {
+                                warn!(%error, "watch cache: reloading RBAC failed");
+                            }
+                        }
                         Err(error) => warn!(%error, "watch cache: store unreachable"),
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -152,6 +165,27 @@ impl<S: Store> App<S> {
                         break;
                     }
                 }
+            }
+        }
+    }
+
+    /// Every interval, compacts the store to the revision it had one
+    /// interval earlier.
+    async fn compact_history(self: Arc<Self>) {
+        let mut ticks = tokio::time::interval(COMPACTION_INTERVAL);
+        let mut previous = None;
+        loop {
+            ticks.tick().await;
+            match self.store.revision().await {
+                Ok(current) => {
+                    if let Some(revision) = previous
+                        && let Err(error) = self.store.compact(revision).await
+                    {
+                        warn!(%error, revision, "compaction failed");
+                    }
+                    previous = Some(current);
+                }
+                Err(error) => warn!(%error, "compaction: store unreachable"),
             }
         }
     }
@@ -186,6 +220,10 @@ impl<S: Store> App<S> {
                 .prev
                 .as_ref()
                 .and_then(|prev| self.decode(prev, prev.mod_revision).ok());
+            if event.kind == EventKind::Delete && event.kv.key.starts_with(authz::RBAC_PREFIX) {
+                // Even without a decodable previous value.
+                self.authz.update(&event.kv.key, None);
+            }
             let (kind, object) = match (event.kind, prev.clone()) {
                 (EventKind::Put, None) => (EventType::Added, self.decode(&event.kv, revision)),
                 (EventKind::Put, Some(_)) => {
@@ -197,9 +235,8 @@ impl<S: Store> App<S> {
                 }
                 (EventKind::Delete, None) => continue,
             };
-            if event.kv.key.starts_with(authz::RBAC_PREFIX) {
-                let current = object.as_ref().ok().filter(|_| kind != EventType::Deleted);
-                self.authz.update(&event.kv.key, current);
+            if kind != EventType::Deleted && event.kv.key.starts_with(authz::RBAC_PREFIX) {
+                self.authz.update(&event.kv.key, object.as_ref().ok());
             }
             match object {
                 Ok(object) => {
@@ -282,6 +319,7 @@ pub async fn serve<S: Store>(
     });
     app.load_rbac(revision).await?;
     tokio::spawn(Arc::clone(&app).feed_watch_cache());
+    tokio::spawn(Arc::clone(&app).compact_history());
     app.bootstrap().await;
 
     let tls = tls::server_config(&ca.cert_pem, &serving)?;

@@ -152,6 +152,10 @@ pub struct ListPage {
 /// Keys read per store round trip while filtering a selector list.
 const LIST_CHUNK: usize = 500;
 
+/// Longest grace period honoured (a year); longer ones are cut to it, so
+/// deadlines always fit in a timestamp.
+const MAX_GRACE_SECONDS: i64 = 365 * 24 * 3600;
+
 /// Attempts of an unconditional update that keeps losing races.
 const UPDATE_ATTEMPTS: usize = 16;
 
@@ -451,6 +455,14 @@ impl<S: Store> App<S> {
         if object.get("spec").is_some() {
             object["metadata"]["generation"] = json!(1);
         }
+        // Status is the system's to write (through /status); a Node's
+        // agent registers it with its status, as upstream allows.
+        if rt.status
+            && !(rt.group.is_empty() && rt.plural == "nodes")
+            && let Some(map) = object.as_object_mut()
+        {
+            map.remove("status");
+        }
         let (mut object, warnings) = self.admit(rt, &object, options)?;
         let now = now_rfc3339();
         managed::track_update(
@@ -604,10 +616,16 @@ impl<S: Store> App<S> {
                     created: false,
                 });
             }
+            // The last finalizer's removal deletes, unless a grace period
+            // is still running (a pod's agent deletes it with grace 0).
             let finished = next["metadata"]["deletionTimestamp"].is_string()
                 && next["metadata"]["finalizers"]
                     .as_array()
                     .is_none_or(Vec::is_empty)
+                && next["metadata"]["deletionGracePeriodSeconds"]
+                    .as_i64()
+                    .unwrap_or(0)
+                    == 0
                 && finalizers_done(rt, &next);
             let (mut txn, extras) = if finished {
                 let extras = self.plan_extras(rt, name, Some(&current), None, &taken)?;
@@ -842,7 +860,8 @@ impl<S: Store> App<S> {
             let grace = options
                 .grace_period
                 .or_else(|| current["spec"]["terminationGracePeriodSeconds"].as_i64())
-                .unwrap_or(30);
+                .unwrap_or(30)
+                .clamp(0, MAX_GRACE_SECONDS);
             (bound && !finished && grace > 0).then_some(grace)
         } else {
             None

@@ -251,14 +251,13 @@ impl WatchSpec {
 /// goes away, or when the watcher falls too far behind.
 /// `guard` lives as long as the watch (it counts open watches).
 pub fn start(
-    cache: &Arc<WatchCache>,
+    cache: &WatchCache,
     spec: WatchSpec,
     encode: Encoder,
     guard: impl Send + 'static,
 ) -> Result<mpsc::Receiver<Result<Bytes, Infallible>>, ApiError> {
     let (replay, mut live) = cache.subscribe(spec.after)?;
     let (tx, rx) = mpsc::channel(64);
-    let cache = Arc::clone(cache);
     tokio::spawn(async move {
         let _guard = guard;
         let deadline = tokio::time::sleep(spec.timeout);
@@ -295,12 +294,31 @@ pub fn start(
         }
         let mut bookmarks = tokio::time::interval(BOOKMARK_INTERVAL);
         bookmarks.tick().await;
+        // The newest revision received, matching or not: a bookmark may
+        // claim only what this watcher has already been through.
+        let mut seen = last;
         loop {
             tokio::select! {
                 () = &mut deadline => return,
                 _ = bookmarks.tick(), if spec.bookmarks => {
-                    let revision = cache.revision().max(last);
-                    if tx.send(Ok(encode("BOOKMARK", &spec.bookmark(revision, false), None))).await.is_err() {
+                    // Take in what is queued first, so the bookmark's
+                    // version covers it.
+                    loop {
+                        let event = match live.try_recv() {
+                            Ok(event) => event,
+                            Err(broadcast::error::TryRecvError::Empty) => break,
+                            // Lagged or reset: end the watch, as below.
+                            Err(_) => return,
+                        };
+                        seen = seen.max(event.revision);
+                        if event.revision > last && let Some(kind) = spec.view(&event) {
+                            last = event.revision;
+                            if tx.send(Ok(encode(kind.as_str(), &event.object, Some(event.encoded())))).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    if tx.send(Ok(encode("BOOKMARK", &spec.bookmark(seen.max(last), false), None))).await.is_err() {
                         return;
                     }
                 }
@@ -311,6 +329,7 @@ pub fn start(
                         // re-watches from the last version it saw.
                         Err(_) => return,
                     };
+                    seen = seen.max(event.revision);
                     if event.revision <= last {
                         continue;
                     }
@@ -397,7 +416,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_watch_replays_the_window_then_follows_live_events() {
-        let cache = Arc::new(WatchCache::new(10));
+        let cache = WatchCache::new(10);
         cache.push(11, vec![event(11, "a", EventType::Added, json!({}), None)]);
         cache.push(12, vec![event(12, "b", EventType::Added, json!({}), None)]);
         let mut rx = start(&cache, spec(11, ""), Box::new(json_frame), ()).unwrap();
@@ -410,7 +429,7 @@ mod tests {
 
     #[tokio::test]
     async fn leaving_a_label_selection_is_a_delete() {
-        let cache = Arc::new(WatchCache::new(1));
+        let cache = WatchCache::new(1);
         let mut rx = start(&cache, spec(1, "app=web"), Box::new(json_frame), ()).unwrap();
         let before = json!({"metadata": {"name": "a", "labels": {"app": "web"}}});
         cache.push(

@@ -86,10 +86,9 @@ pub(super) fn decode_events(revision: Revision, bytes: &[u8]) -> Result<Vec<Even
             }
             _ => return Err(reader.corrupt("bad previous-value flag")),
         };
-        let create_revision = match (&kind, &prev) {
-            (EventKind::Put, Some(prev)) => prev.create_revision,
-            _ => revision,
-        };
+        // An update or delete keeps the key's creation revision, as the
+        // live path reports it.
+        let create_revision = prev.as_ref().map_or(revision, |prev| prev.create_revision);
         events.push(Event {
             kind,
             kv: KeyValue {
@@ -197,7 +196,7 @@ mod tests {
             },
             Event {
                 kind: EventKind::Delete,
-                kv: kv("/c", b"", 12, 12),
+                kv: kv("/c", b"", 2, 12),
                 prev: Some(kv("/c", b"gone", 2, 5)),
             },
         ];
