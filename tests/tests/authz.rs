@@ -52,8 +52,8 @@ fn role_bindings_grant_what_their_roles_say() {
     assert!(kubectl_as(&plane, &alice, &["api-resources"], None).0);
 
     plane.apply(
-        "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: alice-edit, namespace: team}\n\
-         roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: edit}\n\
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: alice-admin, namespace: team}\n\
+         roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: admin}\n\
          subjects: [{kind: User, name: alice}]\n",
     );
     assert!(eventually(|| kubectl_as(
@@ -72,6 +72,34 @@ fn role_bindings_grant_what_their_roles_say() {
     );
     let (ok, stderr) = kubectl_as(&plane, &alice, &["get", "nodes"], None);
     assert!(!ok && stderr.contains("at the cluster scope"), "{stderr}");
+
+    // A namespace admin may bind what it holds, not more.
+    let binding = |role: &str| {
+        format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: to-{role}, namespace: team}}\n\
+             roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {role}}}\n\
+             subjects: [{{kind: User, name: bob}}]\n"
+        )
+    };
+    assert!(
+        kubectl_as(
+            &plane,
+            &alice,
+            &["apply", "-f", "-"],
+            Some(&binding("view"))
+        )
+        .0
+    );
+    let (ok, stderr) = kubectl_as(
+        &plane,
+        &alice,
+        &["apply", "-f", "-"],
+        Some(&binding("cluster-admin")),
+    );
+    assert!(
+        !ok && stderr.contains("attempting to grant RBAC permissions not currently held"),
+        "{stderr}"
+    );
 
     // Server-side apply of a missing object is a create, and needs it.
     plane.apply(
@@ -94,7 +122,7 @@ fn role_bindings_grant_what_their_roles_say() {
         stderr.contains("cannot create resource \"configmaps\"")
     }));
 
-    plane.kubectl_ok(&["delete", "rolebinding", "alice-edit", "-n", "team"]);
+    plane.kubectl_ok(&["delete", "rolebinding", "alice-admin", "-n", "team"]);
     assert!(eventually(|| !kubectl_as(
         &plane,
         &alice,

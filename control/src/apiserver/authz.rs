@@ -272,6 +272,134 @@ impl Authorizer {
             })
     }
 
+    /// RBAC's escalation check: writing a Role or ClusterRole needs every
+    /// permission it grants (or `escalate` on it); writing a binding needs
+    /// every permission of the role it binds (or `bind` on that role).
+    /// Wildcards must be held as wildcards. Returns the denial message.
+    pub fn check_escalation(
+        &self,
+        user: &User,
+        plural: &str,
+        namespace: Option<&str>,
+        object: &Value,
+    ) -> Result<(), String> {
+        if user.in_group(MASTERS) {
+            return Ok(());
+        }
+        let namespace = namespace.map(str::to_owned);
+        let name = object["metadata"]["name"].as_str().map(str::to_owned);
+        let holds = |verb: &str, resource: &str, name: Option<String>| {
+            let attributes = Attributes::Resource {
+                verb: verb.to_owned(),
+                group: "rbac.authorization.k8s.io".to_owned(),
+                resource: resource.to_owned(),
+                subresource: None,
+                namespace: namespace.clone(),
+                name,
+            };
+            self.decide(user, &attributes) == Decision::Allow
+        };
+        let rules: Vec<PolicyRule> = match plural {
+            "roles" | "clusterroles" => {
+                if holds("escalate", plural, name) {
+                    return Ok(());
+                }
+                serde_json::from_value(object["rules"].clone()).unwrap_or_default()
+            }
+            "rolebindings" | "clusterrolebindings" => {
+                let kind = object["roleRef"]["kind"].as_str().unwrap_or_default();
+                let role = object["roleRef"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                let role_plural = if kind == "Role" {
+                    "roles"
+                } else {
+                    "clusterroles"
+                };
+                if holds("bind", role_plural, Some(role.clone())) {
+                    return Ok(());
+                }
+                let index = self
+                    .index
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let rules = match (kind, &namespace) {
+                    ("Role", Some(namespace)) => {
+                        index.roles.get(&(namespace.clone(), role)).cloned()
+                    }
+                    ("ClusterRole", _) => index.cluster_roles.get(&role).cloned(),
+                    _ => None,
+                };
+                rules.unwrap_or_default()
+            }
+            _ => return Ok(()),
+        };
+        let missing: Vec<String> = rules
+            .iter()
+            .filter(|rule| !self.holds_rule(user, rule, namespace.as_deref()))
+            .map(|rule| {
+                format!(
+                    "{{APIGroups:{:?}, Resources:{:?}, ResourceNames:{:?}, NonResourceURLs:{:?}, Verbs:{:?}}}",
+                    rule.api_groups.clone().unwrap_or_default(),
+                    rule.resources.clone().unwrap_or_default(),
+                    rule.resource_names.clone().unwrap_or_default(),
+                    rule.non_resource_urls.clone().unwrap_or_default(),
+                    rule.verbs
+                )
+            })
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "user \"{}\" (groups={:?}) is attempting to grant RBAC permissions not currently held:\n{}",
+            user.name,
+            user.groups,
+            missing.join("\n")
+        ))
+    }
+
+    /// Whether `user` holds everything `rule` grants (in `namespace`).
+    fn holds_rule(&self, user: &User, rule: &PolicyRule, namespace: Option<&str>) -> bool {
+        let groups = rule.api_groups.clone().unwrap_or_default();
+        let names: Vec<Option<String>> = match rule.resource_names.as_deref() {
+            Some(names) if !names.is_empty() => names.iter().cloned().map(Some).collect(),
+            _ => vec![None],
+        };
+        let resources_held = rule.resources.iter().flatten().all(|resource| {
+            let (resource, subresource) = match resource.split_once('/') {
+                Some((resource, sub)) => (resource.to_owned(), Some(sub.to_owned())),
+                None => (resource.clone(), None),
+            };
+            rule.verbs.iter().all(|verb| {
+                groups.iter().all(|group| {
+                    names.iter().all(|name| {
+                        let attributes = Attributes::Resource {
+                            verb: verb.clone(),
+                            group: group.clone(),
+                            resource: resource.clone(),
+                            subresource: subresource.clone(),
+                            namespace: namespace.map(str::to_owned),
+                            name: name.clone(),
+                        };
+                        self.decide(user, &attributes) == Decision::Allow
+                    })
+                })
+            })
+        });
+        let urls_held = rule.non_resource_urls.iter().flatten().all(|path| {
+            rule.verbs.iter().all(|verb| {
+                let attributes = Attributes::NonResource {
+                    verb: verb.clone(),
+                    path: path.clone(),
+                };
+                self.decide(user, &attributes) == Decision::Allow
+            })
+        });
+        resources_held && urls_held
+    }
+
     /// Forgets every RBAC object (before a reload).
     pub fn clear(&self) {
         *self
@@ -510,6 +638,56 @@ mod tests {
             authorizer.decide(&alice, &list_pods),
             Decision::Deny(_)
         ));
+    }
+
+    #[test]
+    fn nobody_grants_what_they_do_not_hold() {
+        let authorizer = authorizer();
+        let alice = user("alice", &["system:authenticated"]);
+        let binding = json!({
+            "metadata": {"name": "alice-admin", "namespace": "team"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "admin"},
+            "subjects": [{"kind": "User", "name": "alice"}],
+        });
+        authorizer.update(
+            &format!("{RBAC_PREFIX}rolebindings/team/alice-admin"),
+            Some(&binding),
+        );
+        let pod_reader = json!({"metadata": {"name": "reader", "namespace": "team"},
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]});
+        assert_eq!(
+            authorizer.check_escalation(&alice, "roles", Some("team"), &pod_reader),
+            Ok(())
+        );
+        let everything = json!({"metadata": {"name": "all", "namespace": "team"},
+            "rules": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]});
+        let denied = authorizer
+            .check_escalation(&alice, "roles", Some("team"), &everything)
+            .unwrap_err();
+        assert!(
+            denied.contains("attempting to grant RBAC permissions not currently held"),
+            "{denied}"
+        );
+        let cluster_admin = json!({"metadata": {"name": "x", "namespace": "team"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+            "subjects": [{"kind": "User", "name": "alice"}]});
+        assert!(
+            authorizer
+                .check_escalation(&alice, "rolebindings", Some("team"), &cluster_admin)
+                .is_err()
+        );
+        let view = json!({"metadata": {"name": "y", "namespace": "team"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
+            "subjects": [{"kind": "User", "name": "bob"}]});
+        assert_eq!(
+            authorizer.check_escalation(&alice, "rolebindings", Some("team"), &view),
+            Ok(())
+        );
+        assert!(
+            authorizer
+                .check_escalation(&alice, "rolebindings", Some("other"), &view)
+                .is_err()
+        );
     }
 
     #[test]

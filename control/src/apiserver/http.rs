@@ -462,8 +462,10 @@ async fn resource<S: Store>(
         }
         (&Method::GET, None, None) => list(app, call, rt, namespace).await,
         (&Method::POST, None, None) => {
+            let body = call.json_body()?;
+            guard_rbac(app, user, rt, namespace, &body)?;
             let written = app
-                .create_object(rt, namespace, call.json_body()?, &call.write_options()?)
+                .create_object(rt, namespace, body, &call.write_options()?)
                 .await?;
             Ok(json_response(
                 StatusCode::CREATED,
@@ -483,6 +485,7 @@ async fn resource<S: Store>(
                 UpdateMode::Main
             };
             let body = call.json_body()?;
+            guard_rbac(app, user, rt, namespace, &body)?;
             let written = app
                 .update_object(rt, namespace, name, mode, &call.write_options()?, |_| {
                     Ok(body.clone())
@@ -522,6 +525,7 @@ async fn resource<S: Store>(
                     &call.write_options()?,
                     |current| {
                         let mut patched = patch::apply(kind, current, &call.body)?;
+                        guard_rbac(app, user, rt, namespace, &patched)?;
                         // The patch's own resourceVersion (if any) is a
                         // precondition; otherwise the current one is.
                         if patched["metadata"]["resourceVersion"]
@@ -580,6 +584,30 @@ async fn resource<S: Store>(
         (_, _, Some(_)) => Err(ApiError::NoSuchResource),
         _ => Err(unsupported()),
     }
+}
+
+/// Refuses a Role, ClusterRole or binding that grants more than the
+/// requester holds (RBAC's escalation prevention).
+fn guard_rbac<S: Store>(
+    app: &App<S>,
+    user: &User,
+    rt: &ResourceType,
+    namespace: Option<&str>,
+    object: &Value,
+) -> Result<(), ApiError> {
+    if rt.group != "rbac.authorization.k8s.io" {
+        return Ok(());
+    }
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    app.authz
+        .check_escalation(user, rt.plural, namespace, object)
+        .map_err(|reason| ApiError::Forbidden {
+            subject: rt.subject(name),
+            message: format!(
+                "{}.{} \"{name}\" is forbidden: {reason}",
+                rt.plural, rt.group
+            ),
+        })
 }
 
 /// A single object, or a one-row table when kubectl asks for one.
@@ -957,6 +985,7 @@ async fn server_side_apply<S: Store>(
                 });
             }
             let mut object = managed::apply(None, &config, &writer, force).map_err(conflict)?;
+            guard_rbac(app, user, rt, namespace, &object)?;
             object["metadata"]["name"] = json!(name);
             let written = app.create_object(rt, namespace, object, &options).await?;
             Ok(json_response(
@@ -971,6 +1000,7 @@ async fn server_side_apply<S: Store>(
                 .update_object(rt, namespace, name, mode, &options, |current| {
                     let mut merged =
                         managed::apply(Some(current), &config, &writer, force).map_err(conflict)?;
+                    guard_rbac(app, user, rt, namespace, &merged)?;
                     // Only a resourceVersion in the configuration is a
                     // precondition.
                     match config["metadata"]["resourceVersion"].as_str() {
