@@ -265,3 +265,73 @@ fn malformed_and_oversized_bodies_get_statuses_not_writes() {
     let missing = plane.kubectl(&["get", "--raw", "/apis/nope.example.com/v1/things"]);
     assert!(String::from_utf8_lossy(&missing.stderr).contains("NotFound"));
 }
+
+/// A node agent's kubelet API stand-in: serves /containerLogs over TLS
+/// with a certificate from the cluster CA, echoing what it was asked.
+fn fake_kubelet(plane: &ControlPlane) -> (tokio::runtime::Runtime, u16) {
+    use axum::{
+        Router,
+        extract::{Path as UrlPath, RawQuery},
+        routing::get,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ca = wharf_control::pki::Authority::load_or_create(&plane.data_dir()).unwrap();
+    let serving = ca
+        .issue_serving(&[], &["127.0.0.1".parse().unwrap()])
+        .unwrap();
+    let tls = wharf_control::apiserver::tls::server_config(&ca.cert_pem, &serving).unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let router = Router::new().route(
+        "/containerLogs/{namespace}/{pod}/{container}",
+        get(
+            |UrlPath((namespace, pod, container)): UrlPath<(String, String, String)>,
+             RawQuery(query): RawQuery| async move {
+                format!(
+                    "log of {namespace}/{pod}/{container}\nquery {}\n",
+                    query.unwrap_or_default()
+                )
+            },
+        ),
+    );
+    runtime.spawn(wharf_control::apiserver::tls::accept(
+        listener,
+        tls,
+        router,
+        std::future::pending(),
+    ));
+    (runtime, port)
+}
+
+#[test]
+fn pod_logs_are_proxied_to_the_node() {
+    let plane = ControlPlane::start(StoreKind::Embedded);
+    let (_kubelet, port) = fake_kubelet(&plane);
+    plane.apply(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: n1}}\n\
+         status:\n  addresses: [{{type: InternalIP, address: 127.0.0.1}}]\n  daemonEndpoints: {{kubeletEndpoint: {{Port: {port}}}}}\n"
+    ));
+    plane.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: default}\n\
+         spec:\n  nodeName: n1\n  containers: [{name: app, image: nginx}, {name: side, image: envoy}]\n",
+    );
+    let logs = plane.kubectl_ok(&["logs", "web", "-n", "default", "-c", "app", "--tail=2"]);
+    assert_eq!(logs, "log of default/web/app\nquery tailLines=2\n");
+    // kubectl picks a container itself; the API asks for one.
+    let ambiguous = plane.kubectl(&["get", "--raw", "/api/v1/namespaces/default/pods/web/log"]);
+    let stderr = String::from_utf8_lossy(&ambiguous.stderr);
+    assert!(
+        stderr
+            .contains("a container name must be specified for pod web, choose one of: [app side]"),
+        "{stderr}"
+    );
+    plane.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: pending, namespace: default}\nspec:\n  containers: [{name: c, image: busybox}]\n");
+    let unbound = plane.kubectl(&["logs", "pending", "-n", "default"]);
+    assert!(String::from_utf8_lossy(&unbound.stderr).contains("does not have a host assigned"));
+}

@@ -39,7 +39,10 @@ fn subresources(
         out.push(("scale", "Scale", "autoscaling", "v1", SUBRESOURCE_VERBS));
     }
     match rt.plural {
-        "pods" => out.push(("binding", "Binding", "", "v1", &["create"][..])),
+        "pods" => {
+            out.push(("binding", "Binding", "", "v1", &["create"][..]));
+            out.push(("log", "Pod", "", "v1", &["get"][..]));
+        }
         "namespaces" => out.push(("finalize", "Namespace", "", "v1", &["update"][..])),
         _ => {}
     }

@@ -20,6 +20,7 @@ use super::{
     authz::{Attributes, Decision},
     discovery,
     kinds::ResourceType,
+    logs,
     managed::{self, Writer},
     objects::{DeleteOptions, FieldValidation, ListParams, UpdateMode, WriteOptions, now_rfc3339},
     patch::{self, PatchType},
@@ -548,6 +549,23 @@ async fn resource<S: Store>(
             let options = delete_options(call)?;
             let object = app.delete_object(rt, namespace, name, &options).await?;
             Ok(json_response(StatusCode::OK, &object, &[]))
+        }
+        (&Method::GET, Some(name), Some("log")) if rt.plural == "pods" && rt.group.is_empty() => {
+            let (pod, _) = app.get_object(rt, namespace, name).await?;
+            let node_name = pod["spec"]["nodeName"]
+                .as_str()
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!("pod {name} does not have a host assigned"))
+                })?;
+            let nodes = app
+                .registry
+                .find("", "v1", "nodes")
+                .ok_or_else(|| ApiError::internal("nodes are not registered"))?;
+            let (node, _) = app.get_object(nodes, None, node_name).await?;
+            let mut query: Vec<(String, String)> = call.query.clone().into_iter().collect();
+            query.sort();
+            logs::pod_log(&app.kubelet, &pod, &node, call.param("container"), &query).await
         }
         (method, Some(name), Some("scale")) if rt.scale => {
             scale(app, call, method, rt, namespace, name).await

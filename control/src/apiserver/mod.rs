@@ -9,6 +9,7 @@ mod discovery;
 pub mod encryption;
 mod http;
 mod kinds;
+mod logs;
 mod managed;
 mod metrics;
 mod objects;
@@ -18,7 +19,7 @@ mod protobuf;
 mod selectors;
 mod status;
 mod table;
-mod tls;
+pub mod tls;
 mod validation;
 mod watch;
 
@@ -91,6 +92,7 @@ pub struct App<S> {
     ranges: ServiceRanges,
     /// The `kubernetes` Service's target port.
     listen_port: u16,
+    kubelet: logs::KubeletClient,
 }
 
 impl<S> std::fmt::Debug for App<S> {
@@ -275,6 +277,9 @@ pub async fn serve<S: Store>(
     ca.save("apiserver", &serving)?;
     let admin = ca.issue_client("kubernetes-admin", &["system:masters"])?;
     ca.save("admin", &admin)?;
+    // How the API server authenticates to node agents (pods/log).
+    let kubelet_client = ca.issue_client("kube-apiserver-kubelet-client", &["system:masters"])?;
+    ca.save("apiserver-kubelet-client", &kubelet_client)?;
     let host = if ip.is_unspecified() {
         "127.0.0.1".to_owned()
     } else {
@@ -316,6 +321,7 @@ pub async fn serve<S: Store>(
         metrics: metrics::Metrics::new(),
         ranges: config.ranges.clone(),
         listen_port: config.listen.port(),
+        kubelet: logs::KubeletClient::new(&ca.cert_pem, &kubelet_client)?,
     });
     app.load_rbac(revision).await?;
     tokio::spawn(Arc::clone(&app).feed_watch_cache());
