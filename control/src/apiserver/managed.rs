@@ -39,15 +39,20 @@ pub struct FieldSet {
 type Path = Vec<String>;
 
 impl FieldSet {
-    /// The fields `object` sets (top-level apiVersion/kind, identity
-    /// metadata and status excluded).
-    pub fn of(object: &Value) -> Self {
+    /// The fields `object` sets: everything but apiVersion/kind, identity
+    /// metadata and status, or (`status`) only status, for writes through
+    /// the status subresource.
+    pub fn of(object: &Value, status: bool) -> Self {
         let mut set = Self::default();
         let Some(map) = object.as_object() else {
             return set;
         };
         for (key, value) in map {
-            if matches!(key.as_str(), "apiVersion" | "kind" | "status") {
+            let skipped = match key.as_str() {
+                "status" => !status,
+                _ => status || matches!(key.as_str(), "apiVersion" | "kind"),
+            };
+            if skipped {
                 continue;
             }
             let child = set.children.entry(format!("f:{key}")).or_default();
@@ -350,14 +355,15 @@ pub fn track_update(old: Option<&Value>, new: &mut Value, writer: &Writer<'_>) {
         return;
     }
     let mut list = old.map(entries).unwrap_or_default();
-    let after = FieldSet::of(new);
+    let status = writer.subresource == Some("status");
+    let after = FieldSet::of(new, status);
     let changed: Vec<Path> = after
         .leaves()
         .into_iter()
         .filter(|path| old.is_none_or(|old| get(old, path) != get(new, path)))
         .collect();
     let removed: Vec<Path> = old
-        .map(|old| FieldSet::of(old).leaves())
+        .map(|old| FieldSet::of(old, status).leaves())
         .unwrap_or_default()
         .into_iter()
         .filter(|path| !after.contains(path))
@@ -435,7 +441,7 @@ pub fn apply(
     writer: &Writer<'_>,
     force: bool,
 ) -> Result<Value, Vec<Conflict>> {
-    let applied = FieldSet::of(config);
+    let applied = FieldSet::of(config, writer.subresource == Some("status"));
     let applied_leaves = applied.leaves();
     let mut list = live.map(entries).unwrap_or_default();
     let base = live.cloned().unwrap_or_else(|| json!({}));
@@ -538,7 +544,7 @@ mod tests {
 
     #[test]
     fn field_sets_use_upstream_shapes() {
-        let set = FieldSet::of(&deployment(2, "nginx"));
+        let set = FieldSet::of(&deployment(2, "nginx"), false);
         let fields = set.to_json();
         assert_eq!(fields["f:metadata"]["f:labels"]["f:app"], json!({}));
         let container =
@@ -628,5 +634,18 @@ mod tests {
         let mut same = scaled.clone();
         track_update(Some(&scaled), &mut same, &writer("other"));
         assert_eq!(same, scaled, "an unchanged object keeps its managedFields");
+        let mut reported = scaled.clone();
+        reported["status"] = json!({"readyReplicas": 5});
+        let status_writer = Writer {
+            subresource: Some("status"),
+            ..writer("controller")
+        };
+        track_update(Some(&scaled), &mut reported, &status_writer);
+        let entries = reported["metadata"]["managedFields"].as_array().unwrap();
+        assert_eq!(entries[2]["subresource"], "status");
+        assert_eq!(
+            entries[2]["fieldsV1"],
+            json!({"f:status": {"f:readyReplicas": {}}})
+        );
     }
 }

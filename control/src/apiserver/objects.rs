@@ -704,6 +704,12 @@ impl<S: Store> App<S> {
         if mode == UpdateMode::Status {
             let mut merged = current.clone();
             merged["status"] = next["status"].take();
+            // An apply through /status brings its own managedFields.
+            if let Some(managed) = next["metadata"].get("managedFields")
+                && current["metadata"].get("managedFields") != Some(managed)
+            {
+                merged["metadata"]["managedFields"] = managed.clone();
+            }
             next = merged;
         } else if rt.status {
             next["status"] = current["status"].clone();
