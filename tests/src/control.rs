@@ -13,6 +13,20 @@ use wharf_control::{etcd_process::EtcdProcess, pki::KubeconfigUser};
 
 use crate::lab::workspace_binary;
 
+/// Defines each listed case (a `fn(ControlPlane)`) as two tests, one on
+/// each store: `embedded::case` and `etcd::case`.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($case:ident),* $(,)?) => {
+        mod embedded {
+            $( #[test] fn $case() { super::$case($crate::control::ControlPlane::start($crate::control::StoreKind::Embedded)); } )*
+        }
+        mod etcd {
+            $( #[test] fn $case() { super::$case($crate::control::ControlPlane::start($crate::control::StoreKind::Etcd)); } )*
+        }
+    };
+}
+
 /// Which store the server runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StoreKind {

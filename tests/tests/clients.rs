@@ -19,18 +19,7 @@ use kube::{
 };
 use wharf_tests::control::{ControlPlane, StoreKind};
 
-macro_rules! on_both_stores {
-    ($($case:ident),* $(,)?) => {
-        mod embedded {
-            $( #[test] fn $case() { super::$case(super::ControlPlane::start(super::StoreKind::Embedded)); } )*
-        }
-        mod etcd {
-            $( #[test] fn $case() { super::$case(super::ControlPlane::start(super::StoreKind::Etcd)); } )*
-        }
-    };
-}
-
-on_both_stores!(
+wharf_tests::on_both_stores!(
     kube_watchers_see_every_change,
     acknowledged_writes_survive_kill_9,
     python_client_crud_and_watch,

@@ -11,18 +11,7 @@ use std::{
 use serde_json::Value;
 use wharf_tests::control::{ControlPlane, StoreKind};
 
-macro_rules! on_both_stores {
-    ($($case:ident),* $(,)?) => {
-        mod embedded {
-            $( #[test] fn $case() { super::$case(super::ControlPlane::start(super::StoreKind::Embedded)); } )*
-        }
-        mod etcd {
-            $( #[test] fn $case() { super::$case(super::ControlPlane::start(super::StoreKind::Etcd)); } )*
-        }
-    };
-}
-
-on_both_stores!(
+wharf_tests::on_both_stores!(
     apply_get_describe_and_reapply,
     patches_of_every_type,
     selectors_pick_objects,

@@ -181,10 +181,6 @@ fn validate_binding(
     }
 }
 
-fn role_columns() -> Vec<Column> {
-    vec![Column::new("Created At", "date", 0)]
-}
-
 fn created_at(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Value {
     json!(
         meta.creation_timestamp
@@ -193,37 +189,29 @@ fn created_at(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta)
     )
 }
 
-impl Kind for Role {
-    const NAME_RULE: NameRule = NameRule::PathSegment;
+/// Roles and ClusterRoles behave alike: rules, validated the same way.
+macro_rules! role_kind {
+    ($kind:ty) => {
+        impl Kind for $kind {
+            const NAME_RULE: NameRule = NameRule::PathSegment;
 
-    fn validate(&self, causes: &mut Causes) {
-        validate_rules(self.rules.as_deref().unwrap_or_default(), causes);
-    }
+            fn validate(&self, causes: &mut Causes) {
+                validate_rules(self.rules.as_deref().unwrap_or_default(), causes);
+            }
 
-    fn columns() -> Vec<Column> {
-        role_columns()
-    }
+            fn columns() -> Vec<Column> {
+                vec![Column::new("Created At", "date", 0)]
+            }
 
-    fn cells(&self, _now: DateTime<Utc>) -> Vec<Value> {
-        vec![created_at(&self.metadata)]
-    }
+            fn cells(&self, _now: DateTime<Utc>) -> Vec<Value> {
+                vec![created_at(&self.metadata)]
+            }
+        }
+    };
 }
 
-impl Kind for ClusterRole {
-    const NAME_RULE: NameRule = NameRule::PathSegment;
-
-    fn validate(&self, causes: &mut Causes) {
-        validate_rules(self.rules.as_deref().unwrap_or_default(), causes);
-    }
-
-    fn columns() -> Vec<Column> {
-        role_columns()
-    }
-
-    fn cells(&self, _now: DateTime<Utc>) -> Vec<Value> {
-        vec![created_at(&self.metadata)]
-    }
-}
+role_kind!(Role);
+role_kind!(ClusterRole);
 
 fn binding_columns() -> Vec<Column> {
     vec![
@@ -261,57 +249,40 @@ fn binding_cells(
     ]
 }
 
-impl Kind for RoleBinding {
-    const NAME_RULE: NameRule = NameRule::PathSegment;
+/// RoleBindings and ClusterRoleBindings differ only in which roles they
+/// may refer to.
+macro_rules! binding_kind {
+    ($kind:ty, namespaced: $namespaced:expr) => {
+        impl Kind for $kind {
+            const NAME_RULE: NameRule = NameRule::PathSegment;
 
-    fn validate(&self, causes: &mut Causes) {
-        validate_binding(
-            &self.role_ref,
-            self.subjects.as_deref().unwrap_or_default(),
-            true,
-            causes,
-        );
-    }
+            fn validate(&self, causes: &mut Causes) {
+                validate_binding(
+                    &self.role_ref,
+                    self.subjects.as_deref().unwrap_or_default(),
+                    $namespaced,
+                    causes,
+                );
+            }
 
-    fn columns() -> Vec<Column> {
-        binding_columns()
-    }
+            fn columns() -> Vec<Column> {
+                binding_columns()
+            }
 
-    fn cells(&self, now: DateTime<Utc>) -> Vec<Value> {
-        binding_cells(
-            &self.metadata,
-            &self.role_ref,
-            self.subjects.as_deref().unwrap_or_default(),
-            now,
-        )
-    }
+            fn cells(&self, now: DateTime<Utc>) -> Vec<Value> {
+                binding_cells(
+                    &self.metadata,
+                    &self.role_ref,
+                    self.subjects.as_deref().unwrap_or_default(),
+                    now,
+                )
+            }
+        }
+    };
 }
 
-impl Kind for ClusterRoleBinding {
-    const NAME_RULE: NameRule = NameRule::PathSegment;
-
-    fn validate(&self, causes: &mut Causes) {
-        validate_binding(
-            &self.role_ref,
-            self.subjects.as_deref().unwrap_or_default(),
-            false,
-            causes,
-        );
-    }
-
-    fn columns() -> Vec<Column> {
-        binding_columns()
-    }
-
-    fn cells(&self, now: DateTime<Utc>) -> Vec<Value> {
-        binding_cells(
-            &self.metadata,
-            &self.role_ref,
-            self.subjects.as_deref().unwrap_or_default(),
-            now,
-        )
-    }
-}
+binding_kind!(RoleBinding, namespaced: true);
+binding_kind!(ClusterRoleBinding, namespaced: false);
 
 impl Kind for HorizontalPodAutoscaler {
     const SHORT_NAMES: &'static [&'static str] = &["hpa"];
