@@ -5,11 +5,18 @@
 set -euo pipefail
 
 die() { echo "setup: $*" >&2; exit 1; }
+
+# cargo-installed tools (bpf-linker) live here; sudo's secure_path drops it.
+export PATH="$HOME/.cargo/bin:$PATH"
 step() { echo "setup: $*" >&2; }
 
 [ "$(id -u)" -eq 0 ] || die "run as root: it installs apt packages and later loads eBPF programs"
 command -v apt-get >/dev/null || die "apt-get not found: this script targets Debian"
 command -v rustup >/dev/null || die "rustup not found: the machine's Rust toolchain is missing"
+command -v kubectl >/dev/null \
+  || die "kubectl not found: the API server's tests drive kubectl 1.32 (preinstalled on this machine kind)"
+python3 -m pip --version >/dev/null 2>&1 \
+  || die "python3 with pip not found: the API server's tests use the official Python client"
 
 # Debian packages: LLVM 22 for bpf-linker, iproute2/ethtool for the netns
 # tests and demo, curl for the demo, etcd-server for the etcd store and
@@ -51,7 +58,7 @@ if ! bpf-linker --version 2>/dev/null | grep -qx "bpf-linker $BPF_LINKER_VERSION
 fi
 
 # The official Python client: the API server's end-to-end tests drive it.
-if ! python3 -c 'import kubernetes' 2>/dev/null; then
+if ! python3 -c 'import kubernetes, sys; sys.exit(not kubernetes.__version__.startswith("32."))' 2>/dev/null; then
   step "installing the kubernetes Python client"
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore 'kubernetes>=32,<33' \
     || die "pip install kubernetes failed (needs python3 with pip and PyPI access)"

@@ -1,6 +1,6 @@
 //! Runs a single-member etcd server (Debian's `etcd`) as a child process on
-//! loopback: for tests, benchmarks and local clusters that pick
-//! `--store etcd` without an etcd of their own.
+//! loopback, for the store conformance suite, the end-to-end tests and the
+//! benchmarks.
 
 use std::{
     net::{Ipv4Addr, TcpListener},
@@ -38,10 +38,11 @@ pub enum EtcdProcessError {
     NotReady { endpoint: String },
 }
 
-/// A running etcd; killed (and waited for) on drop.
+/// A running etcd; killed with SIGKILL when dropped (tokio reaps it).
 #[derive(Debug)]
 pub struct EtcdProcess {
-    child: Child,
+    /// Held for `kill_on_drop`: etcd ends with this value.
+    _child: Child,
     endpoint: String,
 }
 
@@ -82,7 +83,7 @@ impl EtcdProcess {
             .spawn()
             .map_err(|source| EtcdProcessError::Spawn { binary, source })?;
         let process = Self {
-            child,
+            _child: child,
             endpoint: client,
         };
         let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
@@ -104,11 +105,5 @@ impl EtcdProcess {
     /// The client URL (`http://127.0.0.1:PORT`).
     pub fn endpoint(&self) -> &str {
         &self.endpoint
-    }
-
-    /// Stops etcd now (SIGKILL) and waits for it to exit.
-    pub async fn stop(mut self) {
-        // Already exited is fine: either way it is gone.
-        let _ = self.child.kill().await;
     }
 }

@@ -4,7 +4,8 @@
 //! kubeconfig that kubectl and the Python client use as-is.
 //!
 //! Layout under the data directory: `pki/ca.{crt,key}`,
-//! `pki/apiserver.{crt,key}`, `pki/admin.{crt,key}`, `admin.kubeconfig`.
+//! `pki/apiserver.{crt,key}`, `pki/admin.{crt,key}`,
+//! `pki/apiserver-kubelet-client.{crt,key}`, `admin.kubeconfig`.
 
 use std::{
     fs,

@@ -567,9 +567,7 @@ async fn resource<S: Store>(
             query.sort();
             logs::pod_log(&app.kubelet, &pod, &node, call.param("container"), &query).await
         }
-        (method, Some(name), Some("scale")) if rt.scale => {
-            scale(app, call, method, rt, namespace, name).await
-        }
+        (_, Some(name), Some("scale")) if rt.scale => scale(app, call, rt, namespace, name).await,
         (&Method::POST, Some(name), Some("binding"))
             if rt.plural == "pods" && rt.group.is_empty() =>
         {
@@ -874,12 +872,11 @@ fn scale_of(rt: &ResourceType, object: &Value) -> Value {
 async fn scale<S: Store>(
     app: &Arc<App<S>>,
     call: &Call,
-    method: &Method,
     rt: &ResourceType,
     namespace: Option<&str>,
     name: &str,
 ) -> Result<Response, ApiError> {
-    let change = match *method {
+    let change = match call.method {
         Method::GET => {
             let (object, _) = app.get_object(rt, namespace, name).await?;
             return Ok(json_response(StatusCode::OK, &scale_of(rt, &object), &[]));

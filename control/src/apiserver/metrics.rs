@@ -30,9 +30,10 @@ struct WatchLabels {
     resource: String,
 }
 
-/// Upstream's request-duration buckets, in seconds (5 ms to 60 s).
-const LATENCY_BUCKETS: [f64; 14] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 2.0, 5.0, 10.0, 60.0,
+/// kube-apiserver's request-duration buckets, in seconds (5 ms to 60 s).
+const LATENCY_BUCKETS: [f64; 23] = [
+    0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0,
+    10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
 ];
 
 #[derive(Clone, Copy, Debug)]

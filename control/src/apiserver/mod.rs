@@ -260,7 +260,8 @@ pub async fn serve<S: Store>(
 ) -> Result<(), StartError> {
     let ca = Authority::load_or_create(&config.data_dir)?;
     let ip = config.listen.ip();
-    let mut addresses = vec![ip];
+    // The kubernetes Service's IP too: in-cluster clients dial it.
+    let mut addresses = vec![ip, config.ranges.first_ip().into()];
     if ip.is_unspecified() {
         addresses.push(std::net::Ipv4Addr::LOCALHOST.into());
     }

@@ -66,13 +66,11 @@ impl WriteOptions {
     }
 }
 
-/// A write's result: the object as stored, warnings for the client, and
-/// whether it was created.
+/// A write's result: the object as stored and warnings for the client.
 #[derive(Debug)]
 pub struct Written {
     pub object: Value,
     pub warnings: Vec<String>,
-    pub created: bool,
 }
 
 /// Which part of an object an update may change.
@@ -475,11 +473,7 @@ impl<S: Store> App<S> {
             self.check_namespace(rt, namespace).await?;
         }
         if options.dry_run {
-            return Ok(Written {
-                object,
-                warnings,
-                created: true,
-            });
+            return Ok(Written { object, warnings });
         }
         let key = rt.key(namespace, &name);
         let mut taken = HashSet::new();
@@ -491,11 +485,7 @@ impl<S: Store> App<S> {
             match self.store.txn(txn).await? {
                 TxnOutcome::Committed { revision } => {
                     object["metadata"]["resourceVersion"] = json!(revision.to_string());
-                    return Ok(Written {
-                        object,
-                        warnings,
-                        created: true,
-                    });
+                    return Ok(Written { object, warnings });
                 }
                 TxnOutcome::Rejected { current } if current[0].is_some() => {
                     return Err(ApiError::AlreadyExists(rt.subject(&name)));
@@ -606,14 +596,12 @@ impl<S: Store> App<S> {
                 return Ok(Written {
                     object: current,
                     warnings,
-                    created: false,
                 });
             }
             if options.dry_run {
                 return Ok(Written {
                     object: next,
                     warnings,
-                    created: false,
                 });
             }
             // The last finalizer's removal deletes, unless a grace period
@@ -644,7 +632,6 @@ impl<S: Store> App<S> {
                     return Ok(Written {
                         object: next,
                         warnings,
-                        created: false,
                     });
                 }
                 TxnOutcome::Rejected { current }

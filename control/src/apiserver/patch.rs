@@ -1,8 +1,9 @@
 //! PATCH bodies: JSON patch (RFC 6902), JSON merge patch (RFC 7386), and
 //! strategic merge patch, which merges lists of built-in types by their
 //! merge keys (containers by name, ports by port, ...) and understands the
-//! `$patch`, `$retainKeys`, `$deleteFromPrimitiveList` and
-//! `$setElementOrder` directives kubectl sends.
+//! `$patch`, `$retainKeys` and `$deleteFromPrimitiveList` directives
+//! kubectl sends. `$setElementOrder` is accepted but not applied: merged
+//! lists keep the stored order, with new items appended.
 
 use serde_json::{Map, Value};
 

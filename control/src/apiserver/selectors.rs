@@ -149,15 +149,6 @@ impl FieldSelector {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
-
-    /// The value of `metadata.name` when the selector pins it (kubectl's
-    /// `get -w NAME` and `wait` watch one object this way).
-    pub fn pinned_name(&self) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(path, equal, _)| path == "metadata.name" && *equal)
-            .map(|(_, _, value)| value.as_str())
-    }
 }
 
 /// A field's value as a selector compares it: missing is empty, booleans
@@ -217,11 +208,5 @@ mod tests {
             FieldSelector::parse("status.phase==Running,metadata.name!=q", supported).unwrap();
         assert!(running.matches(&object));
         assert!(FieldSelector::parse("spec.bogus=1", supported).is_err());
-        assert_eq!(
-            FieldSelector::parse("metadata.name=p", supported)
-                .unwrap()
-                .pinned_name(),
-            Some("p")
-        );
     }
 }
