@@ -311,7 +311,7 @@ pub fn start(
                             Err(_) => return,
                         };
                         seen = seen.max(event.revision);
-                        if event.revision > last && let Some(kind) = spec.view(&event) {
+                        if event.revision > spec.after && let Some(kind) = spec.view(&event) {
                             last = event.revision;
                             if tx.send(Ok(encode(kind.as_str(), &event.object, Some(event.encoded())))).await.is_err() {
                                 return;
@@ -330,7 +330,11 @@ pub fn start(
                         Err(_) => return,
                     };
                     seen = seen.max(event.revision);
-                    if event.revision <= last {
+                    // Live events were never in the replay (both come from
+                    // one locked subscribe); only what the initial list
+                    // already covered is skipped. Comparing with `last`
+                    // would drop a second event of the same revision.
+                    if event.revision <= spec.after {
                         continue;
                     }
                     if let Some(kind) = spec.view(&event) {
@@ -425,6 +429,21 @@ mod tests {
         assert_eq!(got[0]["object"]["metadata"]["name"], "b");
         assert_eq!(got[1]["object"]["metadata"]["name"], "c");
         assert!(matches!(cache.subscribe(9), Err(ApiError::Gone { .. })));
+    }
+
+    #[tokio::test]
+    async fn every_event_of_one_revision_is_delivered() {
+        let cache = WatchCache::new(1);
+        let mut rx = start(&cache, spec(1, ""), Box::new(json_frame), ()).unwrap();
+        cache.push(
+            2,
+            vec![
+                event(2, "a", EventType::Added, json!({}), None),
+                event(2, "b", EventType::Added, json!({}), None),
+            ],
+        );
+        let got = frames(&mut rx, 2).await;
+        assert_eq!(got[1]["object"]["metadata"]["name"], "b");
     }
 
     #[tokio::test]
