@@ -527,13 +527,12 @@ async fn resource<S: Store>(
                     |current| {
                         let mut patched = patch::apply(kind, current, &call.body)?;
                         guard_rbac(app, user, rt, namespace, &patched)?;
-                        // The patch's own resourceVersion (if any) is a
-                        // precondition; otherwise the current one is.
+                        // A resourceVersion the patch changed is a
+                        // precondition; the current one carried along is not.
                         if patched["metadata"]["resourceVersion"]
                             == current["metadata"]["resourceVersion"]
-                            && let Some(metadata) = patched["metadata"].as_object_mut()
                         {
-                            metadata.remove("resourceVersion");
+                            precondition(&mut patched, None);
                         }
                         Ok(patched)
                     },
@@ -599,6 +598,19 @@ async fn resource<S: Store>(
         }
         (_, _, Some(_)) => Err(ApiError::NoSuchResource),
         _ => Err(unsupported()),
+    }
+}
+
+/// Sets the resourceVersion an update must match (`update_object` treats
+/// it as a precondition), or removes it for an unconditional update.
+fn precondition(object: &mut Value, resource_version: Option<&str>) {
+    match resource_version {
+        Some(rv) => object["metadata"]["resourceVersion"] = json!(rv),
+        None => {
+            if let Some(metadata) = object["metadata"].as_object_mut() {
+                metadata.remove("resourceVersion");
+            }
+        }
     }
 }
 
@@ -906,14 +918,9 @@ async fn scale<S: Store>(
                 .ok_or_else(|| ApiError::bad_request("Scale.spec.replicas is required"))?;
             let mut next = current.clone();
             next["spec"]["replicas"] = json!(replicas);
-            match scale["metadata"]["resourceVersion"].as_str() {
-                Some(rv) if change.is_some() => next["metadata"]["resourceVersion"] = json!(rv),
-                _ => {
-                    if let Some(metadata) = next["metadata"].as_object_mut() {
-                        metadata.remove("resourceVersion");
-                    }
-                }
-            }
+            // A PUT's resourceVersion is a precondition, a patch's is not.
+            let pinned = scale["metadata"]["resourceVersion"].as_str().filter(|_| change.is_some());
+            precondition(&mut next, pinned);
             Ok(next)
         })
         .await?;
@@ -1018,14 +1025,7 @@ async fn server_side_apply<S: Store>(
                     guard_rbac(app, user, rt, namespace, &merged)?;
                     // Only a resourceVersion in the configuration is a
                     // precondition.
-                    match config["metadata"]["resourceVersion"].as_str() {
-                        Some(rv) => merged["metadata"]["resourceVersion"] = json!(rv),
-                        None => {
-                            if let Some(metadata) = merged["metadata"].as_object_mut() {
-                                metadata.remove("resourceVersion");
-                            }
-                        }
-                    }
+                    precondition(&mut merged, config["metadata"]["resourceVersion"].as_str());
                     Ok(merged)
                 })
                 .await?;
@@ -1075,9 +1075,7 @@ async fn bind<S: Store>(
             }
             let mut next = current.clone();
             next["spec"]["nodeName"] = json!(node);
-            if let Some(metadata) = next["metadata"].as_object_mut() {
-                metadata.remove("resourceVersion");
-            }
+            precondition(&mut next, None);
             Ok(next)
         },
     )
