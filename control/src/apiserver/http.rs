@@ -382,8 +382,12 @@ async fn authorize<S: Store>(
 ) -> Result<(), ApiError> {
     let rt = target.rt;
     // A create names its object in the body: the node authorizer needs
-    // it to tell a node's own Node and Lease from others'.
+    // it to tell a node's own Node and Lease from others' (nobody else
+    // does, so other creates skip this extra parse).
     let name = target.name.clone().or_else(|| {
+        if call.method != Method::POST || !user.in_group(super::authz::NODES) {
+            return None;
+        }
         let body: Value = serde_json::from_slice(&call.body).ok()?;
         body["metadata"]["name"].as_str().map(str::to_owned)
     });
@@ -855,7 +859,7 @@ async fn watch_collection<S: Store>(
         .into_response())
 }
 
-fn scale_of(rt: &ResourceType, object: &Value) -> Value {
+fn scale_of(object: &Value) -> Value {
     let selector = &object["spec"]["selector"];
     let selector = match selector.get("matchLabels").and_then(Value::as_object) {
         Some(labels) => labels
@@ -876,7 +880,8 @@ fn scale_of(rt: &ResourceType, object: &Value) -> Value {
             "resourceVersion": metadata["resourceVersion"],
             "creationTimestamp": metadata["creationTimestamp"],
         },
-        "spec": { "replicas": object["spec"]["replicas"].as_i64().unwrap_or(if rt.plural == "deployments" { 1 } else { 0 }) },
+        // Every scalable kind defaults replicas to 1.
+        "spec": { "replicas": object["spec"]["replicas"].as_i64().unwrap_or(1) },
         "status": { "replicas": object["status"]["replicas"].as_i64().unwrap_or(0), "selector": selector },
     })
 }
@@ -891,7 +896,7 @@ async fn scale<S: Store>(
     let change = match call.method {
         Method::GET => {
             let (object, _) = app.get_object(rt, namespace, name).await?;
-            return Ok(json_response(StatusCode::OK, &scale_of(rt, &object), &[]));
+            return Ok(json_response(StatusCode::OK, &scale_of(&object), &[]));
         }
         Method::PUT => Some(call.json_body()?),
         Method::PATCH => None,
@@ -906,7 +911,7 @@ async fn scale<S: Store>(
         .update_object(rt, namespace, name, UpdateMode::Main, &call.write_options()?, |current| {
             let scale = match (&change, kind) {
                 (Some(body), _) => body.clone(),
-                (None, Some(kind)) => patch::apply(kind, &scale_of(rt, current), &call.body)?,
+                (None, Some(kind)) => patch::apply(kind, &scale_of(current), &call.body)?,
                 (None, None) => {
                     return Err(ApiError::UnsupportedMediaType {
                         accepted: "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json",
@@ -926,7 +931,7 @@ async fn scale<S: Store>(
         .await?;
     Ok(json_response(
         StatusCode::OK,
-        &scale_of(rt, &written.object),
+        &scale_of(&written.object),
         &written.warnings,
     ))
 }

@@ -334,8 +334,9 @@ impl<S: Store> App<S> {
         object: &Value,
         options: &WriteOptions,
     ) -> Result<(Value, Vec<String>), ApiError> {
-        let (normalized, unknown) = rt.codec.normalize(object)?;
-        let unknown: Vec<String> = unknown
+        let normalized = rt.codec.normalize(object)?;
+        let unknown: Vec<String> = normalized
+            .unknown
             .iter()
             .map(|path| format!("unknown field \"{path}\""))
             .collect();
@@ -345,12 +346,15 @@ impl<S: Store> App<S> {
                 unknown.join(", ")
             )));
         }
-        rt.codec.validate(&normalized)?;
+        if !normalized.causes.is_empty() {
+            let name = meta_str(&normalized.object, "name").unwrap_or_default();
+            return Err(rt.invalid(name, normalized.causes));
+        }
         let warnings = match options.field_validation {
             FieldValidation::Warn => unknown,
             FieldValidation::Ignore | FieldValidation::Strict => Vec::new(),
         };
-        Ok((normalized, warnings))
+        Ok((normalized.object, warnings))
     }
 
     fn check_type_meta(rt: &ResourceType, object: &Value) -> Result<(), ApiError> {

@@ -86,19 +86,7 @@ pub(super) fn decode_events(revision: Revision, bytes: &[u8]) -> Result<Vec<Even
             }
             _ => return Err(reader.corrupt("bad previous-value flag")),
         };
-        // An update or delete keeps the key's creation revision, as the
-        // live path reports it.
-        let create_revision = prev.as_ref().map_or(revision, |prev| prev.create_revision);
-        events.push(Event {
-            kind,
-            kv: KeyValue {
-                key,
-                value,
-                create_revision,
-                mod_revision: revision,
-            },
-            prev,
-        });
+        events.push(Event::at(kind, key, value, revision, prev));
     }
     Ok(events)
 }

@@ -173,32 +173,20 @@ impl Inner {
                             encode_record(create_revision, revision, &value).as_slice(),
                         )
                         .map_err(self.fail())?;
-                        events.push(Event {
-                            kind: EventKind::Put,
-                            kv: KeyValue {
-                                key,
-                                value,
-                                create_revision,
-                                mod_revision: revision,
-                            },
-                            prev,
-                        });
+                        events.push(Event::at(EventKind::Put, key, value, revision, prev));
                     }
                     Op::Delete { key } => {
                         let Some(prev) = read_key(self, &keys, &key)? else {
                             continue;
                         };
                         keys.remove(key.as_str()).map_err(self.fail())?;
-                        events.push(Event {
-                            kind: EventKind::Delete,
-                            kv: KeyValue {
-                                key,
-                                value: Vec::new(),
-                                create_revision: prev.create_revision,
-                                mod_revision: revision,
-                            },
-                            prev: Some(prev),
-                        });
+                        events.push(Event::at(
+                            EventKind::Delete,
+                            key,
+                            Vec::new(),
+                            revision,
+                            Some(prev),
+                        ));
                     }
                 }
             }

@@ -160,6 +160,29 @@ pub struct Event {
     pub prev: Option<KeyValue>,
 }
 
+impl Event {
+    /// The event of `kind` on `key` at `revision`. The key keeps the
+    /// creation revision of its previous value, if it had one.
+    pub(crate) fn at(
+        kind: EventKind,
+        key: String,
+        value: Vec<u8>,
+        revision: Revision,
+        prev: Option<KeyValue>,
+    ) -> Self {
+        Self {
+            kind,
+            kv: KeyValue {
+                key,
+                value,
+                create_revision: prev.as_ref().map_or(revision, |prev| prev.create_revision),
+                mod_revision: revision,
+            },
+            prev,
+        }
+    }
+}
+
 /// Changes in revision order, each revision's events together.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<Vec<Event>, StoreError>> + Send>>;
 

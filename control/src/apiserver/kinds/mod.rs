@@ -68,16 +68,25 @@ pub trait Kind:
 /// The object-safe face of a [`Kind`], used by the generic handlers on
 /// JSON objects.
 pub trait Codec: Send + Sync {
-    /// Decodes into the typed form, defaults it and encodes it back. Fields
-    /// the type does not know are dropped and returned by path.
-    fn normalize(&self, object: &Value) -> Result<(Value, Vec<String>), ApiError>;
-    /// Metadata and kind-specific validation.
-    fn validate(&self, object: &Value) -> Result<(), ApiError>;
+    /// Decodes into the typed form once, defaults and validates it there,
+    /// and encodes it back. Fields the type does not know are dropped.
+    fn normalize(&self, object: &Value) -> Result<Normalized, ApiError>;
     fn columns(&self) -> Vec<Column>;
     fn cells(&self, object: &Value, now: DateTime<Utc>) -> Vec<Value>;
     /// Adds the kind's JSON schema (and everything it refers to) to
     /// `generator`; returns its definition name.
     fn schema(&self, generator: &mut SchemaGenerator) -> String;
+}
+
+/// A body after [`Codec::normalize`].
+#[derive(Debug)]
+pub struct Normalized {
+    /// Defaulted, with apiVersion and kind set.
+    pub object: Value,
+    /// Paths of fields the type does not have.
+    pub unknown: Vec<String>,
+    /// Why the object is invalid (metadata and kind rules); empty if valid.
+    pub causes: Vec<Cause>,
 }
 
 struct Typed<K>(PhantomData<fn() -> K>);
@@ -96,7 +105,7 @@ impl<K: Kind> Typed<K> {
 }
 
 impl<K: Kind> Codec for Typed<K> {
-    fn normalize(&self, object: &Value) -> Result<(Value, Vec<String>), ApiError> {
+    fn normalize(&self, object: &Value) -> Result<Normalized, ApiError> {
         let mut typed = Self::decode(object)?;
         // Unknown fields are judged before defaulting, which may move
         // fields (a Secret's stringData into data).
@@ -104,24 +113,15 @@ impl<K: Kind> Codec for Typed<K> {
         let mut unknown = Vec::new();
         unknown_fields(object, &decoded, "", &mut unknown);
         typed.default_fields();
-        let mut normalized = serde_json::to_value(&typed).map_err(ApiError::internal)?;
-        normalized["apiVersion"] = json!(K::API_VERSION);
-        normalized["kind"] = json!(K::KIND);
-        Ok((normalized, unknown))
-    }
-
-    fn validate(&self, object: &Value) -> Result<(), ApiError> {
-        let typed = Self::decode(object)?;
         let mut causes = Causes::default();
         check_metadata(typed.metadata(), K::NAME_RULE, &mut causes);
         typed.validate(&mut causes);
-        if causes.0.is_empty() {
-            return Ok(());
-        }
-        Err(ApiError::Invalid {
-            kind: K::KIND.to_owned(),
-            name: typed.metadata().name.clone().unwrap_or_default(),
-            group: K::GROUP.to_owned(),
+        let mut normalized = serde_json::to_value(&typed).map_err(ApiError::internal)?;
+        normalized["apiVersion"] = json!(K::API_VERSION);
+        normalized["kind"] = json!(K::KIND);
+        Ok(Normalized {
+            object: normalized,
+            unknown,
             causes: causes.0,
         })
     }
@@ -365,9 +365,10 @@ mod tests {
             "data": {"a": "b"},
             "spec": {"x": 1},
         });
-        let (normalized, unknown) = config_maps.codec.normalize(&input).unwrap();
-        assert_eq!(unknown, ["metadata.bogus", "spec"]);
-        assert_eq!(normalized["kind"], "ConfigMap");
-        assert_eq!(normalized["data"]["a"], "b");
+        let normalized = config_maps.codec.normalize(&input).unwrap();
+        assert_eq!(normalized.unknown, ["metadata.bogus", "spec"]);
+        assert_eq!(normalized.object["kind"], "ConfigMap");
+        assert_eq!(normalized.object["data"]["a"], "b");
+        assert!(normalized.causes.is_empty());
     }
 }
