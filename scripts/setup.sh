@@ -19,9 +19,13 @@ python3 -m pip --version >/dev/null 2>&1 \
   || die "python3 with pip not found: the API server's tests use the official Python client"
 
 # Debian packages: LLVM 22 for bpf-linker, iproute2/ethtool for the netns
-# tests and demo, curl for the demo, etcd-server for the etcd store and
-# protobuf-compiler for etcd-client's generated gRPC code.
-packages=(llvm-22-dev libzstd-dev zlib1g-dev iproute2 ethtool curl etcd-server protobuf-compiler)
+# tests and demo, curl for the demo, etcd-server for the etcd store,
+# protobuf-compiler for etcd-client's generated gRPC code, the rule tools
+# the iptables and nftables proxy modes drive (conntrack to read flows
+# back in tests), and qemu + busybox for the VM harness the IPVS mode is
+# tested in (this host's kernel has no IPVS).
+packages=(llvm-22-dev libzstd-dev zlib1g-dev iproute2 ethtool curl etcd-server protobuf-compiler
+  iptables nftables conntrack ipvsadm qemu-system-x86 busybox-static cpio)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
