@@ -38,10 +38,12 @@ pub enum StandaloneError {
     },
 }
 
-/// Programs `proxy` from `path` until `shutdown` resolves.
+/// Programs `proxy` with node `node`'s share of the manifests under `path`
+/// until `shutdown` resolves.
 pub async fn run<P: ServiceProxy>(
     proxy: &mut P,
     path: PathBuf,
+    node: &str,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StandaloneError> {
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -73,7 +75,7 @@ pub async fn run<P: ServiceProxy>(
     let mut expiry = tokio::time::interval(FLOW_EXPIRY_INTERVAL);
     let first_resync = tokio::time::Instant::now() + FULL_RESYNC_INTERVAL;
     let mut full_resync = tokio::time::interval_at(first_resync, FULL_RESYNC_INTERVAL);
-    retry.after(reload(proxy, &path, &mut states));
+    retry.after(reload(proxy, &path, node, &mut states));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -81,10 +83,10 @@ pub async fn run<P: ServiceProxy>(
             Some(()) = rx.recv() => {
                 tokio::time::sleep(DEBOUNCE).await;
                 while rx.try_recv().is_ok() {}
-                retry.after(reload(proxy, &path, &mut states));
+                retry.after(reload(proxy, &path, node, &mut states));
             }
             () = tokio::time::sleep_until(retry.at.unwrap_or_else(tokio::time::Instant::now)), if retry.at.is_some() => {
-                retry.after(reload(proxy, &path, &mut states));
+                retry.after(reload(proxy, &path, node, &mut states));
             }
             _ = full_resync.tick() => {
                 if let Some(desired) = &states.programmed {
@@ -145,8 +147,13 @@ struct States {
 /// Reads the manifests and syncs the latest valid ones. Invalid manifests
 /// are reported and leave `wanted` as it was. Returns false when a sync is
 /// still owed (it failed), for the caller to retry.
-fn reload<P: ServiceProxy>(proxy: &mut P, path: &std::path::Path, states: &mut States) -> bool {
-    match manifest::load_path(path) {
+fn reload<P: ServiceProxy>(
+    proxy: &mut P,
+    path: &std::path::Path,
+    node: &str,
+    states: &mut States,
+) -> bool {
+    match manifest::load_path(path, node) {
         Ok(desired) => states.wanted = Some(desired),
         Err(e) => error!(error = %e, "invalid manifests; the last good state stays in force"),
     }
@@ -241,7 +248,7 @@ mod tests {
         let mut states = States::default();
         let mut retry = Retry::default();
 
-        retry.after(reload(&mut proxy, dir.path(), &mut states));
+        retry.after(reload(&mut proxy, dir.path(), "node", &mut states));
         assert_eq!(retry.delay, Retry::FIRST);
         // The manifests turn invalid meanwhile: the retry still programs
         // the last valid ones.
@@ -250,9 +257,9 @@ mod tests {
             "kind: Service\nmetadata: [\n",
         )
         .unwrap();
-        retry.after(reload(&mut proxy, dir.path(), &mut states));
+        retry.after(reload(&mut proxy, dir.path(), "node", &mut states));
         assert_eq!(retry.delay, 2 * Retry::FIRST);
-        retry.after(reload(&mut proxy, dir.path(), &mut states));
+        retry.after(reload(&mut proxy, dir.path(), "node", &mut states));
         assert!(retry.at.is_none(), "the third try worked");
         assert_eq!(proxy.dump().unwrap().len(), 1);
     }

@@ -4,7 +4,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use wharf_agent::proxy::{
     Backend, BackendState, DesiredState, Frontend, FrontendKey, FrontendKind, Protocol,
-    ServicePortName,
+    ServicePortName, TrafficPolicy,
 };
 
 /// Adds a frontend at `address:port` forwarding to `backends`.
@@ -41,6 +41,8 @@ pub fn add(
             kind,
             service,
             backends,
+            affinity_timeout: None,
+            policy: TrafficPolicy::Cluster,
         },
     );
 }

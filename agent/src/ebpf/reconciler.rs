@@ -1048,6 +1048,8 @@ mod tests {
                     state: *state,
                 })
                 .collect(),
+            affinity_timeout: None,
+            policy: crate::proxy::TrafficPolicy::Cluster,
         }
     }
 

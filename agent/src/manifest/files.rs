@@ -37,10 +37,10 @@ pub enum ManifestError {
     Translate(#[from] TranslateError),
 }
 
-/// Reads every manifest under `path` into a desired state. Any invalid
-/// manifest fails the whole load: a partial state would silently drop
-/// services that are still meant to exist.
-pub fn load_path(path: &Path) -> Result<DesiredState, ManifestError> {
+/// Reads every manifest under `path` into node `node`'s desired state.
+/// Any invalid manifest fails the whole load: a partial state would
+/// silently drop services that are still meant to exist.
+pub fn load_path(path: &Path, node: &str) -> Result<DesiredState, ManifestError> {
     let mut services = Vec::new();
     let mut slices = Vec::new();
     // Which file each object came from, to say where a bad one is.
@@ -92,13 +92,17 @@ pub fn load_path(path: &Path) -> Result<DesiredState, ManifestError> {
             }
         }
     }
-    desired_state(&services, &slices).map_err(|error| {
-        let TranslateError::Invalid { object, .. } = &error;
+    desired_state(&services, &slices, node).map_err(|error| {
+        let TranslateError::Invalid {
+            object,
+            field,
+            reason,
+        } = &error;
         match origins.get(object) {
             Some(path) => ManifestError::Object {
                 path: path.clone(),
                 object: object.clone(),
-                reason: error.to_string(),
+                reason: format!("{field}: {reason}"),
             },
             None => ManifestError::Translate(error),
         }
@@ -171,7 +175,7 @@ mod tests {
         )
         .unwrap();
         fs::write(dir.path().join("notes.txt"), "not yaml: [").unwrap();
-        let state = load_path(dir.path()).unwrap();
+        let state = load_path(dir.path(), "node").unwrap();
         let forwarding = state.forwarding();
         let (_, backends) = forwarding.iter().next().unwrap();
         assert_eq!(
@@ -188,7 +192,7 @@ mod tests {
             SERVICE.replace("10.96.0.1", "nope"),
         )
         .unwrap();
-        let error = load_path(dir.path()).unwrap_err().to_string();
+        let error = load_path(dir.path(), "node").unwrap_err().to_string();
         assert!(
             error.contains("svc.yaml") && error.contains("spec.clusterIP"),
             "{error}"
@@ -204,14 +208,14 @@ mod tests {
             SERVICE.replace("ports: [{port: 80}]", "ports: [{port: eighty}]"),
         )
         .unwrap();
-        let error = load_path(dir.path()).unwrap_err().to_string();
+        let error = load_path(dir.path(), "node").unwrap_err().to_string();
         assert!(
             error.contains("bad.yaml") && error.contains("Service default/web"),
             "{error}"
         );
 
         fs::write(&file, "kind: Service\nmetadata: [unclosed\n").unwrap();
-        let error = load_path(&file).unwrap_err().to_string();
+        let error = load_path(&file, "node").unwrap_err().to_string();
         assert!(error.contains("bad.yaml: document 1"), "{error}");
     }
 }

@@ -5,6 +5,10 @@
 //!   when not ready but `serving`; anything else is left out;
 //! - frontends: the ClusterIP(s), the NodePort (NodePort and LoadBalancer
 //!   types), `externalIPs` and load-balancer ingress IPs, each per port;
+//! - `sessionAffinity: ClientIP` sets the frontends' affinity timeout
+//!   (`sessionAffinityConfig`, default 10800 s);
+//! - a `Local` traffic policy (internal for ClusterIPs, external for the
+//!   rest) keeps only the endpoints whose `nodeName` is this node;
 //! - headless services (`clusterIP: None`) and services without a
 //!   selector-less IPv4 address get no frontends; SCTP and IPv6 are
 //!   skipped (the dataplane is IPv4 TCP/UDP).
@@ -15,7 +19,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use crate::proxy::{
     Backend, BackendState, DesiredState, Frontend, FrontendKey, FrontendKind, Protocol,
-    ServicePortName,
+    ServicePortName, TrafficPolicy,
 };
 
 /// The label that ties an EndpointSlice to its Service.
@@ -31,10 +35,15 @@ pub enum TranslateError {
     },
 }
 
-/// Builds the desired state from every Service and EndpointSlice.
+/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+
+/// Builds the desired state of node `node` from every Service and
+/// EndpointSlice.
 pub fn desired_state(
     services: &[Service],
     slices: &[EndpointSlice],
+    node: &str,
 ) -> Result<DesiredState, TranslateError> {
     let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in slices {
@@ -91,10 +100,21 @@ pub fn desired_state(
         if service_type == "ExternalName" {
             continue;
         }
-        let mut external: Vec<(Ipv4Addr, FrontendKind)> = Vec::new();
+        let affinity_timeout = affinity_timeout(&object, spec)?;
+        let internal = policy(
+            &object,
+            "spec.internalTrafficPolicy",
+            &spec.internal_traffic_policy,
+        )?;
+        let external = policy(
+            &object,
+            "spec.externalTrafficPolicy",
+            &spec.external_traffic_policy,
+        )?;
+        let mut external_ips: Vec<(Ipv4Addr, FrontendKind)> = Vec::new();
         for ip in spec.external_ips.iter().flatten() {
             if let Some(address) = ipv4(&object, "spec.externalIPs", ip)? {
-                external.push((address, FrontendKind::ExternalIp));
+                external_ips.push((address, FrontendKind::ExternalIp));
             }
         }
         let ingress = service
@@ -108,7 +128,7 @@ pub fn desired_state(
             .filter_map(|entry| entry.ip.as_ref())
         {
             if let Some(address) = ipv4(&object, "status.loadBalancer.ingress.ip", ip)? {
-                external.push((address, FrontendKind::LoadBalancer));
+                external_ips.push((address, FrontendKind::LoadBalancer));
             }
         }
 
@@ -136,15 +156,28 @@ pub fn desired_state(
                     )
                 })?;
             let port_name = port.name.clone().unwrap_or_default();
-            let backends = backends(slices, &port_name, protocol)?;
-            let frontend = |kind| Frontend {
-                kind,
-                service: ServicePortName {
-                    namespace: namespace.clone(),
-                    name: name.clone(),
-                    port: port_name.clone(),
-                },
-                backends: backends.clone(),
+            let backends = backends(slices, &port_name, protocol, node)?;
+            let frontend = |kind| {
+                let policy = if kind == FrontendKind::ClusterIp {
+                    internal
+                } else {
+                    external
+                };
+                Frontend {
+                    kind,
+                    service: ServicePortName {
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                        port: port_name.clone(),
+                    },
+                    backends: backends
+                        .iter()
+                        .filter(|(_, local)| *local || policy == TrafficPolicy::Cluster)
+                        .map(|(backend, _)| *backend)
+                        .collect(),
+                    affinity_timeout,
+                    policy,
+                }
             };
             let mut add = |address: Ipv4Addr, port: u16, kind| {
                 let key = FrontendKey {
@@ -157,7 +190,7 @@ pub fn desired_state(
             for address in &cluster_ips {
                 add(*address, service_port, FrontendKind::ClusterIp);
             }
-            for (address, kind) in &external {
+            for (address, kind) in &external_ips {
                 add(*address, service_port, *kind);
             }
             if matches!(service_type, "NodePort" | "LoadBalancer")
@@ -217,6 +250,49 @@ fn claim_rank(kind: FrontendKind) -> u8 {
     }
 }
 
+fn affinity_timeout(
+    object: &str,
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+) -> Result<Option<u32>, TranslateError> {
+    match spec.session_affinity.as_deref().unwrap_or("None") {
+        "None" => Ok(None),
+        "ClientIP" => {
+            let seconds = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT as i32);
+            // The API allows 1..=86400.
+            match u32::try_from(seconds) {
+                Ok(seconds @ 1..=86_400) => Ok(Some(seconds)),
+                _ => Err(invalid(
+                    object,
+                    "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                    format!("{seconds} is not in 1..=86400"),
+                )),
+            }
+        }
+        other => Err(invalid(
+            object,
+            "spec.sessionAffinity",
+            format!("unknown affinity {other:?}"),
+        )),
+    }
+}
+
+fn policy(
+    object: &str,
+    field: &'static str,
+    value: &Option<String>,
+) -> Result<TrafficPolicy, TranslateError> {
+    match value.as_deref() {
+        None | Some("Cluster") => Ok(TrafficPolicy::Cluster),
+        Some("Local") => Ok(TrafficPolicy::Local),
+        Some(other) => Err(invalid(object, field, format!("unknown policy {other:?}"))),
+    }
+}
+
 fn cluster_ips(
     object: &str,
     spec: &k8s_openapi::api::core::v1::ServiceSpec,
@@ -250,11 +326,13 @@ fn ipv4(object: &str, field: &'static str, text: &str) -> Result<Option<Ipv4Addr
     }
 }
 
+/// A service port's backends, each with whether it runs on `node`.
 fn backends(
     slices: &[&EndpointSlice],
     port_name: &str,
     protocol: Protocol,
-) -> Result<Vec<Backend>, TranslateError> {
+    node: &str,
+) -> Result<Vec<(Backend, bool)>, TranslateError> {
     let mut out = BTreeMap::new();
     for slice in slices {
         let object = format!(
@@ -283,6 +361,7 @@ fn backends(
                 (false, true) => BackendState::Terminating,
                 (false, false) => continue,
             };
+            let local = endpoint.node_name.as_deref() == Some(node);
             for address in &endpoint.addresses {
                 let Some(address) = ipv4(&object, "endpoints.addresses", address)? else {
                     continue;
@@ -294,12 +373,12 @@ fn backends(
                 };
                 // The same endpoint in two slices (mid-migration): active wins.
                 out.entry((address, number))
-                    .and_modify(|b: &mut Backend| {
+                    .and_modify(|(b, _): &mut (Backend, bool)| {
                         if state == BackendState::Active {
                             b.state = state;
                         }
                     })
-                    .or_insert(backend);
+                    .or_insert((backend, local));
             }
         }
     }
@@ -317,6 +396,8 @@ fn invalid(object: &str, field: &'static str, reason: impl Into<String>) -> Tran
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const NODE: &str = "node-a";
 
     fn parse<T: serde::de::DeserializeOwned>(yaml: &str) -> T {
         serde_yaml::from_str(yaml).unwrap()
@@ -353,7 +434,9 @@ ports:
 endpoints:
 - addresses: [10.0.1.2]
   conditions: {ready: true}
+  nodeName: node-a
 - addresses: [10.0.1.3]
+  nodeName: node-b
 - addresses: [10.0.1.4]
   conditions: {ready: false, serving: true, terminating: true}
 - addresses: [10.0.1.5]
@@ -372,7 +455,7 @@ endpoints:
 
     #[test]
     fn cluster_ip_ports_map_to_named_endpoint_ports() {
-        let state = desired_state(&[web_service("")], &[web_slice()]).unwrap();
+        let state = desired_state(&[web_service("")], &[web_slice()], NODE).unwrap();
         let http = &state.frontends[&key([10, 96, 0, 10], 80, Protocol::Tcp)];
         assert_eq!(http.kind, FrontendKind::ClusterIp);
         assert_eq!(http.service.to_string(), "demo/web:http");
@@ -397,14 +480,14 @@ endpoints:
     #[test]
     fn node_port_only_for_node_port_types() {
         let mut service = web_service(", nodePort: 30080");
-        let state = desired_state(std::slice::from_ref(&service), &[web_slice()]).unwrap();
+        let state = desired_state(std::slice::from_ref(&service), &[web_slice()], NODE).unwrap();
         assert!(
             !state
                 .frontends
                 .contains_key(&key([0, 0, 0, 0], 30080, Protocol::Tcp))
         );
         service.spec.as_mut().unwrap().type_ = Some("NodePort".into());
-        let state = desired_state(&[service], &[web_slice()]).unwrap();
+        let state = desired_state(&[service], &[web_slice()], NODE).unwrap();
         assert_eq!(
             state.frontends[&key([0, 0, 0, 0], 30080, Protocol::Tcp)].kind,
             FrontendKind::NodePort
@@ -416,14 +499,14 @@ endpoints:
         let mut service = web_service("");
         service.spec.as_mut().unwrap().cluster_ip = Some("None".into());
         assert!(
-            desired_state(&[service], &[web_slice()])
+            desired_state(&[service], &[web_slice()], NODE)
                 .unwrap()
                 .frontends
                 .is_empty()
         );
         let mut slice = web_slice();
         slice.metadata.labels = None;
-        let state = desired_state(&[web_service("")], &[slice]).unwrap();
+        let state = desired_state(&[web_service("")], &[slice], NODE).unwrap();
         assert!(state.frontends.values().all(|f| f.backends.is_empty()));
     }
 
@@ -431,7 +514,7 @@ endpoints:
     fn bad_addresses_are_reported_with_the_object_and_conflicts_resolved() {
         let mut service = web_service("");
         service.spec.as_mut().unwrap().cluster_ip = Some("10.96.0.300".into());
-        let error = desired_state(&[service], &[]).unwrap_err();
+        let error = desired_state(&[service], &[], NODE).unwrap_err();
         assert!(
             error
                 .to_string()
@@ -447,7 +530,7 @@ endpoints:
             [web_service(""), twin.clone()],
             [twin.clone(), web_service("")],
         ] {
-            let state = desired_state(&services, &[]).unwrap();
+            let state = desired_state(&services, &[], NODE).unwrap();
             assert_eq!(
                 state.frontends[&key([10, 96, 0, 10], 80, Protocol::Tcp)]
                     .service
@@ -463,11 +546,54 @@ endpoints:
         let spec = squatter.spec.as_mut().unwrap();
         spec.cluster_ip = Some("10.96.0.99".into());
         spec.external_ips = Some(vec!["10.96.0.10".into()]);
-        let state = desired_state(&[squatter, web_service("")], &[]).unwrap();
+        let state = desired_state(&[squatter, web_service("")], &[], NODE).unwrap();
         let claimed = &state.frontends[&key([10, 96, 0, 10], 80, Protocol::Tcp)];
         assert_eq!(
             (claimed.service.name.as_str(), claimed.kind),
             ("web", FrontendKind::ClusterIp)
+        );
+    }
+
+    #[test]
+    fn affinity_and_local_policies_shape_the_frontends() {
+        let mut service = web_service(", nodePort: 30080");
+        let spec = service.spec.as_mut().unwrap();
+        spec.type_ = Some("NodePort".into());
+        spec.session_affinity = Some("ClientIP".into());
+        spec.external_traffic_policy = Some("Local".into());
+        let state = desired_state(std::slice::from_ref(&service), &[web_slice()], NODE).unwrap();
+        let cluster_ip = &state.frontends[&key([10, 96, 0, 10], 80, Protocol::Tcp)];
+        assert_eq!(cluster_ip.affinity_timeout, Some(DEFAULT_AFFINITY_TIMEOUT));
+        assert_eq!(cluster_ip.policy, TrafficPolicy::Cluster);
+        assert_eq!(cluster_ip.backends.len(), 3, "internal policy is Cluster");
+        let node_port = &state.frontends[&key([0, 0, 0, 0], 30080, Protocol::Tcp)];
+        assert_eq!(node_port.policy, TrafficPolicy::Local);
+        let local: Vec<_> = node_port.backends.iter().map(|b| b.address).collect();
+        assert_eq!(
+            local,
+            [Ipv4Addr::new(10, 0, 1, 2)],
+            "only node-a's endpoint"
+        );
+
+        // internalTrafficPolicy Local on another node: nothing local.
+        let spec = service.spec.as_mut().unwrap();
+        spec.internal_traffic_policy = Some("Local".into());
+        spec.session_affinity_config = Some(k8s_openapi::api::core::v1::SessionAffinityConfig {
+            client_ip: Some(k8s_openapi::api::core::v1::ClientIPConfig {
+                timeout_seconds: Some(60),
+            }),
+        });
+        let state =
+            desired_state(std::slice::from_ref(&service), &[web_slice()], "node-c").unwrap();
+        let cluster_ip = &state.frontends[&key([10, 96, 0, 10], 80, Protocol::Tcp)];
+        assert!(cluster_ip.backends.is_empty());
+        assert_eq!(cluster_ip.affinity_timeout, Some(60));
+
+        service.spec.as_mut().unwrap().external_traffic_policy = Some("Nearby".into());
+        let error = desired_state(&[service], &[], NODE).unwrap_err();
+        assert!(
+            error.to_string().contains("externalTrafficPolicy"),
+            "{error}"
         );
     }
 }

@@ -97,12 +97,31 @@ pub struct Backend {
     pub state: BackendState,
 }
 
+/// Which endpoints a frontend may use: a Service's
+/// `internalTrafficPolicy` for its ClusterIP frontends,
+/// `externalTrafficPolicy` for the others.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TrafficPolicy {
+    /// Every endpoint in the cluster; modes may masquerade external
+    /// clients so replies come back through this node.
+    #[default]
+    Cluster,
+    /// Only this node's endpoints (the frontend's backends are already
+    /// filtered to them), and the client's source address is kept.
+    Local,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
     pub kind: FrontendKind,
     pub service: ServicePortName,
     /// Sorted by (address, port), so equal sets compare equal.
     pub backends: Vec<Backend>,
+    /// `sessionAffinity: ClientIP`: a client's new flows go to the backend
+    /// its last flow used, as long as it used it within this many seconds
+    /// (Kubernetes' default is 10800).
+    pub affinity_timeout: Option<u32>,
+    pub policy: TrafficPolicy,
 }
 
 impl Frontend {
