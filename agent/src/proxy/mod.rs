@@ -2,11 +2,13 @@
 //! them": desired state as plain data, and the `ServiceProxy` trait every
 //! proxy mode implements.
 
+mod changes;
 mod state;
 
+pub use changes::{Changes, Programmed, StaleUdp, stale_udp};
 pub use state::{
     Backend, BackendState, DesiredState, Forwarding, Frontend, FrontendKey, FrontendKind, Protocol,
-    ServicePortName,
+    ServicePortName, TrafficPolicy,
 };
 
 /// A proxy mode's programming interface. Implementations are
