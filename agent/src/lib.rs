@@ -1,8 +1,15 @@
-//! wharf-agent: the node agent. Today: the eBPF service proxy, driven by
-//! manifests in standalone mode.
+//! wharf-agent: the node agent. Today: the service proxy in four modes
+//! (eBPF, iptables, nftables, IPVS), driven by manifests in standalone
+//! mode.
 
+pub mod conntrack;
 pub mod ebpf;
+pub mod host;
+pub mod iptables;
 pub mod manifest;
+pub mod mode;
 pub mod netdev;
+pub mod netlink;
+pub mod nftables;
 pub mod proxy;
 pub mod standalone;

@@ -7,13 +7,26 @@ use clap::{Parser, ValueEnum};
 use tracing::info;
 use wharf_agent::{
     ebpf::{Dataplane, Reconciler, read_counters},
-    netdev, standalone,
+    host::System,
+    iptables::{Flavor, IptablesProxy},
+    mode::{self, Mode},
+    netdev,
+    nftables::NftablesProxy,
+    proxy::ServiceProxy,
+    standalone,
 };
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum ProxyMode {
     /// eBPF socket-LB, TC and XDP.
     Ebpf,
+    /// iptables rules in kube-proxy's layout (nft or legacy backend,
+    /// whichever the node uses).
+    Iptables,
+    /// One nftables table with verdict maps.
+    Nftables,
+    /// eBPF where the kernel supports it, else nftables, else iptables.
+    Auto,
 }
 
 /// wharf node agent.
@@ -61,7 +74,8 @@ struct Args {
     #[arg(long, default_value = "/sys/fs/bpf")]
     bpffs: PathBuf,
 
-    /// Remove this node's programs and maps, then exit.
+    /// Remove this node's programs, maps and rules (every mode's), then
+    /// exit.
     #[arg(long, conflicts_with_all = ["standalone", "counters"])]
     teardown: bool,
 
@@ -100,7 +114,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
 
     if args.teardown {
-        Dataplane::teardown(&args.bpffs, &args.node_name).context("teardown")?;
+        mode::remove_state(None, &System, &args.bpffs, &args.node_name).context("teardown")?;
         info!(node = %args.node_name, "dataplane removed");
         return Ok(());
     }
@@ -122,8 +136,61 @@ async fn main() -> anyhow::Result<()> {
             "wharf-agent needs --standalone --services-from PATH (the API-server mode is not built yet)"
         );
     };
-    let ProxyMode::Ebpf = args.proxy_mode;
+    let (mode, reason) = match args.proxy_mode {
+        ProxyMode::Ebpf => (Mode::Ebpf, "chosen by flag".to_string()),
+        ProxyMode::Nftables => (Mode::Nftables, "chosen by flag".to_string()),
+        ProxyMode::Iptables => {
+            let (flavor, why) =
+                Flavor::detect(&System).context("detecting the iptables backend")?;
+            (Mode::Iptables(flavor), format!("chosen by flag; {why}"))
+        }
+        ProxyMode::Auto => mode::choose(&System),
+    };
+    info!(?mode, %reason, "proxy mode");
+    mode::remove_state(Some(mode), &System, &args.bpffs, &args.node_name)
+        .context("removing other proxy modes' state")?;
+    match mode {
+        Mode::Ebpf => {
+            let mut reconciler = load_ebpf(&args)?;
+            serve(&mut reconciler, services_from, &args.node_name).await?;
+            // Programs and maps stay pinned: forwarding continues while
+            // the agent is away, and the next start picks up where this
+            // one stopped.
+            info!("shutting down; dataplane left in place");
+        }
+        Mode::Iptables(flavor) => {
+            serve(
+                &mut IptablesProxy::new(System, flavor),
+                services_from,
+                &args.node_name,
+            )
+            .await?;
+            info!("shutting down; rules left in place");
+        }
+        Mode::Nftables => {
+            serve(
+                &mut NftablesProxy::new(System),
+                services_from,
+                &args.node_name,
+            )
+            .await?;
+            info!("shutting down; rules left in place");
+        }
+    }
+    Ok(())
+}
 
+async fn serve<P: ServiceProxy>(
+    proxy: &mut P,
+    services_from: PathBuf,
+    node: &str,
+) -> anyhow::Result<()> {
+    standalone::run(proxy, services_from, node, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Loads and attaches the eBPF datapath as the flags say.
+fn load_ebpf(args: &Args) -> anyhow::Result<Reconciler> {
     let mut dataplane =
         Dataplane::load(&args.bpffs, &args.node_name).context("loading the eBPF dataplane")?;
     let mut node_addresses = args.node_ip.clone();
@@ -162,12 +229,7 @@ async fn main() -> anyhow::Result<()> {
         .context("SNAT addresses")?;
     info!(node = %args.node_name, addresses = ?node_addresses, "dataplane ready");
 
-    let mut reconciler = Reconciler::new(dataplane.maps()?).context("reading the pinned maps")?;
-    standalone::run(&mut reconciler, services_from, shutdown_signal()).await?;
-    // Programs and maps stay pinned: forwarding continues while the agent
-    // is away, and the next start picks up where this one stopped.
-    info!("shutting down; dataplane left in place");
-    Ok(())
+    Reconciler::new(dataplane.maps()?).context("reading the pinned maps")
 }
 
 async fn shutdown_signal() {
