@@ -7,4 +7,5 @@ pub mod control;
 pub mod fixture;
 pub mod frame;
 pub mod lab;
+pub mod node;
 pub mod services;

@@ -2,11 +2,13 @@
 //!
 //! serve NAME [--http PORT] [--udp PORT]
 //!     answer every HTTP request (keep-alive) and UDP datagram with NAME
-//! get ADDR:PORT [--count N] [--keep-alive]
+//! get ADDR:PORT [--count N] [--keep-alive] [--client]
 //!     N HTTP requests; prints "<backend> <peer address>" per response
-//! udp ADDR:PORT [--count N] [--bind PORT]
+//!     (with --client, then the client address the backend saw)
+//! udp ADDR:PORT [--count N] [--bind PORT] [--connect]
 //!     N datagrams, one unconnected socket each (or all from --bind);
-//!     prints "<backend> <reply source>"
+//!     prints "<backend> <reply source>"; --connect connects the socket,
+//!     so an ICMP error fails the receive at once
 //! hold ADDR:PORT --duration-ms D [--interval-ms I]
 //!     one keep-alive connection, a request every I ms for D ms; prints
 //!     "ok=N failed=M backends=a,b"
@@ -92,6 +94,9 @@ fn serve(args: &[String]) -> Result {
 }
 
 fn answer_http(stream: TcpStream, name: &str) {
+    let client = stream
+        .peer_addr()
+        .map_or_else(|_| "unknown".to_string(), |a| a.to_string());
     let mut reader = BufReader::new(match stream.try_clone() {
         Ok(s) => s,
         Err(_) => return,
@@ -114,7 +119,7 @@ fn answer_http(stream: TcpStream, name: &str) {
         }
         let body = format!("{name}\n");
         let response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            "HTTP/1.1 200 OK\r\nX-Client: {client}\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
         if writer.write_all(response.as_bytes()).is_err() {
@@ -123,12 +128,14 @@ fn answer_http(stream: TcpStream, name: &str) {
     }
 }
 
-/// One HTTP request on `stream`: the backend's name.
-fn request(stream: &mut TcpStream, reader: &mut BufReader<TcpStream>) -> Result<String> {
+/// One HTTP request on `stream`: the backend's name and the client
+/// address it saw.
+fn request(stream: &mut TcpStream, reader: &mut BufReader<TcpStream>) -> Result<(String, String)> {
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: wharf\r\n\r\n")
         .map_err(|e| format!("send: {e}"))?;
     let mut length = None;
+    let mut client = String::new();
     let mut line = String::new();
     reader
         .read_line(&mut line)
@@ -144,15 +151,18 @@ fn request(stream: &mut TcpStream, reader: &mut BufReader<TcpStream>) -> Result<
         if line.trim().is_empty() {
             break;
         }
-        if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+        let lower = line.to_ascii_lowercase();
+        if let Some(value) = lower.strip_prefix("content-length:") {
             length = value.trim().parse::<usize>().ok();
+        } else if let Some(value) = lower.strip_prefix("x-client:") {
+            client = value.trim().to_string();
         }
     }
     let mut body = vec![0u8; length.ok_or("no content-length")?];
     reader
         .read_exact(&mut body)
         .map_err(|e| format!("body: {e}"))?;
-    Ok(String::from_utf8_lossy(&body).trim().to_string())
+    Ok((String::from_utf8_lossy(&body).trim().to_string(), client))
 }
 
 fn connect(to: SocketAddr) -> Result<(TcpStream, BufReader<TcpStream>)> {
@@ -169,6 +179,7 @@ fn get(args: &[String]) -> Result {
     let to = target(args)?;
     let count = number(args, "--count", 1)?;
     let keep_alive = args.iter().any(|a| a == "--keep-alive");
+    let show_client = args.iter().any(|a| a == "--client");
     let mut connection = None;
     for _ in 0..count {
         if connection.is_none() || !keep_alive {
@@ -176,7 +187,12 @@ fn get(args: &[String]) -> Result {
         }
         let (stream, reader) = connection.as_mut().expect("connected above");
         let peer = stream.peer_addr().map_err(|e| e.to_string())?;
-        println!("{} {peer}", request(stream, reader)?);
+        let (backend, client) = request(stream, reader)?;
+        if show_client {
+            println!("{backend} {peer} {client}");
+        } else {
+            println!("{backend} {peer}");
+        }
     }
     Ok(())
 }
@@ -185,15 +201,22 @@ fn udp(args: &[String]) -> Result {
     let to = target(args)?;
     let count = number(args, "--count", 1)?;
     let bind = number(args, "--bind", 0)?;
+    let connected = args.iter().any(|a| a == "--connect");
     for _ in 0..count {
         let socket =
             UdpSocket::bind(format!("0.0.0.0:{bind}")).map_err(|e| format!("bind: {e}"))?;
         socket
             .set_read_timeout(Some(TIMEOUT))
             .map_err(|e| e.to_string())?;
-        socket
-            .send_to(b"ping", to)
-            .map_err(|e| format!("send to {to}: {e}"))?;
+        if connected {
+            socket
+                .connect(to)
+                .map_err(|e| format!("connect {to}: {e}"))?;
+            socket.send(b"ping")
+        } else {
+            socket.send_to(b"ping", to)
+        }
+        .map_err(|e| format!("send to {to}: {e}"))?;
         let mut buf = [0u8; 256];
         let (n, from) = socket
             .recv_from(&mut buf)
@@ -214,7 +237,7 @@ fn hold(args: &[String]) -> Result {
     let start = Instant::now();
     while start.elapsed() < duration {
         match request(&mut stream, &mut reader) {
-            Ok(name) => {
+            Ok((name, _)) => {
                 ok += 1;
                 backends.insert(name);
             }

@@ -1,0 +1,300 @@
+//! One behaviour, every proxy mode: the same Services on the same
+//! network-namespace node (`wharf_tests::node`), checked only through what
+//! clients and backends observe. Each case runs once per mode that has it;
+//! the table at the bottom says which.
+
+use std::{fs, process::Command, thread, time::Duration};
+
+use wharf_tests::node::{Node, both, tally};
+
+/// Responses by backend, not checking peers (affinity and policy cases).
+fn backends(lines: &[String]) -> Vec<String> {
+    let mut seen: Vec<String> = lines
+        .iter()
+        .map(|l| l.split(' ').next().unwrap_or_default().to_string())
+        .collect();
+    seen.sort();
+    seen.dedup();
+    seen
+}
+
+fn started(case: &str, mode: &'static str) -> Node {
+    let mut node = Node::new(&format!("{}-{case}", &mode[..3]), mode);
+    node.start_agent();
+    node
+}
+
+/// ClusterIP and NodePort, TCP and UDP, from a pod and from outside: every
+/// request answered, spread over both backends.
+fn spread(mode: &'static str) {
+    let mut node = started("spread", mode);
+    both(&tally(
+        &node.client(true, &["get", "10.96.0.10:80", "--count", "40"]),
+        "10.96.0.10:80",
+    ));
+    both(&tally(
+        &node.client(true, &["udp", "10.96.0.10:53", "--count", "40"]),
+        "10.96.0.10:53",
+    ));
+    both(&tally(
+        &node.external(&["get", "192.168.77.1:30080", "--count", "40"]),
+        "192.168.77.1:30080",
+    ));
+    both(&tally(
+        &node.external(&["udp", "192.168.77.1:30053", "--count", "40"]),
+        "192.168.77.1:30053",
+    ));
+    both(&tally(
+        &node.external(&["get", "10.96.0.10:80", "--count", "20"]),
+        "10.96.0.10:80",
+    ));
+}
+
+/// sessionAffinity ClientIP: every new connection from one client goes to
+/// the backend its first one went to.
+fn affinity(mode: &'static str) {
+    let mut node = started("affinity", mode);
+    let seen = backends(&node.client(true, &["get", "10.96.0.20:80", "--count", "30"]));
+    assert_eq!(seen.len(), 1, "one client, one backend: {seen:?}");
+    // The web service has no affinity: the same client spreads.
+    both(&tally(
+        &node.client(true, &["get", "10.96.0.10:80", "--count", "40"]),
+        "10.96.0.10:80",
+    ));
+}
+
+/// externalTrafficPolicy Local: NodePort traffic goes only to this node's
+/// endpoint, and the backend sees the client's own address.
+fn local_policy(mode: &'static str) {
+    let mut node = started("local", mode);
+    let lines = node.external(&["get", "192.168.77.1:30090", "--count", "20", "--client"]);
+    for line in &lines {
+        let words: Vec<&str> = line.split(' ').collect();
+        assert_eq!(words[0], "b1", "only the local endpoint: {lines:?}");
+        assert!(
+            words[2].starts_with("192.168.77.2:"),
+            "the client address is kept: {line}"
+        );
+    }
+    // Its ClusterIP (internal policy Cluster) still uses both.
+    both(&tally(
+        &node.client(true, &["get", "10.96.0.21:80", "--count", "40"]),
+        "10.96.0.21:80",
+    ));
+}
+
+/// A service without endpoints is refused at once (ICMP port unreachable
+/// or RST), never left to time out.
+fn no_endpoints(mode: &'static str) {
+    let mut node = started("empty", mode);
+    let (client, external, probe) = (
+        node.client_ns.clone(),
+        node.ext_ns.clone(),
+        node.probe.clone(),
+    );
+    for (ns, args) in [
+        (&client, ["get", "10.96.0.22:80", ""]),
+        (&client, ["udp", "10.96.0.22:53", "--connect"]),
+        (&external, ["get", "192.168.77.1:30091", ""]),
+        (&external, ["udp", "192.168.77.1:30092", "--connect"]),
+    ] {
+        let args: Vec<&str> = args.into_iter().filter(|a| !a.is_empty()).collect();
+        let output = node.lab.try_run(ns, true, &probe, &args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} answered");
+        assert!(
+            stderr.contains("refused"),
+            "{args:?} must be refused, not time out: {stderr}"
+        );
+    }
+}
+
+/// Endpoints come and go while clients connect: new connections follow the
+/// latest endpoints at once, open connections to a terminating backend
+/// carry on, and an invalid manifest changes nothing.
+fn churn(mode: &'static str) {
+    let mut node = started("churn", mode);
+    node.publish(&["b1"]);
+    let only = backends(&node.client(true, &["get", "10.96.0.10:80", "--count", "20"]));
+    assert_eq!(only, ["b1"]);
+
+    let probe = node.probe.clone();
+    let ns = node.client_ns.clone();
+    let hold = [
+        "hold",
+        "10.96.0.10:80",
+        "--duration-ms",
+        "3000",
+        "--interval-ms",
+        "50",
+    ];
+    let held = node.lab.spawn(&ns, true, &probe, &hold, "hold.log");
+    node.lab.wait_for_log("hold.log", "connected", 1);
+    thread::sleep(Duration::from_millis(300));
+    node.publish_with(&["b2"], &["b1"]);
+    let fresh = backends(&node.client(true, &["get", "10.96.0.10:80", "--count", "20"]));
+    assert_eq!(
+        fresh,
+        ["b2"],
+        "new connections avoid the terminating backend"
+    );
+    let output = node.lab.wait(held, "hold.log");
+    assert!(output.contains("failed=0 backends=b1"), "{output}");
+
+    node.publish(&["b2"]);
+    let after = backends(&node.client(true, &["get", "10.96.0.10:80", "--count", "20"]));
+    assert_eq!(after, ["b2"], "nothing reaches a removed backend");
+
+    // An invalid manifest is reported and the last good state stays.
+    fs::write(
+        node.manifests.join("broken.yaml"),
+        "kind: Service\nmetadata: {name: x}\nspec: {clusterIP: nope}\n",
+    )
+    .unwrap();
+    node.lab
+        .wait_for_log(&node.agent_log(), "invalid manifests", 1);
+    assert!(node.lab.log(&node.agent_log()).contains("broken.yaml"));
+    fs::remove_file(node.manifests.join("broken.yaml")).unwrap();
+    node.publish(&["b1", "b2"]);
+    both(&tally(
+        &node.client(true, &["get", "10.96.0.10:80", "--count", "40"]),
+        "10.96.0.10:80",
+    ));
+}
+
+/// One UDP 5-tuple across backend removal, scale to zero and back: it is
+/// never stuck on a backend that is gone.
+fn udp_scale(mode: &'static str) {
+    let mut node = started("udp", mode);
+    let udp = ["udp", "10.96.0.10:53", "--bind", "40053"];
+    let first = backends(&node.client(true, &udp))[0].clone();
+    let other = if first == "b1" { "b2" } else { "b1" };
+    node.publish(&[other]);
+    assert_eq!(backends(&node.client(true, &udp)), [other]);
+
+    node.publish(&[]);
+    let (ns, probe) = (node.client_ns.clone(), node.probe.clone());
+    assert!(
+        !node.lab.try_run(&ns, true, &probe, &udp).status.success(),
+        "no backends: no answer"
+    );
+    node.publish(&[&first]);
+    assert_eq!(backends(&node.client(true, &udp)), [first]);
+}
+
+/// A deleted service stops answering; the others carry on.
+fn deletion(mode: &'static str) {
+    let mut node = started("delete", mode);
+    assert_eq!(
+        node.client(true, &["get", "10.96.0.20:80"]).len(),
+        1,
+        "answers before"
+    );
+    node.remove_manifest("extra.yaml");
+    let (ns, probe) = (node.client_ns.clone(), node.probe.clone());
+    assert!(
+        !node
+            .lab
+            .try_run(&ns, true, &probe, &["get", "10.96.0.20:80"])
+            .status
+            .success(),
+        "a deleted service must not answer"
+    );
+    both(&tally(
+        &node.client(true, &["get", "10.96.0.10:80", "--count", "40"]),
+        "10.96.0.10:80",
+    ));
+}
+
+macro_rules! conformance {
+    ($($mode:ident: [$($case:ident),* $(,)?];)*) => {
+        $(mod $mode {
+            $(#[test]
+            fn $case() {
+                super::$case(stringify!($mode));
+            })*
+        })*
+    };
+}
+
+conformance! {
+    ebpf: [spread, local_policy, churn, udp_scale, deletion];
+    iptables: [spread, affinity, local_policy, no_endpoints, churn, udp_scale, deletion];
+    nftables: [spread, affinity, local_policy, no_endpoints, churn, udp_scale, deletion];
+}
+
+/// Runs a rule-listing tool inside the node's network namespace.
+fn listing(node: &Node, program: &str, args: &[&str]) -> String {
+    let output = Command::new("ip")
+        .args(["netns", "exec", &node.node_ns, program])
+        .args(args)
+        .output()
+        .expect("listing");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Restarting the agent in another mode removes the previous mode's state
+/// and forwards just the same.
+#[test]
+fn switching_modes_removes_the_previous_modes_state() {
+    let mut node = Node::new("switch", "iptables");
+    let pins = wharf_agent::ebpf::Dataplane::pin_dir(
+        std::path::Path::new(wharf_tests::fixture::BPFFS),
+        &node.node_name,
+    );
+    for mode in ["iptables", "nftables", "ebpf", "iptables"] {
+        node.mode = mode;
+        node.start_agent();
+        both(&tally(
+            &node.client(true, &["get", "10.96.0.10:80", "--count", "40"]),
+            "10.96.0.10:80",
+        ));
+        let iptables = listing(&node, "iptables-nft-save", &[]);
+        let nft = listing(&node, "nft", &["list", "tables"]);
+        assert_eq!(
+            iptables.contains("WHARF-SERVICES"),
+            mode == "iptables",
+            "{mode}: {iptables}"
+        );
+        assert_eq!(
+            nft.contains("table ip wharf"),
+            mode == "nftables",
+            "{mode}: {nft}"
+        );
+        assert_eq!(pins.exists(), mode == "ebpf", "{mode}: {}", pins.display());
+        node.stop_agent();
+    }
+}
+
+/// On a node whose rules live in iptables-legacy, the iptables mode
+/// writes there too.
+#[test]
+fn iptables_mode_uses_the_backend_the_node_already_uses() {
+    let mut node = Node::new("legacy", "iptables");
+    let ns = node.node_ns.clone();
+    wharf_tests::lab::command(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &ns,
+            "iptables-legacy",
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "9",
+            "-j",
+            "ACCEPT",
+        ],
+    );
+    node.start_agent();
+    assert!(node.lab.log(&node.agent_log()).contains("Legacy"));
+    both(&tally(
+        &node.client(true, &["get", "10.96.0.10:80", "--count", "40"]),
+        "10.96.0.10:80",
+    ));
+    assert!(listing(&node, "iptables-legacy-save", &[]).contains("WHARF-SERVICES"));
+    assert!(!listing(&node, "iptables-nft-save", &[]).contains("WHARF-SERVICES"));
+}
