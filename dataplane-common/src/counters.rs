@@ -27,8 +27,11 @@ pub enum Reason {
     XdpRevNat = 4,
     /// TC or XDP translated an ICMP error about a translated flow.
     IcmpErrorTranslated = 5,
-    /// A frontend with no ready backend: dropped (TC/XDP) or refused (socket).
-    DropNoBackend = 6,
+    /// A new flow to a frontend with no ready backend: refused, so the
+    /// client fails at once (ECONNREFUSED) instead of timing out: by an
+    /// ICMP port unreachable from TC (XDP hands such packets to TC), or by
+    /// connect()/sendmsg() failing under socket-LB.
+    RejectNoBackend = 6,
     /// IPv4 header inconsistent (IHL < 5, truncated): dropped.
     DropMalformed = 7,
     /// IP fragment: passed untranslated (fragments carry no L4 ports after
@@ -53,7 +56,7 @@ impl Reason {
         Reason::XdpDnat,
         Reason::XdpRevNat,
         Reason::IcmpErrorTranslated,
-        Reason::DropNoBackend,
+        Reason::RejectNoBackend,
         Reason::DropMalformed,
         Reason::PassFragment,
         Reason::DropNatPortsExhausted,
@@ -69,7 +72,7 @@ impl Reason {
             Reason::XdpDnat => "xdp_dnat",
             Reason::XdpRevNat => "xdp_rev_nat",
             Reason::IcmpErrorTranslated => "icmp_error_translated",
-            Reason::DropNoBackend => "drop_no_backend",
+            Reason::RejectNoBackend => "reject_no_backend",
             Reason::DropMalformed => "drop_malformed",
             Reason::PassFragment => "pass_fragment",
             Reason::DropNatPortsExhausted => "drop_nat_ports_exhausted",

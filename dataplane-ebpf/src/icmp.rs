@@ -1,5 +1,10 @@
-//! ICMP errors about translated flows (TC only; XDP passes ICMP on).
+//! ICMP errors (TC only; XDP passes ICMP on, and hands refusals to TC).
 //!
+//! Refusals: a new flow to a frontend without backends is answered with
+//! "port unreachable", as kube-proxy's REJECT rules do, so the client's
+//! connect() or connected send fails at once instead of timing out.
+//!
+//! Translated errors:
 //! A backend (or a router on its way) that reports "port unreachable",
 //! "fragmentation needed" and the like quotes the packet it got: the
 //! backend's address and port. The client only knows the frontend, so the
@@ -7,7 +12,7 @@
 //! client's own address and port) before the error is sent on; without
 //! this, path-MTU discovery and fast failure break for every service.
 
-use dataplane_common::{CT_FLAG_REPLY, CT_FLAG_SNAT, CtKey, checksum, counters::Reason};
+use dataplane_common::{CT_FLAG_REPLY, CT_FLAG_SNAT, CtKey, checksum, counters::Reason, protocol};
 
 use crate::{
     conntrack,
@@ -15,9 +20,86 @@ use crate::{
     lb::{Verdict, drop},
     maps::WHARF_REV_NAT,
     nat::{self, deliver},
-    packet::{L4Csum, Packet, load},
-    parse::{ICMP_CSUM, IP_CSUM, IP_DADDR, IP_SADDR, IcmpError, L3_OFF, L4_DPORT, L4_SPORT},
+    packet::{L4Csum, Packet, header_at, load, read},
+    parse::{
+        ETH_HLEN, Flow, ICMP_CSUM, IP_CSUM, IP_DADDR, IP_SADDR, IPV4_HLEN, IcmpError, L3_OFF,
+        L4_DPORT, L4_SPORT,
+    },
 };
+
+const ICMP_HLEN: usize = 8;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_PORT_UNREACH: u8 = 3;
+/// What an error quotes of the refused packet: its IPv4 header (without
+/// options) and the first 8 bytes of its L4 header (RFC 792).
+const QUOTE_LEN: usize = IPV4_HLEN + 8;
+/// Where the error's own headers go: after the Ethernet header, in front
+/// of the quote.
+const ERROR_ROOM: u32 = (IPV4_HLEN + ICMP_HLEN) as u32;
+const ERROR_LEN: usize = ETH_HLEN + IPV4_HLEN + ICMP_HLEN + QUOTE_LEN;
+
+/// Answers the first packet of a flow to a frontend without backends with
+/// an ICMP port unreachable from the frontend's address, sent back out of
+/// the device it came in by. XDP passes the packet for TC to do this.
+pub fn refuse<P: Packet>(pkt: &mut P, flow: &Flow) -> Verdict {
+    if P::XDP {
+        return Verdict::Pass;
+    }
+    count(Reason::RejectNoBackend, pkt.len());
+    // Only an IPv4 header without options is quoted whole at a fixed
+    // offset; such packets (rare) are dropped as before.
+    if flow.l4_off != L3_OFF + IPV4_HLEN {
+        return Verdict::Drop;
+    }
+    let (Some(destination), Some(source)) =
+        (load::<P, [u8; 6]>(pkt, 0), load::<P, [u8; 6]>(pkt, 6))
+    else {
+        return Verdict::Drop;
+    };
+    let ingress = pkt.ingress_ifindex();
+    let total = (IPV4_HLEN + ICMP_HLEN + QUOTE_LEN) as u16;
+    let mut ip = [0u8; IPV4_HLEN];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = protocol::ICMP;
+    // Addresses as loaded from the packet (network order in memory).
+    ip[12..16].copy_from_slice(&flow.daddr.to_ne_bytes());
+    ip[16..20].copy_from_slice(&flow.saddr.to_ne_bytes());
+    let ip_csum = !checksum::fold(sum_words(&ip));
+    ip[10..12].copy_from_slice(&ip_csum.to_ne_bytes());
+    let icmp = [ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0];
+    let write = |pkt: &mut P| -> Result<(), ()> {
+        pkt.make_room(ERROR_ROOM, ERROR_LEN as u32)?;
+        pkt.store(0, source)?;
+        pkt.store(6, destination)?;
+        pkt.store(L3_OFF, ip)?;
+        pkt.store(L3_OFF + IPV4_HLEN, icmp)?;
+        // The ICMP checksum covers its header and the quote, now in place.
+        let start = L3_OFF + IPV4_HLEN;
+        let message = header_at(pkt, start, ICMP_HLEN + QUOTE_LEN).ok_or(())?;
+        let mut sum = 0u32;
+        for word in 0..(ICMP_HLEN + QUOTE_LEN) / 2 {
+            // SAFETY: `message` covers ICMP_HLEN + QUOTE_LEN bytes.
+            sum += u32::from(unsafe { read::<u16>(message, word * 2) });
+        }
+        pkt.store(start + ICMP_CSUM, !checksum::fold(sum))
+    };
+    match write(pkt) {
+        Ok(()) => Verdict::Redirect { ifindex: ingress },
+        Err(()) => Verdict::Drop,
+    }
+}
+
+/// The one's-complement sum of a header's 16-bit words, as loaded.
+#[inline(always)]
+fn sum_words(bytes: &[u8; IPV4_HLEN]) -> u32 {
+    let mut sum = 0u32;
+    for word in 0..IPV4_HLEN / 2 {
+        sum += u32::from(u16::from_ne_bytes([bytes[word * 2], bytes[word * 2 + 1]]));
+    }
+    sum
+}
 
 pub fn reply_error<P: Packet>(pkt: &mut P, error: &IcmpError) -> Verdict {
     let inner = &error.inner;

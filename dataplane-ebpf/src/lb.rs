@@ -134,7 +134,7 @@ fn established_backend(entry: &CtValue, flow: &Flow) -> Option<Backend> {
 
 fn new_flow<P: Packet>(pkt: &mut P, flow: &Flow, frontend: &Frontend) -> Verdict {
     if frontend.value.count == 0 {
-        return drop(pkt, Reason::DropNoBackend);
+        return icmp::refuse(pkt, flow);
     }
     let hash = flow_hash(
         flow.saddr,

@@ -7,8 +7,10 @@ use core::{ffi::c_void, mem::size_of, ptr};
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, xdp_action},
-    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_meta},
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, bpf_adj_room_mode, xdp_action,
+    },
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail, bpf_xdp_adjust_meta},
     programs::{TcContext, XdpContext},
 };
 use dataplane_common::checksum;
@@ -47,6 +49,11 @@ pub trait Packet {
     fn l4_csum_replace4(&mut self, csum: L4Csum, old: u32, new: u32) -> Result<(), ()>;
     /// Updates an L4 (or ICMP) checksum for a 2-byte change.
     fn l4_csum_replace2(&mut self, csum: L4Csum, old: u16, new: u16) -> Result<(), ()>;
+
+    /// Reshapes the packet for an ICMP error built in place: `room` new
+    /// bytes right after the Ethernet header, then the whole cut to `len`
+    /// bytes. TC only: XDP leaves such packets to TC.
+    fn make_room(&mut self, room: u32, len: u32) -> Result<(), ()>;
 
     /// XDP: marks the packet, in XDP metadata, as translated here, so TC on
     /// the same device (as with Cilium's transfer flags) neither translates
@@ -214,6 +221,10 @@ impl Packet for XdpPacket {
         })
     }
 
+    fn make_room(&mut self, _room: u32, _len: u32) -> Result<(), ()> {
+        Err(())
+    }
+
     #[inline(always)]
     fn mark_translated(&mut self) -> bool {
         // Already marked (a program run again on the same buffer, as
@@ -347,6 +358,17 @@ impl Packet for TcPacket {
         self.ctx
             .l4_csum_replace(csum.off, old as u64, new as u64, flags)
             .map_err(|_| ())
+    }
+
+    fn make_room(&mut self, room: u32, len: u32) -> Result<(), ()> {
+        self.ctx
+            .adjust_room(room as i32, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, 0)
+            .map_err(|_| ())?;
+        // SAFETY: plain helper call on the program's own context.
+        match unsafe { bpf_skb_change_tail(self.ctx.skb.skb.cast(), len, 0) } {
+            0 => Ok(()),
+            _ => Err(()),
+        }
     }
 
     fn mark_translated(&mut self) -> bool {

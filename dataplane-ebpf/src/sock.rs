@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use dataplane_common::{
@@ -20,9 +20,12 @@ use crate::{
 
 /// Return values of `sock_addr` programs.
 const ALLOW: i32 = 1;
-/// Fails the syscall with EPERM: a service with no backends is refused at
-/// once instead of timing out.
+/// Fails the syscall (EPERM unless `bpf_set_retval` chose another errno).
 const REFUSE: i32 = 0;
+/// The errno a service without backends is refused with, as a kernel that
+/// got ICMP port unreachable would report it: connect() and sendmsg()
+/// fail at once instead of timing out.
+const ECONNREFUSED: i32 = 111;
 
 const AF_INET: u32 = 2;
 
@@ -63,7 +66,10 @@ fn translate(ctx: &SockAddrContext, pick: impl FnOnce(u64) -> u32) -> i32 {
         return ALLOW;
     };
     if frontend.value.count == 0 {
-        count(Reason::DropNoBackend, 0);
+        count(Reason::RejectNoBackend, 0);
+        // SAFETY: plain helper call; connect4 and sendmsg4 may set the
+        // syscall's return value (kernel >= 5.18).
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
         return REFUSE;
     }
     // SAFETY: the helper only reads the context it is given.

@@ -305,17 +305,33 @@ fn fragments_pass_untouched_and_are_counted() {
 }
 
 #[test]
-fn a_service_without_backends_drops_and_counts() {
+fn a_service_without_backends_is_refused_with_port_unreachable() {
     let mut fixture = fixture("empty");
-    for hook in [Hook::Xdp, Hook::Tc] {
-        let syn = frame::tcp(
-            sa([10, 244, 2, 5], 1234),
-            SocketAddrV4::new(EMPTY_VIP, 80),
-            TCP_SYN,
-        );
-        assert_eq!(hook.run(&mut fixture, &syn).0, hook.drop(), "{hook:?}");
-    }
-    assert_eq!(counter(&fixture, Reason::DropNoBackend), 2);
+    let client = sa([10, 244, 2, 5], 1234);
+    let syn = frame::tcp(client, SocketAddrV4::new(EMPTY_VIP, 80), TCP_SYN);
+    // XDP hands the refusal to TC, untouched.
+    assert_eq!(fixture.run_xdp(&syn), (XDP_PASS, syn.clone()));
+    let (verdict, out) = fixture.run_tc(&syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "back out of the ingress device");
+    assert_eq!(out.len(), 14 + 20 + 8 + 28);
+    assert_eq!(
+        (&out[0..6], &out[6..12]),
+        (&syn[6..12], &syn[0..6]),
+        "MACs swapped"
+    );
+    let headers = frame::headers(&out);
+    assert_eq!(
+        (*headers.src.ip(), *headers.dst.ip(), headers.protocol),
+        (EMPTY_VIP, *client.ip(), frame::ICMP)
+    );
+    assert_eq!(&out[34..36], [3, 3], "destination unreachable: port");
+    assert_eq!(
+        &out[42..],
+        &syn[14..42],
+        "quotes the IPv4 header and 8 L4 bytes"
+    );
+    assert!(frame::checksums_valid(&out));
+    assert_eq!(counter(&fixture, Reason::RejectNoBackend), 1);
 }
 
 #[test]
