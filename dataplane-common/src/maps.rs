@@ -17,6 +17,7 @@ pub mod names {
     pub const CONNTRACK: &str = "WHARF_CT";
     pub const SOCK_REV_NAT: &str = "WHARF_SOCK_REV";
     pub const MAGLEV: &str = "WHARF_MAGLEV";
+    pub const AFFINITY: &str = "WHARF_AFFINITY";
     /// Node addresses (key, network order) that NodePort frontends answer
     /// on and that forwarded NodePort traffic is SNATed to; value unused (1).
     pub const NODE_ADDRS: &str = "WHARF_NODEADDRS";
@@ -41,6 +42,9 @@ pub mod capacity {
     pub const MAGLEV: u32 = 131_072;
     pub const NODE_ADDRS: u32 = 256;
     pub const SNAT_ADDRS: u32 = 256;
+    /// Clients remembered per affinity frontend (LRU: the least recently
+    /// seen client is forgotten first).
+    pub const AFFINITY: u32 = 65_536;
 }
 
 /// Maglev lookup table size `M`: a prime, so every backend's permutation
@@ -78,11 +82,14 @@ impl ServiceKey {
     }
 }
 
-/// Slot 0 of a frontend: `count`, `flags`, `rev_nat_id`. Slots `1..=count`:
-/// `backend_id` only.
+/// Slot 0 of a frontend: `count`, `flags`, `rev_nat_id`, and in
+/// `backend_id` the session-affinity timeout (as Cilium's `lb4_service`
+/// overlays the two). Slots `1..=count`: `backend_id` only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceValue {
+    /// Slots: the backend. Slot 0: `sessionAffinity: ClientIP`'s timeout
+    /// in seconds, 0 without affinity.
     pub backend_id: u32,
     /// Number of backends eligible for new flows (ready ones). Terminating
     /// backends keep their conntrack entries but have no slot.
@@ -223,6 +230,33 @@ pub struct SockRevValue {
     pub rev_nat_id: u32,
 }
 
+/// Session affinity: which backend a client's flows to a frontend go to.
+/// Clients are IPv4 addresses for packets TC and XDP see, and network
+/// namespace cookies for sockets socket-LB translates (a pod's sockets
+/// share one), as Cilium keys them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// An IPv4 address (network order) or a netns cookie, by `kind`.
+    pub client: u64,
+    pub rev_nat_id: u32,
+    /// `AFFINITY_CLIENT_*`.
+    pub kind: u8,
+    pub _pad: [u8; 3],
+}
+
+pub const AFFINITY_CLIENT_ADDRESS: u8 = 0;
+pub const AFFINITY_CLIENT_NETNS: u8 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    /// When the client last opened a flow to the frontend: CLOCK_MONOTONIC
+    /// seconds, as conntrack's `last_seen`.
+    pub last_used: u32,
+}
+
 /// One frontend's Maglev lookup table: backend ids by
 /// `flow_hash::maglev_slot(hash)`.
 #[repr(C)]
@@ -254,6 +288,8 @@ const _: () = {
     assert!(size_of::<SockRevKey>() == 16);
     assert!(size_of::<SockRevValue>() == 12);
     assert!(size_of::<MaglevTable>() == 4 * MAGLEV_TABLE_SIZE + 4);
+    assert!(size_of::<AffinityKey>() == 16);
+    assert!(size_of::<AffinityValue>() == 8);
 };
 
 #[cfg(feature = "user")]
@@ -280,6 +316,10 @@ mod pod {
     unsafe impl aya::Pod for SockRevValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for MaglevTable {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AffinityValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::Counter {}
 }

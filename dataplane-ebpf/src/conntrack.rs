@@ -23,7 +23,7 @@ const NAT_PORT_STRIDE: u32 = 1_009;
 
 /// CLOCK_MONOTONIC seconds: the unit of `CtValue::last_seen`.
 #[inline(always)]
-fn now() -> u32 {
+pub fn now() -> u32 {
     // SAFETY: plain helper call without arguments.
     (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32
 }

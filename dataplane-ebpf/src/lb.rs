@@ -10,8 +10,8 @@
 //! accelerated by XDP from its next packet on.
 
 use dataplane_common::{
-    Backend, CT_FLAG_REPLY, CtValue, SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_NODEPORT, ServiceKey,
-    ServiceValue,
+    AFFINITY_CLIENT_ADDRESS, AffinityKey, AffinityValue, BACKEND_FLAG_TERMINATING, Backend,
+    CT_FLAG_REPLY, CtValue, SERVICE_FLAG_EXTERNAL, SERVICE_FLAG_NODEPORT, ServiceKey, ServiceValue,
     counters::Reason,
     flow_hash::{flow_hash, maglev_slot},
 };
@@ -20,7 +20,10 @@ use crate::{
     conntrack,
     counters::count,
     icmp,
-    maps::{WHARF_BACKENDS, WHARF_MAGLEV, WHARF_NODEADDRS, WHARF_SERVICES, WHARF_SNATADDRS},
+    maps::{
+        WHARF_AFFINITY, WHARF_BACKENDS, WHARF_MAGLEV, WHARF_NODEADDRS, WHARF_SERVICES,
+        WHARF_SNATADDRS,
+    },
     nat::{self, Route, RouteStatus},
     packet::Packet,
     parse::{self, Flow, Parsed},
@@ -124,7 +127,7 @@ fn flow_packet<P: Packet>(pkt: &mut P, flow: &Flow) -> Verdict {
 fn established_backend(entry: &CtValue, flow: &Flow) -> Option<Backend> {
     let backend = backend(entry.backend_id)?;
     if flow.syn
-        && (backend.flags & dataplane_common::BACKEND_FLAG_TERMINATING != 0
+        && (backend.flags & BACKEND_FLAG_TERMINATING != 0
             || !conntrack::has_reply(flow, entry, &backend))
     {
         return None;
@@ -143,7 +146,12 @@ fn new_flow<P: Packet>(pkt: &mut P, flow: &Flow, frontend: &Frontend) -> Verdict
         flow.dport,
         flow.protocol,
     );
-    let Some(backend_id) = select_backend(frontend, hash) else {
+    let Some(backend_id) = pick_backend(
+        frontend,
+        hash,
+        u64::from(flow.saddr),
+        AFFINITY_CLIENT_ADDRESS,
+    ) else {
         return drop(pkt, Reason::DropStaleService);
     };
     let Some(backend) = backend(backend_id) else {
@@ -213,11 +221,55 @@ pub fn lookup_frontend(address: u32, port: u16, protocol: u8) -> Option<Frontend
     (value.flags & SERVICE_FLAG_NODEPORT != 0).then_some(Frontend { key, value })
 }
 
+/// Picks a backend for a new flow from `client`: with session affinity,
+/// the one the client's last flow went to if that was within the timeout
+/// and the backend still takes new flows (the agent forgets clients of
+/// backends that leave the frontend); otherwise a fresh pick, remembered
+/// for next time.
+#[inline(always)]
+pub fn pick_backend(frontend: &Frontend, hash: u32, client: u64, kind: u8) -> Option<u32> {
+    // Slot 0 carries the affinity timeout in `backend_id`.
+    let timeout = frontend.value.backend_id;
+    if timeout == 0 {
+        return select_backend(frontend, hash);
+    }
+    let key = AffinityKey {
+        client,
+        rev_nat_id: frontend.value.rev_nat_id,
+        kind,
+        _pad: [0; 3],
+    };
+    let now = conntrack::now();
+    // SAFETY: plain data, see `lookup_frontend`.
+    let remembered = unsafe { WHARF_AFFINITY.get(key) }.copied();
+    let backend_id = match remembered {
+        Some(entry)
+            if now.wrapping_sub(entry.last_used) <= timeout
+                && backend(entry.backend_id)
+                    .is_some_and(|b| b.flags & BACKEND_FLAG_TERMINATING == 0) =>
+        {
+            entry.backend_id
+        }
+        _ => select_backend(frontend, hash)?,
+    };
+    // A failed insert (memory pressure) only costs the next flow its
+    // affinity.
+    let _ = WHARF_AFFINITY.insert(
+        key,
+        AffinityValue {
+            backend_id,
+            last_used: now,
+        },
+        0,
+    );
+    Some(backend_id)
+}
+
 /// Picks a backend for a new flow: the frontend's Maglev table when it has
 /// one (so every node picks the same backend for the same flow), else
 /// `hash % count` over its slots.
 #[inline(always)]
-pub fn select_backend(frontend: &Frontend, hash: u32) -> Option<u32> {
+fn select_backend(frontend: &Frontend, hash: u32) -> Option<u32> {
     if let Some(table) = WHARF_MAGLEV.get_ptr(frontend.value.rev_nat_id) {
         // SAFETY: `table` is a valid map value pointer from a successful
         // lookup; `maglev_slot` is < MAGLEV_TABLE_SIZE, the array's length.

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use dataplane_common::{
-    Backend, Counter, CtKey, CtValue, MaglevTable, RevNat, ServiceKey, ServiceValue, SockRevKey,
-    SockRevValue, capacity, counters::Reason,
+    AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, MaglevTable, RevNat, ServiceKey,
+    ServiceValue, SockRevKey, SockRevValue, capacity, counters::Reason,
 };
 
 #[map]
@@ -32,6 +32,10 @@ pub static WHARF_SOCK_REV: LruHashMap<SockRevKey, SockRevValue> =
 #[map]
 pub static WHARF_MAGLEV: HashMap<u32, MaglevTable> =
     HashMap::pinned(capacity::MAGLEV, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static WHARF_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(capacity::AFFINITY, 0);
 
 #[map]
 pub static WHARF_NODEADDRS: HashMap<u32, u8> = HashMap::pinned(capacity::NODE_ADDRS, 0);

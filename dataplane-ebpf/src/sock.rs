@@ -5,16 +5,17 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use dataplane_common::{
-    SockRevKey, SockRevValue, counters::Reason, flow_hash::flow_hash, protocol,
+    AFFINITY_CLIENT_NETNS, SockRevKey, SockRevValue, counters::Reason, flow_hash::flow_hash,
+    protocol,
 };
 
 use crate::{
     counters::count,
-    lb::{backend, lookup_frontend, select_backend},
+    lb::{backend, lookup_frontend, pick_backend},
     maps::WHARF_SOCK_REV,
 };
 
@@ -74,7 +75,12 @@ fn translate(ctx: &SockAddrContext, pick: impl FnOnce(u64) -> u32) -> i32 {
     }
     // SAFETY: the helper only reads the context it is given.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(backend) = select_backend(&frontend, pick(cookie)).and_then(backend) else {
+    // A pod's sockets share its network namespace: that is the client
+    // session affinity remembers.
+    // SAFETY: the helper only reads the context it is given.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let picked = pick_backend(&frontend, pick(cookie), netns, AFFINITY_CLIENT_NETNS);
+    let Some(backend) = picked.and_then(backend) else {
         count(Reason::DropStaleService, 0);
         return REFUSE;
     };

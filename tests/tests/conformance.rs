@@ -218,7 +218,7 @@ macro_rules! conformance {
 }
 
 conformance! {
-    ebpf: [spread, local_policy, no_endpoints, churn, udp_scale, deletion];
+    ebpf: [spread, affinity, local_policy, no_endpoints, churn, udp_scale, deletion];
     iptables: [spread, affinity, local_policy, no_endpoints, churn, udp_scale, deletion];
     nftables: [spread, affinity, local_policy, no_endpoints, churn, udp_scale, deletion];
 }

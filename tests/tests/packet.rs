@@ -185,6 +185,40 @@ fn new_flows_spread_over_all_backends() {
 }
 
 #[test]
+fn session_affinity_keeps_a_client_address_on_one_backend() {
+    let mut fixture = Fixture::load("affinity");
+    let mut state = DesiredState::default();
+    add(
+        &mut state,
+        FrontendKind::ClusterIp,
+        VIP,
+        80,
+        Protocol::Tcp,
+        &ready(&backends()),
+    );
+    for frontend in state.frontends.values_mut() {
+        frontend.affinity_timeout = Some(60);
+    }
+    fixture.sync(&state);
+    let mut per_client = std::collections::BTreeMap::new();
+    for client in 1..=20u8 {
+        for sport in 30000..30010 {
+            let (_, out) = fixture.run_tc(&to_vip(sa([10, 244, 3, client], sport), TCP_SYN));
+            per_client
+                .entry(client)
+                .or_insert_with(std::collections::BTreeSet::new)
+                .insert(frame::headers(&out).dst);
+        }
+    }
+    assert!(
+        per_client.values().all(|seen| seen.len() == 1),
+        "each client sticks to one backend: {per_client:?}"
+    );
+    let used: std::collections::BTreeSet<_> = per_client.values().flatten().collect();
+    assert_eq!(used.len(), 2, "clients still spread: {per_client:?}");
+}
+
+#[test]
 fn replies_are_reverse_natted_to_the_vip() {
     let mut fixture = fixture("reply");
     let client = sa([10, 244, 2, 5], 41000);

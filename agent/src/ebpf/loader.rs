@@ -283,6 +283,7 @@ impl Dataplane {
             rev_nat: Box::new(self.table(names::REV_NAT)?),
             maglev: Box::new(self.table(names::MAGLEV)?),
             conntrack: Box::new(self.table(names::CONNTRACK)?),
+            affinity: Box::new(self.table(names::AFFINITY)?),
         })
     }
 

@@ -21,8 +21,8 @@ use std::{
 };
 
 use dataplane_common::{
-    BACKEND_FLAG_TERMINATING, Backend as BackendEntry, CT_FLAG_CLOSING, CT_FLAG_REPLY,
-    CT_FLAG_SNAT, CtKey, CtValue, MaglevTable, RevNat, SERVICE_FLAG_EXTERNAL,
+    AffinityKey, AffinityValue, BACKEND_FLAG_TERMINATING, Backend as BackendEntry, CT_FLAG_CLOSING,
+    CT_FLAG_REPLY, CT_FLAG_SNAT, CtKey, CtValue, MaglevTable, RevNat, SERVICE_FLAG_EXTERNAL,
     SERVICE_FLAG_NODEPORT, ServiceKey, ServiceValue, capacity,
 };
 
@@ -42,6 +42,9 @@ pub struct Maps {
     pub rev_nat: Box<dyn Table<u32, RevNat>>,
     pub maglev: Box<dyn Table<u32, MaglevTable>>,
     pub conntrack: Box<dyn Table<CtKey, CtValue>>,
+    /// Written by the datapath; the reconciler forgets clients of
+    /// backends that leave a frontend.
+    pub affinity: Box<dyn Table<AffinityKey, AffinityValue>>,
 }
 
 impl std::fmt::Debug for Maps {
@@ -374,16 +377,26 @@ impl Reconciler {
             } else {
                 HashMap::new()
             };
-            let dead = |value: &CtValue| {
-                unused.contains(&value.backend_id)
-                    || dead_rev_nat.contains(&value.rev_nat_id)
-                    || left.contains(&(value.rev_nat_id, value.backend_id))
-                    || (sweep && !known.contains_key(&value.backend_id))
+            let dead = |rev_nat_id: u32, backend_id: u32| {
+                unused.contains(&backend_id)
+                    || dead_rev_nat.contains(&rev_nat_id)
+                    || left.contains(&(rev_nat_id, backend_id))
+                    || (sweep && !known.contains_key(&backend_id))
                     || allowed
-                        .get(&value.rev_nat_id)
-                        .is_some_and(|ids| !ids.contains(&value.backend_id))
+                        .get(&rev_nat_id)
+                        .is_some_and(|ids| !ids.contains(&backend_id))
             };
-            stats.flows_purged += purge_conntrack(self.maps.conntrack.as_mut(), dead)?;
+            stats.flows_purged += purge_conntrack(self.maps.conntrack.as_mut(), |value| {
+                dead(value.rev_nat_id, value.backend_id)
+            })?;
+            // Session affinity must not lead a client back to a backend
+            // that left the frontend (it may still exist for another).
+            for (key, value) in self.maps.affinity.entries()? {
+                if dead(key.rev_nat_id, value.backend_id) {
+                    self.maps.affinity.remove(&key)?;
+                    stats.map_operations += 1;
+                }
+            }
         }
 
         // 7. Backends nothing points at any more.
@@ -557,7 +570,8 @@ impl Reconciler {
             FrontendKind::ExternalIp | FrontendKind::LoadBalancer => SERVICE_FLAG_EXTERNAL,
         };
         let header = ServiceValue {
-            backend_id: 0,
+            // Slot 0's `backend_id` is the affinity timeout.
+            backend_id: frontend.affinity_timeout.unwrap_or(0),
             count: slots.len() as u16,
             flags,
             rev_nat_id,
@@ -922,6 +936,7 @@ mod tests {
         rev_nat: FakeTable<u32, RevNat>,
         maglev: FakeTable<u32, MaglevTable>,
         conntrack: FakeTable<CtKey, CtValue>,
+        affinity: FakeTable<AffinityKey, AffinityValue>,
     }
 
     impl Fakes {
@@ -933,6 +948,7 @@ mod tests {
                 rev_nat: FakeTable::new(names::REV_NAT, &plan),
                 maglev: FakeTable::new(names::MAGLEV, &plan),
                 conntrack: FakeTable::new(names::CONNTRACK, &plan),
+                affinity: FakeTable::new(names::AFFINITY, &plan),
                 plan,
             }
         }
@@ -944,6 +960,7 @@ mod tests {
                 rev_nat: Box::new(self.rev_nat.clone()),
                 maglev: Box::new(self.maglev.clone()),
                 conntrack: Box::new(self.conntrack.clone()),
+                affinity: Box::new(self.affinity.clone()),
             }
         }
 
@@ -1367,6 +1384,58 @@ mod tests {
         assert!(
             fakes.conntrack.get(&other_flow).is_some(),
             "the other service's flow stays"
+        );
+    }
+
+    #[test]
+    fn affinity_timeouts_reach_the_header_and_clients_of_departed_backends_are_forgotten() {
+        let fakes = Fakes::new();
+        let mut reconciler = fakes.reconciler();
+        let sticky = |backends: &[u8]| {
+            let mut state = web(&active(backends.iter().copied()));
+            for frontend in state.frontends.values_mut() {
+                frontend.affinity_timeout = Some(60);
+            }
+            state
+        };
+        reconciler.sync(&sticky(&[1, 2])).unwrap();
+        let web_key = vip(1, 80, Protocol::Tcp);
+        let header = fakes.services.get(&service_key(&web_key, 0)).unwrap();
+        assert_eq!(header.backend_id, 60, "slot 0 carries the timeout");
+        let id_of = |slot| {
+            fakes
+                .services
+                .get(&service_key(&web_key, slot))
+                .unwrap()
+                .backend_id
+        };
+        let (first, second) = (id_of(1), id_of(2));
+        let client = |n: u64| AffinityKey {
+            client: n,
+            rev_nat_id: header.rev_nat_id,
+            ..AffinityKey::default()
+        };
+        for (n, backend_id) in [(1, first), (2, second)] {
+            fakes.affinity.insert_directly(
+                client(n),
+                AffinityValue {
+                    backend_id,
+                    last_used: 0,
+                },
+            );
+        }
+        let addr_of = |id| fakes.backends.get(&id).unwrap().address;
+        // The backend in slot 2 leaves; slot 1's stays.
+        let staying = (u32::from_be(addr_of(first)) & 0xff) as u8;
+        reconciler.sync(&sticky(&[staying])).unwrap();
+        assert!(
+            fakes.affinity.get(&client(1)).is_some(),
+            "the staying backend's client stays"
+        );
+        assert_eq!(
+            fakes.affinity.get(&client(2)),
+            None,
+            "the departed backend's client is forgotten"
         );
     }
 
