@@ -6,6 +6,7 @@ pub mod conntrack;
 pub mod ebpf;
 pub mod host;
 pub mod iptables;
+pub mod ipvs;
 pub mod manifest;
 pub mod mode;
 pub mod netdev;

@@ -9,6 +9,7 @@ use wharf_agent::{
     ebpf::{Dataplane, Reconciler, read_counters},
     host::System,
     iptables::{Flavor, IptablesProxy},
+    ipvs::IpvsProxy,
     mode::{self, Mode},
     netdev,
     nftables::NftablesProxy,
@@ -25,6 +26,8 @@ enum ProxyMode {
     Iptables,
     /// One nftables table with verdict maps.
     Nftables,
+    /// IPVS virtual servers (the kernel's ip_vs).
+    Ipvs,
     /// eBPF where the kernel supports it, else nftables, else iptables.
     Auto,
 }
@@ -65,6 +68,10 @@ struct Args {
     /// Skip socket-LB: every packet is translated by TC/XDP instead.
     #[arg(long)]
     no_socket_lb: bool,
+
+    /// IPVS scheduler for virtual servers (ipvs mode): rr, wrr, sh, ...
+    #[arg(long, default_value = "rr")]
+    ipvs_scheduler: String,
 
     /// Extra node addresses that answer NodePort frontends.
     #[arg(long, value_delimiter = ',')]
@@ -113,8 +120,10 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
 
+    let node_addresses = node_addresses(&args)?;
     if args.teardown {
-        mode::remove_state(None, &System, &args.bpffs, &args.node_name).context("teardown")?;
+        mode::remove_state(None, &System, &args.bpffs, &args.node_name, &node_addresses)
+            .context("teardown")?;
         info!(node = %args.node_name, "dataplane removed");
         return Ok(());
     }
@@ -139,6 +148,7 @@ async fn main() -> anyhow::Result<()> {
     let (mode, reason) = match args.proxy_mode {
         ProxyMode::Ebpf => (Mode::Ebpf, "chosen by flag".to_string()),
         ProxyMode::Nftables => (Mode::Nftables, "chosen by flag".to_string()),
+        ProxyMode::Ipvs => (Mode::Ipvs, "chosen by flag".to_string()),
         ProxyMode::Iptables => {
             let (flavor, why) =
                 Flavor::detect(&System).context("detecting the iptables backend")?;
@@ -147,11 +157,17 @@ async fn main() -> anyhow::Result<()> {
         ProxyMode::Auto => mode::choose(&System),
     };
     info!(?mode, %reason, "proxy mode");
-    mode::remove_state(Some(mode), &System, &args.bpffs, &args.node_name)
-        .context("removing other proxy modes' state")?;
+    mode::remove_state(
+        Some(mode),
+        &System,
+        &args.bpffs,
+        &args.node_name,
+        &node_addresses,
+    )
+    .context("removing other proxy modes' state")?;
     match mode {
         Mode::Ebpf => {
-            let mut reconciler = load_ebpf(&args)?;
+            let mut reconciler = load_ebpf(&args, &node_addresses)?;
             serve(&mut reconciler, services_from, &args.node_name).await?;
             // Programs and maps stay pinned: forwarding continues while
             // the agent is away, and the next start picks up where this
@@ -176,6 +192,12 @@ async fn main() -> anyhow::Result<()> {
             .await?;
             info!("shutting down; rules left in place");
         }
+        Mode::Ipvs => {
+            let mut proxy = IpvsProxy::open(node_addresses, args.ipvs_scheduler.clone())
+                .context("opening IPVS")?;
+            serve(&mut proxy, services_from, &args.node_name).await?;
+            info!("shutting down; virtual servers left in place");
+        }
     }
     Ok(())
 }
@@ -189,11 +211,22 @@ async fn serve<P: ServiceProxy>(
     Ok(())
 }
 
+/// The addresses NodePort frontends answer on: `--node-ip` and those of
+/// the external devices.
+fn node_addresses(args: &Args) -> anyhow::Result<Vec<Ipv4Addr>> {
+    let mut addresses = args.node_ip.clone();
+    for device in &args.devices {
+        addresses.extend(
+            netdev::ipv4_addresses(device).with_context(|| format!("addresses of {device}"))?,
+        );
+    }
+    Ok(addresses)
+}
+
 /// Loads and attaches the eBPF datapath as the flags say.
-fn load_ebpf(args: &Args) -> anyhow::Result<Reconciler> {
+fn load_ebpf(args: &Args, node_addresses: &[Ipv4Addr]) -> anyhow::Result<Reconciler> {
     let mut dataplane =
         Dataplane::load(&args.bpffs, &args.node_name).context("loading the eBPF dataplane")?;
-    let mut node_addresses = args.node_ip.clone();
     let mut snat_addresses = Vec::new();
     for device in &args.devices {
         let addresses =
@@ -203,7 +236,6 @@ fn load_ebpf(args: &Args) -> anyhow::Result<Reconciler> {
         if let Some(first) = addresses.first() {
             snat_addresses.push((netdev::ifindex(device)?, *first));
         }
-        node_addresses.extend(addresses);
         let native = dataplane
             .attach_xdp(device)
             .with_context(|| format!("XDP on {device}"))?;
@@ -222,7 +254,7 @@ fn load_ebpf(args: &Args) -> anyhow::Result<Reconciler> {
         dataplane.attach_cgroup(&args.cgroup).context("socket-LB")?;
     }
     dataplane
-        .set_node_addresses(&node_addresses)
+        .set_node_addresses(node_addresses)
         .context("node addresses")?;
     dataplane
         .set_snat_addresses(&snat_addresses)

@@ -2,7 +2,7 @@
 //! node, so switching modes (agent restarts with another `--proxy-mode`)
 //! never leaves two modes translating the same traffic.
 
-use std::path::Path;
+use std::{net::Ipv4Addr, path::Path};
 
 use aya::programs::ProgramType;
 use tracing::info;
@@ -11,7 +11,7 @@ use crate::{
     ebpf::Dataplane,
     host::{self, Host},
     iptables::{self, Flavor},
-    nftables,
+    ipvs, nftables,
 };
 
 /// A mode the agent runs.
@@ -20,10 +20,12 @@ pub enum Mode {
     Ebpf,
     Iptables(Flavor),
     Nftables,
+    Ipvs,
 }
 
 /// `auto`: eBPF where the kernel has what the datapath needs, then
-/// nftables, then iptables. Returns the mode and why.
+/// nftables, then iptables (IPVS only when asked for, as with
+/// kube-proxy). Returns the mode and why.
 pub fn choose(host: &impl Host) -> (Mode, String) {
     match ebpf_support() {
         Ok(()) => {
@@ -70,11 +72,13 @@ fn ebpf_support() -> Result<(), String> {
 
 /// Removes every mode's state from this node but `keep`'s (in iptables
 /// mode, the other flavor's rules go too). `None` removes everything.
+/// IPVS NodePort virtual servers are found by `node_addresses`.
 pub fn remove_state(
     keep: Option<Mode>,
     host: &impl Host,
     bpffs: &Path,
     node: &str,
+    node_addresses: &[Ipv4Addr],
 ) -> Result<(), CleanupError> {
     if keep != Some(Mode::Ebpf) {
         let pins = Dataplane::pin_dir(bpffs, node);
@@ -102,6 +106,14 @@ pub fn remove_state(
         })?
     {
         info!("removed the nftables mode's table");
+    }
+    if keep != Some(Mode::Ipvs)
+        && ipvs::remove(host, node_addresses).map_err(|e| CleanupError::Rules {
+            mode: "ipvs",
+            reason: e.to_string(),
+        })?
+    {
+        info!("removed the IPVS mode's virtual servers, device and table");
     }
     Ok(())
 }

@@ -216,7 +216,12 @@ impl Lab {
 
     /// Waits until `log` contains `needle` at least `count` times.
     pub fn wait_for_log(&self, log: &str, needle: &str, count: usize) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        self.wait_for_log_within(log, needle, count, Duration::from_secs(20));
+    }
+
+    /// `wait_for_log` with a deadline of the caller's choosing.
+    pub fn wait_for_log_within(&self, log: &str, needle: &str, count: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
         while self.log(log).matches(needle).count() < count {
             assert!(
                 Instant::now() < deadline,

@@ -22,7 +22,7 @@
 //! - `empty`: ClusterIP 10.96.0.22 (80/TCP, 53/UDP), NodePorts 30091 and
 //!   30092, no endpoints.
 
-use std::{collections::BTreeMap, fs, path::PathBuf};
+use std::{collections::BTreeMap, fs, path::PathBuf, time::Duration};
 
 use dataplane_common::counters::Reason;
 
@@ -48,6 +48,9 @@ pub struct Node {
     agent_starts: usize,
     syncs: usize,
     pub probe: PathBuf,
+    /// How long to wait for one agent sync (benchmarks at 10k services
+    /// in iptables mode need minutes).
+    pub sync_timeout: Duration,
 }
 
 /// How the node reaches the external host.
@@ -112,8 +115,11 @@ impl Node {
         lab.offloads_off(&node_ns, "ext0");
         // veth delivers XDP_TX frames promptly only to a peer that runs an
         // XDP program (otherwise they wait for unrelated traffic to wake
-        // the peer): give the external host an empty dataplane.
-        lab.passthrough_xdp(&ext_ns, "eth0");
+        // the peer): in eBPF mode, give the external host an empty
+        // dataplane.
+        if mode == "ebpf" {
+            lab.passthrough_xdp(&ext_ns, "eth0");
+        }
         lab.sysctl(&node_ns, "net.ipv4.ip_forward", "1");
 
         let probe = crate::lab::workspace_binary("wharf-probe");
@@ -152,6 +158,7 @@ impl Node {
             agent_starts: 0,
             syncs: 0,
             probe,
+            sync_timeout: Duration::from_secs(20),
         };
         node.publish(&["b1", "b2"]);
         node.write_manifest("extra.yaml", &extra_services(&node.node_name));
@@ -176,8 +183,12 @@ impl Node {
     fn await_sync(&mut self) {
         if self.agent.is_some() {
             self.syncs += 1;
-            self.lab
-                .wait_for_log(&self.agent_log(), "synced", self.syncs);
+            self.lab.wait_for_log_within(
+                &self.agent_log(),
+                "synced",
+                self.syncs,
+                self.sync_timeout,
+            );
         }
     }
 
@@ -215,6 +226,24 @@ impl Node {
         self.write_manifest("web.yaml", &yaml);
     }
 
+    /// The agent's sync times so far (its `elapsed_us` log figures), in
+    /// order.
+    pub fn sync_times_us(&self) -> Vec<u64> {
+        self.lab
+            .log(&self.agent_log())
+            .lines()
+            .filter(|l| l.contains(" synced "))
+            .filter_map(|l| {
+                l.split("elapsed_us=")
+                    .nth(1)?
+                    .split(' ')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+
     pub fn agent_log(&self) -> String {
         format!("agent-{}.log", self.agent_starts)
     }
@@ -241,7 +270,8 @@ impl Node {
         ];
         let (ns, log) = (self.node_ns.clone(), self.agent_log());
         self.agent = Some(self.lab.spawn(&ns, false, &agent_binary(), &args, &log));
-        self.lab.wait_for_log(&log, "synced", 1);
+        self.lab
+            .wait_for_log_within(&log, "synced", 1, self.sync_timeout);
     }
 
     pub fn stop_agent(&mut self) {

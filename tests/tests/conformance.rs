@@ -207,13 +207,20 @@ fn deletion(mode: &'static str) {
 }
 
 macro_rules! conformance {
-    ($($mode:ident: [$($case:ident),* $(,)?];)*) => {
+    ($($(#[$attribute:meta])* $mode:ident: [$($case:ident),* $(,)?];)*) => {
         $(mod $mode {
-            $(#[test]
-            fn $case() {
-                super::$case(stringify!($mode));
-            })*
+            conformance!(@cases $mode [$(#[$attribute])*] $($case)*);
         })*
+    };
+    (@cases $mode:ident $attributes:tt $($case:ident)*) => {
+        $(conformance!(@case $mode $attributes $case);)*
+    };
+    (@case $mode:ident [$(#[$attribute:meta])*] $case:ident) => {
+        #[test]
+        $(#[$attribute])*
+        fn $case() {
+            super::$case(stringify!($mode));
+        }
     };
 }
 
@@ -221,6 +228,9 @@ conformance! {
     ebpf: [spread, affinity, local_policy, no_endpoints, churn, udp_scale, deletion];
     iptables: [spread, affinity, local_policy, no_endpoints, churn, udp_scale, deletion];
     nftables: [spread, affinity, local_policy, no_endpoints, churn, udp_scale, deletion];
+    // This host's kernel has no IPVS: `vm.rs` runs these inside a VM.
+    #[ignore = "needs a kernel with IPVS; tests/tests/vm.rs runs it in a VM"]
+    ipvs: [spread, affinity, local_policy, no_endpoints, churn, udp_scale, deletion];
 }
 
 /// Runs a rule-listing tool inside the node's network namespace.

@@ -9,6 +9,10 @@
 //!     N datagrams, one unconnected socket each (or all from --bind);
 //!     prints "<backend> <reply source>"; --connect connects the socket,
 //!     so an ICMP error fails the receive at once
+//! connect ADDR:PORT [--count N]
+//!     N TCP connections, each closed once established; prints
+//!     "connections=N per_s=R median_us=M p99_us=P" (connect() time: the
+//!     SYN's round trip through whatever translates it)
 //! hold ADDR:PORT --duration-ms D [--interval-ms I]
 //!     one keep-alive connection, a request every I ms for D ms; prints
 //!     "ok=N failed=M backends=a,b"
@@ -31,7 +35,10 @@ fn main() -> ExitCode {
         Some("get") => get(&args[1..]),
         Some("udp") => udp(&args[1..]),
         Some("hold") => hold(&args[1..]),
-        _ => Err("usage: wharf-probe serve|get|udp|hold ... (see the source's header)".into()),
+        Some("connect") => connect_only(&args[1..]),
+        _ => Err(
+            "usage: wharf-probe serve|get|udp|connect|hold ... (see the source's header)".into(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -223,6 +230,30 @@ fn udp(args: &[String]) -> Result {
             .map_err(|e| format!("receive from {to}: {e}"))?;
         println!("{} {from}", String::from_utf8_lossy(&buf[..n]).trim());
     }
+    Ok(())
+}
+
+fn connect_only(args: &[String]) -> Result {
+    let to = target(args)?;
+    let count = number(args, "--count", 1)?.max(1);
+    let mut latencies = Vec::new();
+    let start = Instant::now();
+    for _ in 0..count {
+        let began = Instant::now();
+        let stream =
+            TcpStream::connect_timeout(&to, TIMEOUT).map_err(|e| format!("connect {to}: {e}"))?;
+        latencies.push(began.elapsed());
+        drop(stream);
+    }
+    let elapsed = start.elapsed();
+    latencies.sort_unstable();
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize].as_micros();
+    println!(
+        "connections={count} per_s={:.0} median_us={} p99_us={}",
+        count as f64 / elapsed.as_secs_f64(),
+        at(0.5),
+        at(0.99)
+    );
     Ok(())
 }
 
