@@ -25,7 +25,7 @@ python3 -m pip --version >/dev/null 2>&1 \
 # back in tests), and qemu + busybox for the VM harness the IPVS mode is
 # tested in (this host's kernel has no IPVS).
 packages=(llvm-22-dev libzstd-dev zlib1g-dev iproute2 ethtool curl etcd-server protobuf-compiler
-  iptables nftables conntrack ipvsadm qemu-system-x86 busybox-static cpio)
+  iptables nftables conntrack ipvsadm qemu-system-x86 busybox-static cpio binutils)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
@@ -66,6 +66,23 @@ if ! python3 -c 'import kubernetes, sys; sys.exit(not kubernetes.__version__.sta
   step "installing the kubernetes Python client"
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore 'kubernetes>=32,<33' \
     || die "pip install kubernetes failed (needs python3 with pip and PyPI access)"
+fi
+
+# The VM harness (tests/src/vm.rs) boots Debian's stock kernel, which has
+# IPVS: the package is unpacked under /var/cache/wharf/vm, not installed.
+VM_DIR=/var/cache/wharf/vm
+if [ ! -d "$VM_DIR/kernel/boot" ]; then
+  kernel_package=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/ { print $2; exit }')
+  if [ -z "$kernel_package" ]; then
+    apt-get update -qq || die "apt-get update failed"
+    kernel_package=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/ { print $2; exit }')
+  fi
+  [ -n "$kernel_package" ] || die "no linux-image-amd64 package in the apt sources: the VM harness needs Debian's kernel"
+  step "unpacking $kernel_package for the VM harness"
+  mkdir -p "$VM_DIR"
+  (cd "$VM_DIR" && rm -rf kernel.new ./*.deb && apt-get download -qq "$kernel_package" 2>/dev/null \
+    && dpkg-deb -x ./*.deb kernel.new && rm -f ./*.deb && mv kernel.new kernel) \
+    || die "downloading or unpacking $kernel_package failed"
 fi
 
 # bpffs: the agent mounts it itself, but tests and the demo check pins.

@@ -9,3 +9,4 @@ pub mod frame;
 pub mod lab;
 pub mod node;
 pub mod services;
+pub mod vm;

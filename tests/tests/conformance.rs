@@ -5,7 +5,11 @@
 
 use std::{fs, process::Command, thread, time::Duration};
 
-use wharf_tests::node::{Node, both, tally};
+use wharf_tests::{
+    lab::workspace_binary,
+    node::{Node, both, tally},
+    vm::Vm,
+};
 
 /// Responses by backend, not checking peers (affinity and policy cases).
 fn backends(lines: &[String]) -> Vec<String> {
@@ -228,8 +232,8 @@ conformance! {
     ebpf: [spread, affinity, local_policy, no_endpoints, churn, udp_scale, deletion];
     iptables: [spread, affinity, local_policy, no_endpoints, churn, udp_scale, deletion];
     nftables: [spread, affinity, local_policy, no_endpoints, churn, udp_scale, deletion];
-    // This host's kernel has no IPVS: `vm.rs` runs these inside a VM.
-    #[ignore = "needs a kernel with IPVS; tests/tests/vm.rs runs it in a VM"]
+    // This host's kernel has no IPVS: `ipvs_in_a_vm` runs these there.
+    #[ignore = "needs a kernel with IPVS; ipvs_in_a_vm runs them in a VM"]
     ipvs: [spread, affinity, local_policy, no_endpoints, churn, udp_scale, deletion];
 }
 
@@ -307,4 +311,50 @@ fn iptables_mode_uses_the_backend_the_node_already_uses() {
     ));
     assert!(listing(&node, "iptables-legacy-save", &[]).contains("WHARF-SERVICES"));
     assert!(!listing(&node, "iptables-nft-save", &[]).contains("WHARF-SERVICES"));
+}
+
+/// Modules the IPVS cases need from a stock kernel: veth and dummy
+/// devices, IPVS with its schedulers (crc32c first: busybox's insmod does
+/// not follow IPVS's soft dependency), ctnetlink for flow deletes, and
+/// the nftables pieces of the masquerade table.
+const IPVS_MODULES: [&str; 13] = [
+    "crc32c_generic",
+    "veth",
+    "dummy",
+    "ip_vs",
+    "ip_vs_rr",
+    "ip_vs_wrr",
+    "ip_vs_sh",
+    "nf_conntrack_netlink",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_nat",
+    "nft_masq",
+    "nft_reject_ipv4",
+];
+
+/// The IPVS mode's cases, run by this very test binary inside a VM booted
+/// from Debian's kernel (this host's has no IPVS).
+#[test]
+fn ipvs_in_a_vm() {
+    let run = Vm::new()
+        .modules(&IPVS_MODULES)
+        .file(std::env::current_exe().unwrap(), "/wharf/deps/conformance")
+        .file(workspace_binary("wharf-agent"), "/wharf/wharf-agent")
+        .file(workspace_binary("wharf-probe"), "/wharf/wharf-probe")
+        .env("RUST_BACKTRACE", "1")
+        .run(
+            "/wharf/deps/conformance --include-ignored --test-threads 1 ipvs::\n",
+            Duration::from_secs(900),
+        );
+    assert_eq!(
+        run.status, 0,
+        "the IPVS cases failed in the VM:\n{}",
+        run.console
+    );
+    assert!(
+        run.console.contains("test result: ok. 7 passed"),
+        "{}",
+        run.console
+    );
 }
