@@ -9,8 +9,9 @@
 //! (`wharf_tests::node`) running the real agent binary; sync times are the
 //! agent's own `elapsed_us` log figures (the proxy's sync alone, not
 //! manifest parsing). Sizes run in turn with the modes interleaved, so
-//! machine drift hits every mode alike. Prints a table and writes
-//! `wharf-modes.json` next to criterion's reports.
+//! machine drift hits every mode alike. `WHARF_BENCH_MODES` and
+//! `WHARF_BENCH_SIZES` (comma-separated) narrow the run. Prints a table
+//! and writes `wharf-modes.json` next to criterion's reports.
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf};
 
@@ -130,11 +131,25 @@ fn measure(mode: &'static str, services: u32) -> Row {
     }
 }
 
+/// The entries of `list` named in the comma-separated variable `name`, or
+/// all of them when it is unset.
+fn chosen<T: Copy + ToString>(list: &[T], name: &str) -> Vec<T> {
+    match std::env::var(name) {
+        Ok(wanted) => list
+            .iter()
+            .filter(|item| wanted.split(',').any(|w| w == item.to_string()))
+            .copied()
+            .collect(),
+        Err(_) => list.to_vec(),
+    }
+}
+
 fn main() {
-    // `cargo bench` passes filter arguments; this harness runs everything.
+    // `cargo bench` passes filter arguments; this harness takes its
+    // choices from WHARF_BENCH_MODES and WHARF_BENCH_SIZES instead.
     let mut rows = Vec::new();
-    for services in SIZES {
-        for mode in MODES {
+    for services in chosen(&SIZES, "WHARF_BENCH_SIZES") {
+        for mode in chosen(&MODES, "WHARF_BENCH_MODES") {
             let row = measure(mode, services);
             eprintln!(
                 "{mode} at {services} services: full sync {:.1} ms, one change {:.2} ms, {:.0} conn/s",

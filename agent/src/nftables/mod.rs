@@ -20,7 +20,9 @@ use crate::{
         StaleUdp, SyncStats, stale_udp,
     },
 };
-use render::{AFFINITY_SET, ENDPOINT_CHAIN, Object, Plan, SERVICE_CHAIN, TABLE, objects_of};
+use render::{
+    AFFINITY_SET, ENDPOINT_CHAIN, Object, Plan, SERVICE_CHAIN, TABLE, hairpins, objects_of,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftablesError {
@@ -116,20 +118,30 @@ impl<H: Host> ServiceProxy for NftablesProxy<H> {
         let changes = Changes::between(&self.programmed, desired);
         let mut stats = SyncStats::default();
         if self.full || !changes.is_empty() {
-            let (rewrite, delete): (BTreeSet<FrontendKey>, BTreeSet<Object>) = if self.full {
+            let (rewrite, delete, existing): (
+                BTreeSet<FrontendKey>,
+                BTreeSet<Object>,
+                BTreeSet<Object>,
+            ) = if self.full {
                 let wanted: BTreeSet<Object> = desired
                     .frontends
                     .iter()
                     .flat_map(|(key, frontend)| objects_of(key, frontend))
                     .collect();
-                let delete = self
-                    .existing_objects()?
-                    .into_iter()
+                let existing = self.existing_objects()?;
+                let delete = existing
+                    .iter()
                     .filter(|o| !wanted.contains(o))
+                    .cloned()
                     .collect();
-                (desired.frontends.keys().copied().collect(), delete)
+                (
+                    desired.frontends.keys().copied().collect(),
+                    delete,
+                    existing,
+                )
             } else {
                 let mut delete = BTreeSet::new();
+                let mut existing = BTreeSet::new();
                 for key in changes.removed.iter().chain(&changes.changed) {
                     let Some(old) = self.programmed.get(key) else {
                         continue;
@@ -139,9 +151,21 @@ impl<H: Host> ServiceProxy for NftablesProxy<H> {
                         .get(key)
                         .map(|f| objects_of(key, f))
                         .unwrap_or_default();
-                    delete.extend(objects_of(key, old).difference(&new).cloned());
+                    let old = objects_of(key, old);
+                    delete.extend(old.difference(&new).cloned());
+                    existing.extend(old);
                 }
-                (changes.changed.clone(), delete)
+                (changes.changed.clone(), delete, existing)
+            };
+            let wanted_hairpins = hairpins(desired.frontends.values());
+            let (hairpin_add, hairpin_remove) = if self.full {
+                (wanted_hairpins, BTreeSet::new())
+            } else {
+                let had = hairpins(self.programmed.values());
+                (
+                    wanted_hairpins.difference(&had).copied().collect(),
+                    had.difference(&wanted_hairpins).copied().collect(),
+                )
             };
             let (script, statements) = Plan {
                 desired,
@@ -149,6 +173,9 @@ impl<H: Host> ServiceProxy for NftablesProxy<H> {
                 rewrite: &rewrite,
                 remove: &changes.removed,
                 delete: &delete,
+                existing: &existing,
+                hairpin_add: &hairpin_add,
+                hairpin_remove: &hairpin_remove,
                 full: self.full,
             }
             .render();
@@ -203,7 +230,8 @@ impl<H: Host> ServiceProxy for NftablesProxy<H> {
 }
 
 /// What a table listing forwards: each map element's frontend to the DNAT
-/// targets its chains reach; the reject maps' frontends to nothing.
+/// targets its service chain holds (directly, or in the endpoint chains it
+/// jumps to); the reject maps' frontends to nothing.
 fn forwarding(listing: &Value) -> Forwarding {
     let mut rules: std::collections::HashMap<&str, Vec<&Value>> = Default::default();
     let mut maps = Vec::new();
@@ -233,6 +261,7 @@ fn forwarding(listing: &Value) -> Forwarding {
                 targets(&element[1], &mut chains);
                 for chain in chains {
                     for rule in rules.get(chain.as_str()).into_iter().flatten() {
+                        dnat_targets(rule, &mut backends);
                         let mut endpoints = Vec::new();
                         targets(rule, &mut endpoints);
                         for endpoint in endpoints.iter().filter(|e| e.starts_with(ENDPOINT_CHAIN)) {
@@ -325,9 +354,10 @@ mod tests {
         {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "@aff-30-x"}},
         {"goto": {"target": "ep-10.96.0.10-tcp-80-10.244.0.11-8080"}}]}},
       {"rule": {"family": "ip", "table": "wharf", "chain": "svc-10.96.0.10-tcp-80", "expr": [
-        {"vmap": {"key": {"numgen": {"mode": "random", "mod": 2, "offset": 0}}, "data": {"set": [
-          [0, {"goto": {"target": "ep-10.96.0.10-tcp-80-10.244.0.11-8080"}}],
-          [1, {"goto": {"target": "ep-10.96.0.10-tcp-80-10.244.0.12-8080"}}]]}}}]}},
+        {"match": {"op": "==", "left": {"numgen": {"mode": "random", "mod": 2, "offset": 0}}, "right": 0}},
+        {"goto": {"target": "ep-10.96.0.10-tcp-80-10.244.0.11-8080"}}]}},
+      {"rule": {"family": "ip", "table": "wharf", "chain": "svc-10.96.0.10-tcp-80", "expr": [
+        {"goto": {"target": "ep-10.96.0.10-tcp-80-10.244.0.12-8080"}}]}},
       {"rule": {"family": "ip", "table": "wharf", "chain": "ep-10.96.0.10-tcp-80-10.244.0.11-8080", "expr": [
         {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "10.244.0.11"}},
         {"jump": {"target": "mark-for-masquerade"}}]}},
@@ -336,7 +366,16 @@ mod tests {
         {"dnat": {"addr": "10.244.0.11", "port": 8080}}]}},
       {"rule": {"family": "ip", "table": "wharf", "chain": "ep-10.96.0.10-tcp-80-10.244.0.12-8080", "expr": [
         {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
-        {"dnat": {"addr": "10.244.0.12", "port": 8080}}]}}
+        {"dnat": {"addr": "10.244.0.12", "port": 8080}}]}},
+      {"map": {"family": "ip", "name": "service-ips", "table": "wharf", "map": "verdict",
+        "elem": [[{"concat": ["10.96.0.11", "tcp", 80]}, {"goto": {"target": "svc-10.96.0.11-tcp-80"}}]]}},
+      {"rule": {"family": "ip", "table": "wharf", "chain": "svc-10.96.0.11-tcp-80", "expr": [
+        {"match": {"op": "==", "left": {"numgen": {"mode": "random", "mod": 2, "offset": 0}}, "right": 0}},
+        {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
+        {"dnat": {"family": "ip", "addr": "10.244.0.13", "port": 8080}}]}},
+      {"rule": {"family": "ip", "table": "wharf", "chain": "svc-10.96.0.11-tcp-80", "expr": [
+        {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
+        {"dnat": {"family": "ip", "addr": "10.244.0.14", "port": 8080}}]}}
     ]}"#;
 
     #[test]
@@ -357,9 +396,21 @@ mod tests {
             .iter()
             .map(|b| b.parse().unwrap())
             .collect();
+        let direct = FrontendKey {
+            address: "10.96.0.11".parse().unwrap(),
+            ..vip
+        };
+        let direct_backends: BTreeSet<_> = ["10.244.0.13:8080", "10.244.0.14:8080"]
+            .iter()
+            .map(|b| b.parse().unwrap())
+            .collect();
         assert_eq!(
             forwarding,
-            Forwarding::from([(vip, backends), (node_port, BTreeSet::new())])
+            Forwarding::from([
+                (vip, backends),
+                (direct, direct_backends),
+                (node_port, BTreeSet::new())
+            ])
         );
     }
 }

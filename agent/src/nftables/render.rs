@@ -5,19 +5,31 @@
 //!   nat-prerouting, nat-output -> services:
 //!     ip daddr . l4proto . dport vmap @service-ips        O(1) dispatch
 //!     fib daddr type local: l4proto . dport vmap @service-nodeports
-//!   svc-<frontend>: [mark for masquerade] [ip saddr @aff-... goto ep-...]
-//!     numgen random mod N vmap { 0: goto ep-..., ... }
-//!   ep-<frontend>-<backend>: hairpin mark, [update @aff-...], dnat
-//!   nat-postrouting -> masquerading: masquerade what was marked (mark
-//!     bit 0x4000, kube-proxy's)
+//!   svc-<frontend>: [mark for masquerade]
+//!     numgen random mod N == 0 dnat to backend 1
+//!     numgen random mod N-1 == 0 dnat to backend 2 ... dnat to backend N
+//!   with session affinity instead:
+//!     svc-<frontend>: [ip saddr @aff-... goto ep-...]..., then the same
+//!       cascade with goto ep-...
+//!     ep-<frontend>-<backend>: update @aff-... { ip saddr }, dnat
+//!   nat-postrouting -> masquerading: hairpin (saddr . daddr @hairpin),
+//!     and what was marked (mark bit 0x4000, kube-proxy's)
 //!   filter-input/forward/output: ct state new ->
 //!     vmap @no-endpoint-services / @no-endpoint-nodeports -> reject
 //! ```
 //!
-//! Object names spell out the frontend and backend (nft allows dots and
-//! long names), so they are stable and readable in `nft list table`.
+//! One chain per frontend in the common case: nft's cost per sync grows
+//! with the objects in the table (it reads them back to check a
+//! transaction), so endpoints are rules, not chains, unless affinity
+//! needs a place per endpoint to remember clients. Object names
+//! spell out the frontend and backend (nft allows dots and long names),
+//! so they are stable and readable in `nft list table`.
 
-use std::{collections::BTreeSet, fmt::Write as _, net::SocketAddrV4};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    net::SocketAddrV4,
+};
 
 use crate::proxy::{DesiredState, Frontend, FrontendKey, FrontendKind, TrafficPolicy};
 
@@ -50,6 +62,7 @@ add map ip wharf service-ips { type ipv4_addr . inet_proto . inet_service : verd
 add map ip wharf service-nodeports { type inet_proto . inet_service : verdict; }
 add map ip wharf no-endpoint-services { type ipv4_addr . inet_proto . inet_service : verdict; }
 add map ip wharf no-endpoint-nodeports { type inet_proto . inet_service : verdict; }
+add set ip wharf hairpin { type ipv4_addr . ipv4_addr; }
 flush chain ip wharf nat-prerouting
 flush chain ip wharf nat-output
 flush chain ip wharf nat-postrouting
@@ -65,6 +78,7 @@ flush map ip wharf service-ips
 flush map ip wharf service-nodeports
 flush map ip wharf no-endpoint-services
 flush map ip wharf no-endpoint-nodeports
+flush set ip wharf hairpin
 add rule ip wharf nat-prerouting jump services
 add rule ip wharf nat-output jump services
 add rule ip wharf nat-postrouting jump masquerading
@@ -77,6 +91,7 @@ add rule ip wharf no-endpoints ip daddr . meta l4proto . th dport vmap @no-endpo
 add rule ip wharf no-endpoints fib daddr type local meta l4proto . th dport vmap @no-endpoint-nodeports
 add rule ip wharf reject-chain reject
 add rule ip wharf mark-for-masquerade meta mark set meta mark or 0x4000
+add rule ip wharf masquerading ip saddr . ip daddr @hairpin masquerade fully-random
 add rule ip wharf masquerading meta mark & 0x4000 == 0 return
 add rule ip wharf masquerading meta mark set meta mark xor 0x4000
 add rule ip wharf masquerading masquerade fully-random
@@ -123,21 +138,30 @@ fn active(frontend: &Frontend) -> Vec<SocketAddrV4> {
 }
 
 /// The objects `frontend` needs: none without backends (a reject verdict
-/// stands in), else its service chain, a chain per backend and, with
-/// affinity, a set per backend.
+/// stands in), else its service chain and, with affinity, a chain and a
+/// set per backend.
 pub fn objects_of(key: &FrontendKey, frontend: &Frontend) -> BTreeSet<Object> {
     let backends = active(frontend);
     if backends.is_empty() {
         return BTreeSet::new();
     }
     let mut objects = BTreeSet::from([Object::Chain(service_chain(key))]);
-    for backend in backends {
-        objects.insert(Object::Chain(endpoint_chain(key, backend)));
-        if let Some(seconds) = frontend.affinity_timeout {
+    if let Some(seconds) = frontend.affinity_timeout {
+        for backend in backends {
+            objects.insert(Object::Chain(endpoint_chain(key, backend)));
             objects.insert(Object::Set(affinity_set(key, backend, seconds)));
         }
     }
     objects
+}
+
+/// The `hairpin` set's elements for these frontends: every backend that
+/// takes new flows, paired with itself (a backend reaching itself through
+/// a service is masqueraded, or it would answer itself directly).
+pub fn hairpins<'a>(frontends: impl Iterator<Item = &'a Frontend>) -> BTreeSet<std::net::Ipv4Addr> {
+    frontends
+        .flat_map(|f| f.active().map(|b| b.address))
+        .collect()
 }
 
 /// The map element that dispatches (or rejects) `key`.
@@ -176,6 +200,13 @@ pub struct Plan<'a> {
     pub remove: &'a BTreeSet<FrontendKey>,
     /// Per-frontend objects to delete.
     pub delete: &'a BTreeSet<Object>,
+    /// Per-frontend objects that exist now: rewritten chains among them
+    /// are flushed first; new ones need no flush.
+    pub existing: &'a BTreeSet<Object>,
+    /// Hairpin set elements to add and to remove (a full sync flushes the
+    /// set, so it only adds).
+    pub hairpin_add: &'a BTreeSet<std::net::Ipv4Addr>,
+    pub hairpin_remove: &'a BTreeSet<std::net::Ipv4Addr>,
     /// Rewrite the skeleton (and so every element) too.
     pub full: bool,
 }
@@ -192,10 +223,10 @@ impl Plan<'_> {
             for object in objects_of(key, &self.desired.frontends[key]) {
                 match object {
                     Object::Chain(name) => {
-                        let _ = writeln!(
-                            out,
-                            "add chain ip {TABLE} {name}\nflush chain ip {TABLE} {name}"
-                        );
+                        let _ = writeln!(out, "add chain ip {TABLE} {name}");
+                        if self.existing.contains(&Object::Chain(name.clone())) {
+                            let _ = writeln!(out, "flush chain ip {TABLE} {name}");
+                        }
                     }
                     Object::Set(name) => {
                         let seconds = self.desired.frontends[key].affinity_timeout.unwrap_or(0);
@@ -212,7 +243,10 @@ impl Plan<'_> {
             render_frontend(&mut out, key, &self.desired.frontends[key]);
         }
         // 3. Elements: old ones out, new ones in (a full sync flushed the
-        // maps, so everything goes in).
+        // maps, so everything goes in), one statement per map: nft's cost
+        // is per statement more than per element.
+        let mut removed: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        let mut added: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for key in self.remove.iter().chain(self.rewrite) {
             if self.full {
                 break;
@@ -227,7 +261,7 @@ impl Plan<'_> {
                 .get(key)
                 .is_some_and(|new| element(key, new).0 == map);
             if !kept {
-                let _ = writeln!(out, "delete element ip {TABLE} {map} {{ {selector} }}");
+                removed.entry(map).or_default().push(selector);
             }
         }
         for key in self.rewrite {
@@ -239,9 +273,23 @@ impl Plan<'_> {
                     .get(key)
                     .is_some_and(|old| element(key, old).0 == map);
             if !present {
+                added
+                    .entry(map)
+                    .or_default()
+                    .push(format!("{selector} : {verdict}"));
+            }
+        }
+        let pairs = |addresses: &BTreeSet<std::net::Ipv4Addr>| -> Vec<String> {
+            addresses.iter().map(|a| format!("{a} . {a}")).collect()
+        };
+        removed.insert("hairpin", pairs(self.hairpin_remove));
+        added.insert("hairpin", pairs(self.hairpin_add));
+        for (verb, elements) in [("delete", &removed), ("add", &added)] {
+            for (map, elements) in elements.iter().filter(|(_, e)| !e.is_empty()) {
                 let _ = writeln!(
                     out,
-                    "add element ip {TABLE} {map} {{ {selector} : {verdict} }}"
+                    "{verb} element ip {TABLE} {map} {{ {} }}",
+                    elements.join(", ")
                 );
             }
         }
@@ -279,6 +327,7 @@ fn render_frontend(out: &mut String, key: &FrontendKey, frontend: &Frontend) {
     if frontend.kind != FrontendKind::ClusterIp && frontend.policy == TrafficPolicy::Cluster {
         let _ = writeln!(out, "add rule ip {TABLE} {chain} jump mark-for-masquerade");
     }
+    // A client seen within the affinity timeout goes where it went.
     if let Some(seconds) = frontend.affinity_timeout {
         for backend in &backends {
             let _ = writeln!(
@@ -289,32 +338,32 @@ fn render_frontend(out: &mut String, key: &FrontendKey, frontend: &Frontend) {
             );
         }
     }
-    let verdicts: Vec<String> = backends
-        .iter()
-        .enumerate()
-        .map(|(index, backend)| format!("{index} : goto {}", endpoint_chain(key, *backend)))
-        .collect();
-    let _ = writeln!(
-        out,
-        "add rule ip {TABLE} {chain} numgen random mod {} vmap {{ {} }}",
-        backends.len(),
-        verdicts.join(", ")
-    );
+    // Spreading: rule i takes 1/(n-i) of what the rules before it left,
+    // so each backend gets 1/n, as iptables' statistic cascade does. Plain
+    // rules, not `numgen ... map { }`: nft 1.0.6 allocates anonymous maps
+    // in time quadratic in their number (10k services: 50 s, not 4 s).
+    let count = backends.len();
+    for (index, backend) in backends.iter().enumerate() {
+        let draw = match count - index {
+            1 => String::new(),
+            remaining => format!("numgen random mod {remaining} == 0 "),
+        };
+        let action = match frontend.affinity_timeout {
+            Some(_) => format!("goto {}", endpoint_chain(key, *backend)),
+            None => format!("meta l4proto {protocol} dnat ip to {backend}"),
+        };
+        let _ = writeln!(out, "add rule ip {TABLE} {chain} {draw}{action}");
+    }
+    let Some(seconds) = frontend.affinity_timeout else {
+        return;
+    };
     for backend in backends {
         let endpoint = endpoint_chain(key, backend);
-        // Hairpin: a backend reaching itself through the service.
         let _ = writeln!(
             out,
-            "add rule ip {TABLE} {endpoint} ip saddr {} jump mark-for-masquerade",
-            backend.ip()
+            "add rule ip {TABLE} {endpoint} update @{} {{ ip saddr }}",
+            affinity_set(key, backend, seconds)
         );
-        if let Some(seconds) = frontend.affinity_timeout {
-            let _ = writeln!(
-                out,
-                "add rule ip {TABLE} {endpoint} update @{} {{ ip saddr }}",
-                affinity_set(key, backend, seconds)
-            );
-        }
         let _ = writeln!(
             out,
             "add rule ip {TABLE} {endpoint} meta l4proto {protocol} dnat to {backend}"
@@ -366,6 +415,9 @@ mod tests {
             rewrite: &[VIP].into(),
             remove: &BTreeSet::new(),
             delete: &delete,
+            existing: &delete,
+            hairpin_add: &BTreeSet::new(),
+            hairpin_remove: &[Ipv4Addr::new(10, 244, 0, 1)].into(),
             full: false,
         }
         .render();
@@ -373,11 +425,10 @@ mod tests {
         assert_eq!(
             lines,
             [
+                "delete element ip wharf hairpin { 10.244.0.1 . 10.244.0.1 }",
                 "delete element ip wharf service-ips { 10.96.0.10 . tcp . 80 }",
                 "add element ip wharf no-endpoint-services { 10.96.0.10 . tcp . 80 : goto reject-chain }",
-                "flush chain ip wharf ep-10.96.0.10-tcp-80-10.244.0.1-8080",
                 "flush chain ip wharf svc-10.96.0.10-tcp-80",
-                "delete chain ip wharf ep-10.96.0.10-tcp-80-10.244.0.1-8080",
                 "delete chain ip wharf svc-10.96.0.10-tcp-80",
             ]
         );
@@ -394,12 +445,18 @@ mod tests {
         let mut sticky = frontend(FrontendKind::NodePort, &[1, 2]);
         sticky.affinity_timeout = Some(30);
         desired.frontends.insert(node_port, sticky);
+        desired
+            .frontends
+            .insert(VIP, frontend(FrontendKind::ClusterIp, &[1, 2]));
         let (script, _) = Plan {
             desired: &desired,
             previous: &Programmed::new(),
-            rewrite: &[node_port].into(),
+            rewrite: &[node_port, VIP].into(),
             remove: &BTreeSet::new(),
             delete: &BTreeSet::new(),
+            existing: &BTreeSet::new(),
+            hairpin_add: &hairpins(desired.frontends.values()),
+            hairpin_remove: &BTreeSet::new(),
             full: true,
         }
         .render();
@@ -408,10 +465,14 @@ mod tests {
             "add set ip wharf aff-30-0.0.0.0-tcp-30080-10.244.0.2-8080 { type ipv4_addr; flags dynamic,timeout; timeout 30s; }",
             "add rule ip wharf svc-0.0.0.0-tcp-30080 jump mark-for-masquerade",
             "add rule ip wharf svc-0.0.0.0-tcp-30080 ip saddr @aff-30-0.0.0.0-tcp-30080-10.244.0.1-8080 goto ep-0.0.0.0-tcp-30080-10.244.0.1-8080",
-            "add rule ip wharf svc-0.0.0.0-tcp-30080 numgen random mod 2 vmap { 0 : goto ep-0.0.0.0-tcp-30080-10.244.0.1-8080, 1 : goto ep-0.0.0.0-tcp-30080-10.244.0.2-8080 }",
+            "add rule ip wharf svc-0.0.0.0-tcp-30080 numgen random mod 2 == 0 goto ep-0.0.0.0-tcp-30080-10.244.0.1-8080",
+            "add rule ip wharf svc-0.0.0.0-tcp-30080 goto ep-0.0.0.0-tcp-30080-10.244.0.2-8080",
             "add rule ip wharf ep-0.0.0.0-tcp-30080-10.244.0.2-8080 update @aff-30-0.0.0.0-tcp-30080-10.244.0.2-8080 { ip saddr }",
             "add rule ip wharf ep-0.0.0.0-tcp-30080-10.244.0.2-8080 meta l4proto tcp dnat to 10.244.0.2:8080",
             "add element ip wharf service-nodeports { tcp . 30080 : goto svc-0.0.0.0-tcp-30080 }",
+            "add rule ip wharf svc-10.96.0.10-tcp-80 numgen random mod 2 == 0 meta l4proto tcp dnat ip to 10.244.0.1:8080",
+            "add rule ip wharf svc-10.96.0.10-tcp-80 meta l4proto tcp dnat ip to 10.244.0.2:8080",
+            "add element ip wharf hairpin { 10.244.0.1 . 10.244.0.1, 10.244.0.2 . 10.244.0.2 }",
         ] {
             assert!(script.contains(line), "missing {line:?} in\n{script}");
         }
