@@ -159,13 +159,13 @@ fn main() {
         }
     }
     println!(
-        "{:<9} {:>8} {:>14} {:>16} {:>12} {:>14}",
+        "{:<16} {:>8} {:>14} {:>16} {:>12} {:>14}",
         "mode", "services", "full sync ms", "one change ms", "conn/s", "connect us"
     );
     let mut json = Vec::new();
     for row in &rows {
         println!(
-            "{:<9} {:>8} {:>14.1} {:>16.2} {:>12.0} {:>14.1}",
+            "{:<16} {:>8} {:>14.1} {:>16.2} {:>12.0} {:>14.1}",
             row.mode,
             row.services,
             row.full_sync_ms,
