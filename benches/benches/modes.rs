@@ -15,13 +15,20 @@
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf};
 
-use wharf_tests::{node::Node, services::nth};
+use wharf_tests::{
+    lab::workspace_binary,
+    node::Node,
+    services::nth,
+    vm::{IPVS_MODULES, Vm},
+};
 
 /// `iptables-legacy` is the iptables mode on a node whose rules live in
 /// the legacy backend (seeded with one legacy rule, which the agent's
 /// detection follows): iptables-nft-restore slows down quadratically with
-/// the number of chains, legacy does not.
-const MODES: [&str; 4] = ["ebpf", "iptables", "iptables-legacy", "nftables"];
+/// the number of chains, legacy does not. `ipvs` runs only when named: on
+/// a kernel without IPVS the chosen modes all run in a VM (software
+/// emulated, so its figures compare with each other, not with the host's).
+const MODES: [&str; 5] = ["ebpf", "iptables", "iptables-legacy", "nftables", "ipvs"];
 const SIZES: [u32; 3] = [1, 1_000, 10_000];
 const ENDPOINTS: u32 = 10;
 /// One-endpoint changes measured per point (the median is reported).
@@ -132,7 +139,7 @@ fn measure(mode: &'static str, services: u32) -> Row {
 }
 
 /// The entries of `list` named in the comma-separated variable `name`, or
-/// all of them when it is unset.
+/// all of them but `ipvs` when it is unset.
 fn chosen<T: Copy + ToString>(list: &[T], name: &str) -> Vec<T> {
     match std::env::var(name) {
         Ok(wanted) => list
@@ -140,16 +147,49 @@ fn chosen<T: Copy + ToString>(list: &[T], name: &str) -> Vec<T> {
             .filter(|item| wanted.split(',').any(|w| w == item.to_string()))
             .copied()
             .collect(),
-        Err(_) => list.to_vec(),
+        Err(_) => list
+            .iter()
+            .filter(|item| item.to_string() != "ipvs")
+            .copied()
+            .collect(),
     }
+}
+
+/// Runs this benchmark with the same choices inside a VM whose kernel
+/// has IPVS; returns its exit status.
+fn run_in_vm(modes: &[&str], sizes: &[u32]) -> i32 {
+    let sizes: Vec<String> = sizes.iter().map(u32::to_string).collect();
+    let run = Vm::new()
+        .modules(&IPVS_MODULES)
+        .file(
+            std::env::current_exe().expect("own path"),
+            "/wharf/deps/modes",
+        )
+        .file(workspace_binary("wharf-agent"), "/wharf/wharf-agent")
+        .file(workspace_binary("wharf-probe"), "/wharf/wharf-probe")
+        .env("WHARF_BENCH_MODES", &modes.join(","))
+        .env("WHARF_BENCH_SIZES", &sizes.join(","))
+        .run(
+            "/wharf/deps/modes --bench\n",
+            std::time::Duration::from_secs(7200),
+        );
+    println!("{}", run.console);
+    run.status
 }
 
 fn main() {
     // `cargo bench` passes filter arguments; this harness takes its
     // choices from WHARF_BENCH_MODES and WHARF_BENCH_SIZES instead.
+    let (modes, sizes) = (
+        chosen(&MODES, "WHARF_BENCH_MODES"),
+        chosen(&SIZES, "WHARF_BENCH_SIZES"),
+    );
+    if modes.contains(&"ipvs") && !wharf_agent::ipvs::Kernel::available() {
+        std::process::exit(run_in_vm(&modes, &sizes));
+    }
     let mut rows = Vec::new();
-    for services in chosen(&SIZES, "WHARF_BENCH_SIZES") {
-        for mode in chosen(&MODES, "WHARF_BENCH_MODES") {
+    for services in sizes.iter().copied() {
+        for mode in modes.iter().copied() {
             let row = measure(mode, services);
             eprintln!(
                 "{mode} at {services} services: full sync {:.1} ms, one change {:.2} ms, {:.0} conn/s",

@@ -36,6 +36,29 @@ const TOOLS: [&str; 4] = [
 /// The line `/init` ends the console output with.
 const EXIT_MARKER: &str = "WHARF-VM-EXIT ";
 
+/// Modules IPVS mode needs from a stock kernel: veth and dummy devices,
+/// IPVS with its schedulers (crc32c first: busybox's insmod does not
+/// follow IPVS's soft dependency), ctnetlink for flow deletes, and the
+/// nftables pieces of its masquerade table and of nftables mode.
+pub const IPVS_MODULES: [&str; 16] = [
+    "crc32c_generic",
+    "veth",
+    "dummy",
+    "ip_vs",
+    "ip_vs_rr",
+    "ip_vs_wrr",
+    "ip_vs_sh",
+    "nf_conntrack_netlink",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_nat",
+    "nft_masq",
+    "nft_ct",
+    "nft_fib_ipv4",
+    "nft_numgen",
+    "nft_reject_ipv4",
+];
+
 /// What a run printed and how its script exited.
 #[derive(Debug)]
 pub struct VmRun {

@@ -8,7 +8,7 @@ use std::{fs, process::Command, thread, time::Duration};
 use wharf_tests::{
     lab::workspace_binary,
     node::{Node, both, tally},
-    vm::Vm,
+    vm::{IPVS_MODULES, Vm},
 };
 
 /// Responses by backend, not checking peers (affinity and policy cases).
@@ -313,26 +313,6 @@ fn iptables_mode_uses_the_backend_the_node_already_uses() {
     assert!(!listing(&node, "iptables-nft-save", &[]).contains("WHARF-SERVICES"));
 }
 
-/// Modules the IPVS cases need from a stock kernel: veth and dummy
-/// devices, IPVS with its schedulers (crc32c first: busybox's insmod does
-/// not follow IPVS's soft dependency), ctnetlink for flow deletes, and
-/// the nftables pieces of the masquerade table.
-const IPVS_MODULES: [&str; 13] = [
-    "crc32c_generic",
-    "veth",
-    "dummy",
-    "ip_vs",
-    "ip_vs_rr",
-    "ip_vs_wrr",
-    "ip_vs_sh",
-    "nf_conntrack_netlink",
-    "nf_tables",
-    "nft_chain_nat",
-    "nft_nat",
-    "nft_masq",
-    "nft_reject_ipv4",
-];
-
 /// The IPVS mode's cases, run by this very test binary inside a VM booted
 /// from Debian's kernel (this host's has no IPVS).
 #[test]
@@ -344,7 +324,7 @@ fn ipvs_in_a_vm() {
         .file(workspace_binary("wharf-probe"), "/wharf/wharf-probe")
         .env("RUST_BACKTRACE", "1")
         .run(
-            "/wharf/deps/conformance --include-ignored --test-threads 1 ipvs::\n",
+            "/wharf/deps/conformance --include-ignored --test-threads 1 ipvs:: switching_from_ipvs\n",
             Duration::from_secs(900),
         );
     assert_eq!(
@@ -353,8 +333,50 @@ fn ipvs_in_a_vm() {
         run.console
     );
     assert!(
-        run.console.contains("test result: ok. 7 passed"),
+        run.console.contains("test result: ok. 8 passed"),
         "{}",
         run.console
     );
+}
+
+/// Restarting the agent out of IPVS mode removes its virtual servers,
+/// dummy device and masquerade table, and back into it removes the
+/// nftables mode's table (`ipvs_in_a_vm` runs it in the VM).
+#[test]
+#[ignore = "needs a kernel with IPVS; ipvs_in_a_vm runs it in a VM"]
+fn switching_from_ipvs_removes_its_state() {
+    let mut node = Node::new("ipvs-switch", "ipvs");
+    for mode in ["ipvs", "nftables", "ipvs"] {
+        node.mode = mode;
+        node.start_agent();
+        both(&tally(
+            &node.client(true, &["get", "10.96.0.10:80", "--count", "40"]),
+            "10.96.0.10:80",
+        ));
+        let virtual_servers = listing(&node, "ipvsadm", &["-Ln"]);
+        assert_eq!(
+            virtual_servers.contains("10.96.0.10:80"),
+            mode == "ipvs",
+            "{mode}: {virtual_servers}"
+        );
+        let tables = listing(&node, "nft", &["list", "tables"]);
+        let has = |table: &str| tables.lines().any(|l| l.trim() == table);
+        assert_eq!(
+            has("table ip wharf-ipvs"),
+            mode == "ipvs",
+            "{mode}: {tables}"
+        );
+        assert_eq!(
+            has("table ip wharf"),
+            mode == "nftables",
+            "{mode}: {tables}"
+        );
+        let device = listing(&node, "ip", &["link", "show"]);
+        assert_eq!(
+            device.contains("wharf-ipvs0"),
+            mode == "ipvs",
+            "{mode}: {device}"
+        );
+        node.stop_agent();
+    }
 }
