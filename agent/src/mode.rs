@@ -4,7 +4,7 @@
 
 use std::{net::Ipv4Addr, path::Path};
 
-use aya::programs::ProgramType;
+use aya::{programs::ProgramType, sys::BpfHelper};
 use tracing::info;
 
 use crate::{
@@ -67,7 +67,13 @@ fn ebpf_support() -> Result<(), String> {
             Err(e) => return Err(format!("probing {name} programs: {e}")),
         }
     }
-    Ok(())
+    // Socket-LB refuses connections to empty services with it (>= 5.18).
+    match aya::sys::is_helper_supported(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_set_retval)
+    {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("no bpf_set_retval for cgroup socket programs (kernel < 5.18)".into()),
+        Err(e) => Err(format!("probing bpf_set_retval: {e}")),
+    }
 }
 
 /// Removes every mode's state from this node but `keep`'s (in iptables

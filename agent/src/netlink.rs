@@ -155,7 +155,14 @@ impl Socket {
                     continue;
                 }
                 match kind {
-                    NLMSG_DONE => return Ok(replies),
+                    // A dump that failed part-way ends with an errno.
+                    NLMSG_DONE => match body.get(0..4) {
+                        Some(code) if i32::from_ne_bytes(code.try_into().expect("4 bytes")) < 0 => {
+                            let errno = -i32::from_ne_bytes(code.try_into().expect("4 bytes"));
+                            return Err(NetlinkError::Refused(io::Error::from_raw_os_error(errno)));
+                        }
+                        _ => return Ok(replies),
+                    },
                     NLMSG_ERROR => {
                         let errno = body
                             .get(0..4)

@@ -90,9 +90,13 @@ pub async fn run<P: ServiceProxy>(
             }
             _ = full_resync.tick() => {
                 if let Some(desired) = &states.programmed {
+                    // Drift is judged on what the dataplane forwards, read
+                    // back first: a full resync rewrites everything in the
+                    // rule-based modes, changed or not.
+                    let drifted = proxy.dump().map_or(true, |f| f != desired.forwarding());
                     match proxy.resync(desired) {
-                        Ok(stats) if stats.map_operations > 0 => {
-                            warn!(map_operations = stats.map_operations, "full resync repaired drift");
+                        Ok(stats) if drifted => {
+                            warn!(map_operations = stats.map_operations, "the dataplane had drifted; full resync repaired it");
                         }
                         Ok(_) => {}
                         Err(e) => {

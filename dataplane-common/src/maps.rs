@@ -42,9 +42,9 @@ pub mod capacity {
     pub const MAGLEV: u32 = 131_072;
     pub const NODE_ADDRS: u32 = 256;
     pub const SNAT_ADDRS: u32 = 256;
-    /// Clients remembered per affinity frontend (LRU: the least recently
-    /// seen client is forgotten first).
-    pub const AFFINITY: u32 = 65_536;
+    /// (client, frontend) pairs remembered, shared by every affinity
+    /// frontend (LRU: the least recently used pair is forgotten first).
+    pub const AFFINITY: u32 = 262_144;
 }
 
 /// Maglev lookup table size `M`: a prime, so every backend's permutation

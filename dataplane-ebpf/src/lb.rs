@@ -242,11 +242,18 @@ pub fn pick_backend(frontend: &Frontend, hash: u32, client: u64, kind: u8) -> Op
     let now = conntrack::now();
     // SAFETY: plain data, see `lookup_frontend`.
     let remembered = unsafe { WHARF_AFFINITY.get(key) }.copied();
+    // A terminating backend takes no new flows, unless the frontend has
+    // nothing else (its slots then hold terminating backends only).
+    let takes_new_flows = |b: Backend| {
+        b.flags & BACKEND_FLAG_TERMINATING == 0
+            || slot_backend(frontend, 1)
+                .and_then(backend)
+                .is_some_and(|first| first.flags & BACKEND_FLAG_TERMINATING != 0)
+    };
     let backend_id = match remembered {
         Some(entry)
             if now.wrapping_sub(entry.last_used) <= timeout
-                && backend(entry.backend_id)
-                    .is_some_and(|b| b.flags & BACKEND_FLAG_TERMINATING == 0) =>
+                && backend(entry.backend_id).is_some_and(takes_new_flows) =>
         {
             entry.backend_id
         }

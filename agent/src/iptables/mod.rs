@@ -15,7 +15,7 @@ use crate::{
     conntrack::ConntrackError,
     host::{ExecError, Host, System},
     proxy::{
-        Changes, DesiredState, Forwarding, FrontendKey, Programmed, ServiceProxy, StaleUdp,
+        Changes, DesiredState, Forwarding, FrontendKey, Programmed, ServiceProxy, StaleFlows,
         SyncStats, stale_udp,
     },
 };
@@ -54,7 +54,7 @@ impl Flavor {
     pub fn detect(host: &impl Host) -> Result<(Self, String), IptablesError> {
         let count = |flavor: Flavor| -> usize {
             host.run(flavor.save(), &[], None)
-                .map(|text| Saved::parse(&text).rule_count())
+                .map(|text| Saved::parse(&text).foreign_rule_count())
                 .unwrap_or(0)
         };
         let (nft, legacy) = (count(Flavor::Nft), count(Flavor::Legacy));
@@ -102,7 +102,7 @@ pub struct IptablesProxy<H: Host = System> {
     /// start, after a failed restore, on resync).
     full: bool,
     /// UDP flows still to forget (a failed attempt is retried).
-    stale: Vec<StaleUdp>,
+    stale: StaleFlows,
 }
 
 impl<H: Host> IptablesProxy<H> {
@@ -112,7 +112,7 @@ impl<H: Host> IptablesProxy<H> {
             flavor,
             programmed: Programmed::new(),
             full: true,
-            stale: Vec::new(),
+            stale: StaleFlows::default(),
         }
     }
 
@@ -208,13 +208,10 @@ impl<H: Host> ServiceProxy for IptablesProxy<H> {
                 }
             }
             stats.frontends_removed = changes.removed.len();
-            self.stale.extend(stale_udp(&self.programmed, desired));
+            self.stale.add(stale_udp(&self.programmed, desired));
             self.programmed = desired.frontends.clone();
         }
-        if !self.stale.is_empty() {
-            stats.flows_purged = self.host.forget_udp(&self.stale)?;
-            self.stale.clear();
-        }
+        stats.flows_purged = self.stale.forget(&self.host);
         Ok(stats)
     }
 
@@ -279,6 +276,7 @@ mod tests {
     use std::{cell::RefCell, net::Ipv4Addr};
 
     use super::*;
+    use crate::proxy::StaleUdp;
     use crate::proxy::{Backend, BackendState, Frontend, FrontendKind, Protocol, TrafficPolicy};
 
     /// Records restores, answers saves with nothing, and fails the first
@@ -377,9 +375,14 @@ mod tests {
         assert_eq!(partial.matches("-j DNAT").count(), 1);
         assert_eq!(partial.matches("-X WHARF-SEP-").count(), 1);
         assert!(!partial.contains("-I PREROUTING"));
+        let forgotten = recorder.forgotten.borrow();
         assert_eq!(
-            recorder.forgotten.borrow()[0].backend,
+            forgotten.last().unwrap().backend,
             Some("10.244.0.2:5353".parse().unwrap())
+        );
+        assert!(
+            forgotten[..3].iter().all(|s| s.backend.is_none()),
+            "the first sync forgets untranslated flows to the new UDP services"
         );
     }
 

@@ -71,13 +71,17 @@ impl Saved {
             .any(|rule| value(rule, "-j") == Some(jump.target))
     }
 
-    /// Number of rules in every table and chain.
-    pub fn rule_count(&self) -> usize {
+    /// Number of rules other owners wrote: wharf's own chains and the
+    /// jumps into them do not count (detection must follow the node, not
+    /// wharf's earlier choice).
+    pub fn foreign_rule_count(&self) -> usize {
         self.tables
             .values()
-            .flat_map(|t| t.values())
-            .map(Vec::len)
-            .sum()
+            .flat_map(|t| t.iter())
+            .filter(|(chain, _)| !chain.starts_with(PREFIX))
+            .flat_map(|(_, rules)| rules)
+            .filter(|rule| !value(rule, "-j").is_some_and(|t| t.starts_with(PREFIX)))
+            .count()
     }
 
     /// What the rules forward: each dispatched frontend to the DNAT
@@ -224,7 +228,7 @@ COMMIT
         assert!(!saved.has_jump(&JUMPS[1]), "nat OUTPUT");
         assert!(saved.has_jump(&JUMPS[3]), "filter INPUT");
         assert_eq!(saved.wharf_chains("nat").len(), 5);
-        assert_eq!(saved.rule_count(), 12);
+        assert_eq!(saved.foreign_rule_count(), 0, "only wharf's rules");
     }
 
     #[test]

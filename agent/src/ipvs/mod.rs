@@ -27,7 +27,7 @@ use crate::{
     host::{ExecError, Host, System},
     proxy::{
         Changes, DesiredState, Forwarding, Frontend, FrontendKey, FrontendKind, Programmed,
-        ServiceProxy, StaleUdp, SyncStats, TrafficPolicy, stale_udp,
+        Protocol, ServiceProxy, StaleFlows, SyncStats, TrafficPolicy, stale_udp,
     },
 };
 
@@ -77,7 +77,7 @@ pub struct IpvsProxy<I: Ipvs = Kernel, H: Host = System> {
     programmed: Programmed,
     /// Trust nothing: read the kernel's table back next time.
     full: bool,
-    stale: Vec<StaleUdp>,
+    stale: StaleFlows,
 }
 
 impl IpvsProxy<Kernel, System> {
@@ -105,11 +105,14 @@ impl<I: Ipvs, H: Host> IpvsProxy<I, H> {
             scheduler,
             programmed: Programmed::new(),
             full: true,
-            stale: Vec::new(),
+            stale: StaleFlows::default(),
         }
     }
 
-    /// The virtual servers a frontend becomes.
+    /// The virtual servers a frontend becomes. Terminating TCP backends
+    /// stay with weight 0 (their connections finish); UDP ones go at once,
+    /// as kube-proxy does: a UDP "connection" never finishes while its
+    /// client keeps sending.
     fn virtuals(&self, key: &FrontendKey, frontend: &Frontend) -> BTreeMap<VirtualKey, Virtual> {
         let active: BTreeSet<SocketAddrV4> = frontend
             .active()
@@ -118,10 +121,9 @@ impl<I: Ipvs, H: Host> IpvsProxy<I, H> {
         let servers: BTreeMap<SocketAddrV4, u32> = frontend
             .backends
             .iter()
-            .map(|b| {
-                let address = SocketAddrV4::new(b.address, b.port);
-                (address, u32::from(active.contains(&address)))
-            })
+            .map(|b| SocketAddrV4::new(b.address, b.port))
+            .filter(|address| key.protocol == Protocol::Tcp || active.contains(address))
+            .map(|address| (address, u32::from(active.contains(&address))))
             .collect();
         let scheduling = Scheduling {
             scheduler: self.scheduler.clone(),
@@ -394,13 +396,10 @@ impl<I: Ipvs, H: Host> ServiceProxy for IpvsProxy<I, H> {
                 }
             }
             stats.frontends_removed = changes.removed.len();
-            self.stale.extend(stale_udp(&self.programmed, desired));
+            self.stale.add(stale_udp(&self.programmed, desired));
             self.programmed = desired.frontends.clone();
         }
-        if !self.stale.is_empty() {
-            stats.flows_purged = self.host.forget_udp(&self.stale)?;
-            self.stale.clear();
-        }
+        stats.flows_purged = self.stale.forget(&self.host);
         Ok(stats)
     }
 
@@ -436,6 +435,8 @@ impl<I: Ipvs, H: Host> ServiceProxy for IpvsProxy<I, H> {
     fn flush(&mut self) -> Result<(), IpvsProxyError> {
         self.sync(&DesiredState::default())?;
         remove(&self.host, &self.node_addresses)?;
+        // The device is gone: the next sync creates it again.
+        self.full = true;
         Ok(())
     }
 }
@@ -465,6 +466,7 @@ mod tests {
     use std::cell::RefCell;
 
     use super::{kernel::FakeIpvs, *};
+    use crate::proxy::StaleUdp;
     use crate::proxy::{Backend, BackendState, Protocol, ServicePortName};
 
     /// A host with a dummy device whose addresses `ip -batch` changes, and
@@ -527,17 +529,25 @@ mod tests {
 
     const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
 
+    const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
     fn state(backends: &[(u8, BackendState)], affinity: Option<u32>) -> DesiredState {
         let mut desired = DesiredState::default();
-        for (address, port, kind) in [
-            (Ipv4Addr::new(10, 96, 0, 10), 53, FrontendKind::ClusterIp),
-            (Ipv4Addr::UNSPECIFIED, 30053, FrontendKind::NodePort),
+        for (address, port, protocol, kind) in [
+            (VIP, 53, Protocol::Udp, FrontendKind::ClusterIp),
+            (VIP, 80, Protocol::Tcp, FrontendKind::ClusterIp),
+            (
+                Ipv4Addr::UNSPECIFIED,
+                30053,
+                Protocol::Udp,
+                FrontendKind::NodePort,
+            ),
         ] {
             desired.frontends.insert(
                 FrontendKey {
                     address,
                     port,
-                    protocol: Protocol::Udp,
+                    protocol,
                 },
                 Frontend {
                     kind,
@@ -558,11 +568,16 @@ mod tests {
         desired
     }
 
-    fn servers(ipvs: &FakeIpvs, address: Ipv4Addr, port: u16) -> Vec<(u8, u32)> {
+    fn servers(
+        ipvs: &FakeIpvs,
+        address: Ipv4Addr,
+        port: u16,
+        protocol: Protocol,
+    ) -> Vec<(u8, u32)> {
         let key = VirtualKey {
             address,
             port,
-            protocol: Protocol::Udp,
+            protocol,
         };
         let mut servers: Vec<(u8, u32)> = ipvs.table[&key]
             .1
@@ -581,40 +596,47 @@ mod tests {
         proxy
             .sync(&state(&[(1, Active), (2, Terminating)], Some(30)))
             .unwrap();
-        let vip = Ipv4Addr::new(10, 96, 0, 10);
         {
             let ipvs = proxy.ipvs.borrow();
             assert_eq!(
-                servers(&ipvs, vip, 53),
+                servers(&ipvs, VIP, 80, Protocol::Tcp),
                 [(1, 1), (2, 0)],
-                "terminating: weight 0"
+                "terminating TCP: weight 0"
             );
             assert_eq!(
-                servers(&ipvs, NODE, 30053),
-                [(1, 1), (2, 0)],
+                servers(&ipvs, VIP, 53, Protocol::Udp),
+                [(1, 1)],
+                "terminating UDP: gone"
+            );
+            assert_eq!(
+                servers(&ipvs, NODE, 30053, Protocol::Udp),
+                [(1, 1)],
                 "NodePort per node address"
             );
             assert!(ipvs.table.values().all(|(s, _)| s.persistence == Some(30)));
         }
         assert_eq!(
             *host.addresses.borrow(),
-            [vip].into(),
+            [VIP].into(),
             "only service addresses are bound"
         );
 
-        // The terminating backend goes: one real server removed per
-        // virtual server, and its UDP flows forgotten... none were
-        // active, so nothing to forget; then backend 1 goes too.
+        // The terminating backend goes: one real server removed (TCP's).
         let before = proxy.ipvs.borrow().calls;
         proxy.sync(&state(&[(1, Active)], Some(30))).unwrap();
-        assert_eq!(proxy.ipvs.borrow().calls - before, 2);
+        assert_eq!(proxy.ipvs.borrow().calls - before, 1);
         proxy.sync(&state(&[(3, Active)], Some(30))).unwrap();
-        assert_eq!(servers(&proxy.ipvs.borrow(), vip, 53), [(3, 1)]);
         assert_eq!(
-            host.forgotten.borrow().len(),
-            2,
-            "backend 1's UDP flows, both frontends"
+            servers(&proxy.ipvs.borrow(), VIP, 53, Protocol::Udp),
+            [(3, 1)]
         );
+        let forgotten = host.forgotten.borrow();
+        assert_eq!(
+            forgotten.iter().filter(|s| s.backend.is_some()).count(),
+            2,
+            "backend 1's UDP flows, both UDP frontends: {forgotten:?}"
+        );
+        drop(forgotten);
 
         let forwarding = proxy.dump().unwrap();
         assert_eq!(forwarding, state(&[(3, Active)], Some(30)).forwarding());
@@ -634,7 +656,7 @@ mod tests {
         // An operator deletes a real server and adds a virtual server on a
         // bound address.
         let vip = VirtualKey {
-            address: Ipv4Addr::new(10, 96, 0, 10),
+            address: VIP,
             port: 53,
             protocol: Protocol::Udp,
         };

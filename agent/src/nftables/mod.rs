@@ -2,8 +2,9 @@
 //! verdict maps for O(1) dispatch, programmed by `nft -f` transactions.
 //! The first sync (and every resync) rewrites the table's skeleton and
 //! every frontend and deletes what it did not write; later syncs touch
-//! only the changed frontends' chains and map elements, so their cost
-//! does not grow with the number of services.
+//! only the changed frontends' chains and map elements (their cost still
+//! grows slowly with the table: nft reads it back to check a transaction,
+//! 28 ms at 1k services, 146 ms at 10k).
 
 mod render;
 
@@ -17,7 +18,7 @@ use crate::{
     host::{ExecError, Host, System},
     proxy::{
         Changes, DesiredState, Forwarding, FrontendKey, Programmed, Protocol, ServiceProxy,
-        StaleUdp, SyncStats, stale_udp,
+        StaleFlows, SyncStats, stale_udp,
     },
 };
 use render::{
@@ -41,7 +42,7 @@ pub struct NftablesProxy<H: Host = System> {
     /// Trust nothing about the table: rewrite all of it next time.
     full: bool,
     /// UDP flows still to forget (a failed attempt is retried).
-    stale: Vec<StaleUdp>,
+    stale: StaleFlows,
 }
 
 impl<H: Host> NftablesProxy<H> {
@@ -50,7 +51,7 @@ impl<H: Host> NftablesProxy<H> {
             host,
             programmed: Programmed::new(),
             full: true,
-            stale: Vec::new(),
+            stale: StaleFlows::default(),
         }
     }
 
@@ -197,13 +198,10 @@ impl<H: Host> ServiceProxy for NftablesProxy<H> {
                 }
             }
             stats.frontends_removed = changes.removed.len();
-            self.stale.extend(stale_udp(&self.programmed, desired));
+            self.stale.add(stale_udp(&self.programmed, desired));
             self.programmed = desired.frontends.clone();
         }
-        if !self.stale.is_empty() {
-            stats.flows_purged = self.host.forget_udp(&self.stale)?;
-            self.stale.clear();
-        }
+        stats.flows_purged = self.stale.forget(&self.host);
         Ok(stats)
     }
 

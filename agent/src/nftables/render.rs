@@ -12,7 +12,8 @@
 //!     svc-<frontend>: [ip saddr @aff-... goto ep-...]..., then the same
 //!       cascade with goto ep-...
 //!     ep-<frontend>-<backend>: update @aff-... { ip saddr }, dnat
-//!   nat-postrouting -> masquerading: hairpin (saddr . daddr @hairpin),
+//!   nat-postrouting -> masquerading: hairpin (translated flows whose
+//!     saddr . daddr is in @hairpin),
 //!     and what was marked (mark bit 0x4000, kube-proxy's)
 //!   filter-input/forward/output: ct state new ->
 //!     vmap @no-endpoint-services / @no-endpoint-nodeports -> reject
@@ -91,7 +92,7 @@ add rule ip wharf no-endpoints ip daddr . meta l4proto . th dport vmap @no-endpo
 add rule ip wharf no-endpoints fib daddr type local meta l4proto . th dport vmap @no-endpoint-nodeports
 add rule ip wharf reject-chain reject
 add rule ip wharf mark-for-masquerade meta mark set meta mark or 0x4000
-add rule ip wharf masquerading ip saddr . ip daddr @hairpin masquerade fully-random
+add rule ip wharf masquerading ct status dnat ip saddr . ip daddr @hairpin masquerade fully-random
 add rule ip wharf masquerading meta mark & 0x4000 == 0 return
 add rule ip wharf masquerading meta mark set meta mark xor 0x4000
 add rule ip wharf masquerading masquerade fully-random

@@ -57,10 +57,23 @@ pub struct StaleUdp {
 
 /// The UDP flows to forget after programming `desired` over `programmed`:
 /// those to backends that no longer take new flows (removed, or now
-/// terminating: UDP has no connection to let finish), and all flows to a
-/// frontend that had no backends and now has some.
+/// terminating: UDP has no connection to let finish), and the untranslated
+/// flows to a frontend that had no backends (or was not programmed: a new
+/// service, or the first sync after a restart) and now has some.
 pub fn stale_udp(programmed: &Programmed, desired: &DesiredState) -> Vec<StaleUdp> {
-    let mut stale = Vec::new();
+    let mut stale: Vec<StaleUdp> = desired
+        .frontends
+        .iter()
+        .filter(|(key, frontend)| {
+            key.protocol == Protocol::Udp
+                && !programmed.contains_key(key)
+                && frontend.active().next().is_some()
+        })
+        .map(|(key, _)| StaleUdp {
+            frontend: *key,
+            backend: None,
+        })
+        .collect();
     for (key, before) in programmed {
         if key.protocol != Protocol::Udp {
             continue;
@@ -90,6 +103,39 @@ pub fn stale_udp(programmed: &Programmed, desired: &DesiredState) -> Vec<StaleUd
         }));
     }
     stale
+}
+
+/// UDP flows waiting to be forgotten. A failure to forget (conntrack
+/// unavailable) is logged and retried at the next sync rather than failing
+/// it: the rules are in place either way.
+#[derive(Debug, Default)]
+pub struct StaleFlows {
+    pending: BTreeSet<StaleUdp>,
+}
+
+impl StaleFlows {
+    pub fn add(&mut self, stale: Vec<StaleUdp>) {
+        self.pending.extend(stale);
+    }
+
+    /// Forgets the pending flows through `host`; returns how many entries
+    /// went.
+    pub fn forget(&mut self, host: &impl crate::host::Host) -> usize {
+        if self.pending.is_empty() {
+            return 0;
+        }
+        let pending: Vec<StaleUdp> = self.pending.iter().copied().collect();
+        match host.forget_udp(&pending) {
+            Ok(forgotten) => {
+                self.pending.clear();
+                forgotten
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, flows = pending.len(), "forgetting stale UDP flows failed; retrying at the next sync");
+                0
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -171,10 +217,17 @@ mod tests {
         desired
             .frontends
             .insert(key(2, Protocol::Udp), frontend(&[(3, Active)]));
+        desired
+            .frontends
+            .insert(key(5, Protocol::Udp), frontend(&[(4, Active)]));
         let backend = |host| Some(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, host), 53));
         assert_eq!(
             stale_udp(&programmed, &desired),
             [
+                StaleUdp {
+                    frontend: key(5, Protocol::Udp),
+                    backend: None
+                },
                 StaleUdp {
                     frontend: key(1, Protocol::Udp),
                     backend: backend(2)
