@@ -77,6 +77,8 @@ pub struct IpvsProxy<I: Ipvs = Kernel, H: Host = System> {
     programmed: Programmed,
     /// Trust nothing: read the kernel's table back next time.
     full: bool,
+    /// The masquerade sets' elements as last written.
+    masquerade: Option<(BTreeSet<String>, BTreeSet<String>)>,
     stale: StaleFlows,
 }
 
@@ -105,6 +107,7 @@ impl<I: Ipvs, H: Host> IpvsProxy<I, H> {
             scheduler,
             programmed: Programmed::new(),
             full: true,
+            masquerade: None,
             stale: StaleFlows::default(),
         }
     }
@@ -316,6 +319,34 @@ fn masquerade_table(external: &BTreeSet<String>, loops: &BTreeSet<String>) -> St
     out
 }
 
+/// The element changes that bring the masquerade sets from `written` to
+/// `wanted`.
+fn masquerade_changes(
+    written: &(BTreeSet<String>, BTreeSet<String>),
+    wanted: &(BTreeSet<String>, BTreeSet<String>),
+) -> String {
+    let mut out = String::new();
+    for (set, old, new) in [
+        ("external", &written.0, &wanted.0),
+        ("loops", &written.1, &wanted.1),
+    ] {
+        for (verb, elements) in [
+            ("delete", old.difference(new)),
+            ("add", new.difference(old)),
+        ] {
+            let elements: Vec<&str> = elements.map(String::as_str).collect();
+            if !elements.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "{verb} element ip {TABLE} {set} {{ {} }}",
+                    elements.join(", ")
+                );
+            }
+        }
+    }
+    out
+}
+
 /// `ip -batch` input binding and unbinding service addresses.
 fn address_changes(old: &BTreeSet<Ipv4Addr>, new: &BTreeSet<Ipv4Addr>) -> String {
     let mut out = String::new();
@@ -370,17 +401,18 @@ impl<I: Ipvs, H: Host> ServiceProxy for IpvsProxy<I, H> {
                 self.host.run("ip", &["-batch", "-"], Some(&script))?;
             }
             stats.map_operations += removed.len();
-            // The masquerade sets are small next to the virtual servers
-            // (one element per external frontend and endpoint), so they
-            // are rewritten whole when anything changed.
+            // The masquerade table: whole on a full sync, else only the
+            // set elements that changed.
             let all = self.all_virtuals(desired.frontends.iter());
-            let (external, loops) =
-                masquerade_elements(&all, &desired.frontends, &self.node_addresses);
-            self.host.run(
-                "nft",
-                &["-f", "-"],
-                Some(&masquerade_table(&external, &loops)),
-            )?;
+            let wanted = masquerade_elements(&all, &desired.frontends, &self.node_addresses);
+            let script = match (&self.masquerade, was_full) {
+                (Some(written), false) => masquerade_changes(written, &wanted),
+                _ => masquerade_table(&wanted.0, &wanted.1),
+            };
+            if !script.is_empty() {
+                self.host.run("nft", &["-f", "-"], Some(&script))?;
+            }
+            self.masquerade = Some(wanted);
             self.full = false;
             if was_full {
                 info!(
@@ -476,6 +508,7 @@ mod tests {
         addresses: RefCell<BTreeSet<Ipv4Addr>>,
         device: RefCell<bool>,
         forgotten: RefCell<Vec<StaleUdp>>,
+        nft: RefCell<Vec<String>>,
     }
 
     impl Host for &FakeHost {
@@ -515,6 +548,10 @@ mod tests {
                             _ => assert!(addresses.remove(&address), "{line}: missing"),
                         }
                     }
+                    Ok(String::new())
+                }
+                ("nft", _) => {
+                    self.nft.borrow_mut().push(stdin.unwrap_or_default().into());
                     Ok(String::new())
                 }
                 _ => Ok(String::new()),
@@ -629,6 +666,19 @@ mod tests {
         assert_eq!(
             servers(&proxy.ipvs.borrow(), VIP, 53, Protocol::Udp),
             [(3, 1)]
+        );
+        assert_eq!(
+            host.nft
+                .borrow()
+                .last()
+                .unwrap()
+                .lines()
+                .collect::<Vec<_>>(),
+            [
+                "delete element ip wharf-ipvs loops { 10.244.0.1 . 10.244.0.1 }",
+                "add element ip wharf-ipvs loops { 10.244.0.3 . 10.244.0.3 }",
+            ],
+            "only the changed masquerade elements"
         );
         let forgotten = host.forgotten.borrow();
         assert_eq!(
