@@ -15,12 +15,7 @@
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf};
 
-use wharf_tests::{
-    lab::workspace_binary,
-    node::Node,
-    services::nth,
-    vm::{IPVS_MODULES, Vm},
-};
+use wharf_tests::{node::Node, services::nth, vm::Vm};
 
 /// `iptables-legacy` is the iptables mode on a node whose rules live in
 /// the legacy backend (seeded with one legacy rule, which the agent's
@@ -159,14 +154,7 @@ fn chosen<T: Copy + ToString>(list: &[T], name: &str) -> Vec<T> {
 /// has IPVS; returns its exit status.
 fn run_in_vm(modes: &[&str], sizes: &[u32]) -> i32 {
     let sizes: Vec<String> = sizes.iter().map(u32::to_string).collect();
-    let run = Vm::new()
-        .modules(&IPVS_MODULES)
-        .file(
-            std::env::current_exe().expect("own path"),
-            "/wharf/deps/modes",
-        )
-        .file(workspace_binary("wharf-agent"), "/wharf/wharf-agent")
-        .file(workspace_binary("wharf-probe"), "/wharf/wharf-probe")
+    let run = Vm::for_this_binary("modes")
         .env("WHARF_BENCH_MODES", &modes.join(","))
         .env("WHARF_BENCH_SIZES", &sizes.join(","))
         .run(

@@ -83,6 +83,27 @@ impl Vm {
         }
     }
 
+    /// A VM for running the calling test or benchmark binary again inside
+    /// (as `/wharf/deps/<name>`, next to `/wharf/wharf-agent` and
+    /// `/wharf/wharf-probe`, where `lab::workspace_binary` looks), with
+    /// the modules IPVS mode needs.
+    pub fn for_this_binary(name: &str) -> Self {
+        Self::new()
+            .modules(&IPVS_MODULES)
+            .file(
+                std::env::current_exe().expect("own path"),
+                &format!("/wharf/deps/{name}"),
+            )
+            .file(
+                crate::lab::workspace_binary("wharf-agent"),
+                "/wharf/wharf-agent",
+            )
+            .file(
+                crate::lab::workspace_binary("wharf-probe"),
+                "/wharf/wharf-probe",
+            )
+    }
+
     /// Loads these modules (by name, dependencies first) at boot.
     pub fn modules(mut self, names: &[&str]) -> Self {
         self.modules.extend(names.iter().map(|n| n.to_string()));

@@ -6,9 +6,8 @@
 use std::{fs, process::Command, thread, time::Duration};
 
 use wharf_tests::{
-    lab::workspace_binary,
     node::{Node, both, tally},
-    vm::{IPVS_MODULES, Vm},
+    vm::Vm,
 };
 
 /// Responses by backend, not checking peers (affinity and policy cases).
@@ -317,11 +316,7 @@ fn iptables_mode_uses_the_backend_the_node_already_uses() {
 /// from Debian's kernel (this host's has no IPVS).
 #[test]
 fn ipvs_in_a_vm() {
-    let run = Vm::new()
-        .modules(&IPVS_MODULES)
-        .file(std::env::current_exe().unwrap(), "/wharf/deps/conformance")
-        .file(workspace_binary("wharf-agent"), "/wharf/wharf-agent")
-        .file(workspace_binary("wharf-probe"), "/wharf/wharf-probe")
+    let run = Vm::for_this_binary("conformance")
         .env("RUST_BACKTRACE", "1")
         .run(
             "/wharf/deps/conformance --include-ignored --test-threads 1 ipvs:: switching_from_ipvs\n",

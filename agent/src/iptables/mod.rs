@@ -16,7 +16,7 @@ use crate::{
     host::{ExecError, Host, System},
     proxy::{
         Changes, DesiredState, Forwarding, FrontendKey, Programmed, ServiceProxy, StaleFlows,
-        SyncStats, stale_udp,
+        SyncStats, commit,
     },
 };
 use render::{JUMPS, Jump, Plan, STATIC_CHAINS, chains_of};
@@ -201,15 +201,13 @@ impl<H: Host> ServiceProxy for IptablesProxy<H> {
                 );
             }
             stats.map_operations = rules + delete.len();
-            for key in &changes.changed {
-                match self.programmed.get(key) {
-                    Some(_) => stats.frontends_updated += 1,
-                    None => stats.frontends_added += 1,
-                }
-            }
-            stats.frontends_removed = changes.removed.len();
-            self.stale.add(stale_udp(&self.programmed, desired));
-            self.programmed = desired.frontends.clone();
+            commit(
+                &mut self.programmed,
+                &mut self.stale,
+                &changes,
+                desired,
+                &mut stats,
+            );
         }
         stats.flows_purged = self.stale.forget(&self.host);
         Ok(stats)

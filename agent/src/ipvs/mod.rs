@@ -27,7 +27,7 @@ use crate::{
     host::{ExecError, Host, System},
     proxy::{
         Changes, DesiredState, Forwarding, Frontend, FrontendKey, FrontendKind, Programmed,
-        Protocol, ServiceProxy, StaleFlows, SyncStats, TrafficPolicy, stale_udp,
+        Protocol, ServiceProxy, StaleFlows, SyncStats, TrafficPolicy, commit,
     },
 };
 
@@ -421,15 +421,13 @@ impl<I: Ipvs, H: Host> ServiceProxy for IpvsProxy<I, H> {
                     "IPVS table written in full"
                 );
             }
-            for key in &changes.changed {
-                match self.programmed.get(key) {
-                    Some(_) => stats.frontends_updated += 1,
-                    None => stats.frontends_added += 1,
-                }
-            }
-            stats.frontends_removed = changes.removed.len();
-            self.stale.add(stale_udp(&self.programmed, desired));
-            self.programmed = desired.frontends.clone();
+            commit(
+                &mut self.programmed,
+                &mut self.stale,
+                &changes,
+                desired,
+                &mut stats,
+            );
         }
         stats.flows_purged = self.stale.forget(&self.host);
         Ok(stats)

@@ -18,7 +18,7 @@ use crate::{
     host::{ExecError, Host, System},
     proxy::{
         Changes, DesiredState, Forwarding, FrontendKey, Programmed, Protocol, ServiceProxy,
-        StaleFlows, SyncStats, stale_udp,
+        StaleFlows, SyncStats, commit,
     },
 };
 use render::{
@@ -191,15 +191,13 @@ impl<H: Host> ServiceProxy for NftablesProxy<H> {
                 );
             }
             stats.map_operations = statements;
-            for key in &changes.changed {
-                match self.programmed.get(key) {
-                    Some(_) => stats.frontends_updated += 1,
-                    None => stats.frontends_added += 1,
-                }
-            }
-            stats.frontends_removed = changes.removed.len();
-            self.stale.add(stale_udp(&self.programmed, desired));
-            self.programmed = desired.frontends.clone();
+            commit(
+                &mut self.programmed,
+                &mut self.stale,
+                &changes,
+                desired,
+                &mut stats,
+            );
         }
         stats.flows_purged = self.stale.forget(&self.host);
         Ok(stats)

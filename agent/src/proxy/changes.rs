@@ -7,7 +7,7 @@ use std::{
     net::SocketAddrV4,
 };
 
-use super::{DesiredState, Frontend, FrontendKey, Protocol};
+use super::{DesiredState, Frontend, FrontendKey, Protocol, SyncStats};
 
 /// What was last programmed in full, frontend by frontend.
 pub type Programmed = BTreeMap<FrontendKey, Frontend>;
@@ -103,6 +103,27 @@ pub fn stale_udp(programmed: &Programmed, desired: &DesiredState) -> Vec<StaleUd
         }));
     }
     stale
+}
+
+/// After `desired` was written in full: counts what changed into
+/// `stats`, queues the UDP flows to forget, and remembers `desired` as
+/// what is programmed.
+pub fn commit(
+    programmed: &mut Programmed,
+    stale: &mut StaleFlows,
+    changes: &Changes,
+    desired: &DesiredState,
+    stats: &mut SyncStats,
+) {
+    for key in &changes.changed {
+        match programmed.get(key) {
+            Some(_) => stats.frontends_updated += 1,
+            None => stats.frontends_added += 1,
+        }
+    }
+    stats.frontends_removed = changes.removed.len();
+    stale.add(stale_udp(programmed, desired));
+    *programmed = desired.frontends.clone();
 }
 
 /// UDP flows waiting to be forgotten. A failure to forget (conntrack

@@ -5,7 +5,7 @@
 mod changes;
 mod state;
 
-pub use changes::{Changes, Programmed, StaleFlows, StaleUdp, stale_udp};
+pub use changes::{Changes, Programmed, StaleFlows, StaleUdp, commit, stale_udp};
 pub use state::{
     Backend, BackendState, DesiredState, Forwarding, Frontend, FrontendKey, FrontendKind, Protocol,
     ServicePortName, TrafficPolicy,
