@@ -77,24 +77,7 @@ fn measure(mode: &'static str, services: u32) -> Row {
     let mut node = Node::new(&format!("bm-{tag}-{services}"), agent_mode);
     node.sync_timeout = std::time::Duration::from_secs(1800);
     if mode.ends_with("legacy") {
-        let ns = node.node_ns.clone();
-        wharf_tests::lab::command(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &ns,
-                "iptables-legacy",
-                "-A",
-                "INPUT",
-                "-p",
-                "tcp",
-                "--dport",
-                "9",
-                "-j",
-                "ACCEPT",
-            ],
-        );
+        node.seed_legacy_iptables();
     }
     node.write_manifest("fillers.yaml", &fillers(services, false));
     node.start_agent();

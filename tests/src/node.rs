@@ -226,6 +226,29 @@ impl Node {
         self.write_manifest("web.yaml", &yaml);
     }
 
+    /// Makes the node look like one whose rules live in iptables-legacy
+    /// (one legacy rule, nothing in iptables-nft), which the iptables
+    /// mode's backend detection follows.
+    pub fn seed_legacy_iptables(&self) {
+        crate::lab::command(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.node_ns,
+                "iptables-legacy",
+                "-A",
+                "INPUT",
+                "-p",
+                "tcp",
+                "--dport",
+                "9",
+                "-j",
+                "ACCEPT",
+            ],
+        );
+    }
+
     /// The agent's sync times so far (its `elapsed_us` log figures), in
     /// order.
     pub fn sync_times_us(&self) -> Vec<u64> {

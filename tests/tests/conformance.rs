@@ -284,24 +284,7 @@ fn switching_modes_removes_the_previous_modes_state() {
 #[test]
 fn iptables_mode_uses_the_backend_the_node_already_uses() {
     let mut node = Node::new("legacy", "iptables");
-    let ns = node.node_ns.clone();
-    wharf_tests::lab::command(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &ns,
-            "iptables-legacy",
-            "-A",
-            "INPUT",
-            "-p",
-            "tcp",
-            "--dport",
-            "9",
-            "-j",
-            "ACCEPT",
-        ],
-    );
+    node.seed_legacy_iptables();
     node.start_agent();
     assert!(node.lab.log(&node.agent_log()).contains("Legacy"));
     both(&tally(
