@@ -409,7 +409,13 @@ mod tests {
             .plan(Some(&created), &mut demoted, &HashSet::new())
             .unwrap();
         assert_eq!(plan.releases, [port_key(node_port)]);
-        let mut moved = service("ClusterIP", Some("10.96.0.9"), None);
+        // Any other address than the allocated one (random) is a move.
+        let other = if created["spec"]["clusterIP"] == "10.96.0.9" {
+            "10.96.0.8"
+        } else {
+            "10.96.0.9"
+        };
+        let mut moved = service("ClusterIP", Some(other), None);
         assert!(
             ranges
                 .plan(Some(&created), &mut moved, &HashSet::new())
