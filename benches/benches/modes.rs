@@ -184,20 +184,24 @@ fn main() {
             row.connections_per_s,
             row.connect_median_us
         );
-        json.push(format!(
-            r#"{{"mode":"{}","services":{},"endpoints_per_service":{ENDPOINTS},"full_sync_ms":{:.3},"one_endpoint_change_ms":{:.3},"connections_per_s":{:.1},"connect_median_us":{:.1}}}"#,
-            row.mode,
-            row.services,
-            row.full_sync_ms,
-            row.one_change_ms,
-            row.connections_per_s,
-            row.connect_median_us
-        ));
+        json.push(serde_json::json!({
+            "mode": row.mode,
+            "services": row.services,
+            "endpoints_per_service": ENDPOINTS,
+            "full_sync_ms": row.full_sync_ms,
+            "one_endpoint_change_ms": row.one_change_ms,
+            "connections_per_s": row.connections_per_s,
+            "connect_median_us": row.connect_median_us,
+        }));
     }
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
     let path = target.join("criterion").join("wharf-modes.json");
     let _ = std::fs::create_dir_all(path.parent().expect("has a parent"));
-    std::fs::write(&path, format!("[{}]\n", json.join(",\n"))).expect("writing the results");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&json).expect("plain data"),
+    )
+    .expect("writing the results");
     println!("results: {}", path.display());
 }

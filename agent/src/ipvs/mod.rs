@@ -264,7 +264,6 @@ fn service_addresses<'a>(
 /// outside with the Cluster policy, and endpoint "loops" (an endpoint
 /// reaching itself through a service).
 fn masquerade_elements(
-    virtuals: &BTreeMap<VirtualKey, Virtual>,
     frontends: &BTreeMap<FrontendKey, Frontend>,
     node_addresses: &[Ipv4Addr],
 ) -> (BTreeSet<String>, BTreeSet<String>) {
@@ -283,10 +282,12 @@ fn masquerade_elements(
             external.insert(format!("{address} . {protocol} . {}", key.port));
         }
     }
-    let loops = virtuals
+    // Every backend, from the frontends themselves: building the virtual
+    // servers again for this would cost a pass over every node address.
+    let loops = frontends
         .values()
-        .flat_map(|(_, servers)| servers.keys())
-        .map(|s| format!("{0} . {0}", s.ip()))
+        .flat_map(|f| &f.backends)
+        .map(|b| format!("{0} . {0}", b.address))
         .collect();
     (external, loops)
 }
@@ -403,8 +404,7 @@ impl<I: Ipvs, H: Host> ServiceProxy for IpvsProxy<I, H> {
             stats.map_operations += removed.len();
             // The masquerade table: whole on a full sync, else only the
             // set elements that changed.
-            let all = self.all_virtuals(desired.frontends.iter());
-            let wanted = masquerade_elements(&all, &desired.frontends, &self.node_addresses);
+            let wanted = masquerade_elements(&desired.frontends, &self.node_addresses);
             let script = match (&self.masquerade, was_full) {
                 (Some(written), false) => masquerade_changes(written, &wanted),
                 _ => masquerade_table(&wanted.0, &wanted.1),
