@@ -1,6 +1,14 @@
-//! wharf-control: the Kubernetes-compatible API server and its storage.
+//! wharf-control: the Kubernetes-compatible API server and its storage,
+//! the scheduler and the controllers.
 
 pub mod apiserver;
 pub mod etcd_process;
+pub mod events;
+pub mod labels;
+pub mod leader;
 pub mod pki;
+pub mod pods;
+pub mod quantity;
+pub mod resources;
+pub mod scheduler;
 pub mod store;
