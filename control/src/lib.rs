@@ -2,8 +2,11 @@
 //! the scheduler and the controllers.
 
 pub mod apiserver;
+pub mod components;
+pub mod controllers;
 pub mod etcd_process;
 pub mod events;
+pub mod informer;
 pub mod labels;
 pub mod leader;
 pub mod pki;

@@ -1,11 +1,13 @@
 //! wharf-control command line.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use wharf_control::{
-    apiserver::{self, Config, ServiceRanges},
+    apiserver::{self, Config, ServiceRanges, TolerationDefaults},
+    components::{self, Component},
+    controllers,
     store::{EmbeddedStore, EtcdStore},
 };
 
@@ -17,13 +19,45 @@ enum StoreKind {
     Etcd,
 }
 
-/// wharf control plane: a Kubernetes-compatible API server.
+/// wharf control plane: a Kubernetes-compatible API server with the
+/// scheduler and the controllers.
 #[derive(Debug, Parser)]
-#[command(version, about)]
-struct Args {
-    /// Certificates, keys, admin.kubeconfig and the embedded store live here.
-    #[arg(long)]
-    data_dir: PathBuf,
+#[command(version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Only the scheduler, against the API in the kubeconfig.
+    Scheduler {
+        #[arg(long)]
+        kubeconfig: PathBuf,
+    },
+    /// Only the controllers, against the API in the kubeconfig.
+    Controllers {
+        #[arg(long)]
+        kubeconfig: PathBuf,
+        #[command(flatten)]
+        controllers: ControllerArgs,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Builtin {
+    Scheduler,
+    Controllers,
+}
+
+#[derive(Debug, clap::Args)]
+struct ServerArgs {
+    /// Certificates, keys, kubeconfigs and the embedded store live here.
+    #[arg(long, required = true)]
+    data_dir: Option<PathBuf>,
 
     /// HTTPS address to serve on.
     #[arg(long, default_value = "127.0.0.1:6443")]
@@ -48,6 +82,57 @@ struct Args {
     /// Static bearer tokens: CSV lines of token,user,uid[,"group1,group2"].
     #[arg(long)]
     token_auth_file: Option<PathBuf>,
+
+    /// Seconds a pod tolerates its node being not ready before eviction
+    /// (added to pods that say nothing).
+    #[arg(long, default_value_t = 300)]
+    default_not_ready_toleration_seconds: i64,
+
+    /// Seconds a pod tolerates its node being unreachable before eviction.
+    #[arg(long, default_value_t = 300)]
+    default_unreachable_toleration_seconds: i64,
+
+    /// Components not to run in this process (run them with
+    /// `wharf-control scheduler|controllers` instead, or not at all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    without: Vec<Builtin>,
+
+    #[command(flatten)]
+    controllers: ControllerArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct ControllerArgs {
+    /// Pod addresses; each node gets a slice of it as spec.podCIDR.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    cluster_cidr: String,
+
+    /// Prefix length of each node's pod CIDR.
+    #[arg(long, default_value_t = 24)]
+    node_cidr_mask_size: u8,
+
+    /// A node whose lease was not renewed for this many seconds is
+    /// marked NotReady (Unknown).
+    #[arg(long, default_value_t = 40)]
+    node_monitor_grace_period: u64,
+}
+
+impl ControllerArgs {
+    fn options(&self) -> anyhow::Result<controllers::Options> {
+        let cluster_cidr = controllers::parse_cidr(&self.cluster_cidr)
+            .with_context(|| format!("--cluster-cidr {} is not an IPv4 CIDR", self.cluster_cidr))?;
+        anyhow::ensure!(
+            (cluster_cidr.1..=30).contains(&self.node_cidr_mask_size),
+            "--node-cidr-mask-size {} must be between the cluster CIDR's /{} and /30",
+            self.node_cidr_mask_size,
+            cluster_cidr.1
+        );
+        Ok(controllers::Options {
+            cluster_cidr,
+            node_cidr_mask: self.node_cidr_mask_size,
+            node_monitor_grace: Duration::from_secs(self.node_monitor_grace_period),
+        })
+    }
 }
 
 async fn shutdown_signal() {
@@ -66,24 +151,96 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let args = Args::parse();
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Scheduler { kubeconfig }) => {
+            let client = components::client(&kubeconfig).await?;
+            components::run(Component::Scheduler, client, shutdown_signal()).await;
+            Ok(())
+        }
+        Some(Command::Controllers {
+            kubeconfig,
+            controllers,
+        }) => {
+            let component = Component::Controllers(controllers.options()?);
+            let client = components::client(&kubeconfig).await?;
+            components::run(component, client, shutdown_signal()).await;
+            Ok(())
+        }
+        None => serve(cli.server).await,
+    }
+}
+
+/// The API server, with the scheduler and the controllers unless
+/// `--without` says otherwise.
+async fn serve(args: ServerArgs) -> anyhow::Result<()> {
+    let data_dir = args.data_dir.context("--data-dir is required")?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let mut builtins = Vec::new();
+    if !args.without.contains(&Builtin::Scheduler) {
+        builtins.push((Component::Scheduler, "scheduler.kubeconfig"));
+    }
+    if !args.without.contains(&Builtin::Controllers) {
+        builtins.push((
+            Component::Controllers(args.controllers.options()?),
+            "controller-manager.kubeconfig",
+        ));
+    }
     let config = Config {
-        data_dir: args.data_dir.clone(),
+        data_dir: data_dir.clone(),
         listen: args.listen,
         token_file: args.token_auth_file,
         ranges: ServiceRanges::parse(&args.service_cidr, &args.service_node_port_range)?,
+        tolerations: TolerationDefaults {
+            not_ready_seconds: args.default_not_ready_toleration_seconds,
+            unreachable_seconds: args.default_unreachable_toleration_seconds,
+        },
     };
-    match args.store {
-        StoreKind::Embedded => {
-            let store = EmbeddedStore::open(&args.data_dir.join("store.redb"))?;
-            apiserver::serve(config, store, shutdown_signal()).await?;
+    let listen = match args.listen.ip() {
+        ip if ip.is_unspecified() => {
+            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), args.listen.port())
         }
-        StoreKind::Etcd => {
-            let store = EtcdStore::connect(&args.etcd_endpoints).await?;
-            apiserver::serve(config, store, shutdown_signal()).await?;
+        _ => args.listen,
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let server = async {
+        let result = match args.store {
+            StoreKind::Embedded => {
+                let store = EmbeddedStore::open(&data_dir.join("store.redb"))?;
+                apiserver::serve(config, store, shutdown_signal()).await
+            }
+            StoreKind::Etcd => {
+                let store = EtcdStore::connect(&args.etcd_endpoints).await?;
+                apiserver::serve(config, store, shutdown_signal()).await
+            }
+        };
+        // The components stop with the server.
+        let _ = stop.send(true);
+        result.map_err(anyhow::Error::from)
+    };
+    let components = futures::future::join_all(builtins.into_iter().map(|(component, file)| {
+        let path = data_dir.join(file);
+        let mut stopped = stopped.clone();
+        async move {
+            // The server writes the kubeconfig, then listens.
+            while !path.exists() || tokio::net::TcpStream::connect(listen).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let client = match components::client(&path).await {
+                Ok(client) => client,
+                Err(error) => {
+                    tracing::error!(%error, "starting a component");
+                    return;
+                }
+            };
+            let shutdown = async move {
+                // Err: the server is gone, which also means stop.
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            components::run(component, client, shutdown).await;
         }
-    }
-    Ok(())
+    }));
+    let (result, _) = tokio::join!(server, components);
+    result
 }

@@ -52,12 +52,22 @@ fn free_port() -> u16 {
 }
 
 impl ControlPlane {
+    /// The API server alone: no scheduler or controllers act on what a
+    /// test writes, so objects stay exactly as the API left them.
     pub fn start(store: StoreKind) -> Self {
         Self::start_with_args(store, &[])
     }
 
-    /// Starts with extra wharf-control flags.
+    /// The API server alone, with extra wharf-control flags.
     pub fn start_with_args(store: StoreKind, args: &[&str]) -> Self {
+        let mut all = vec!["--without=scheduler,controllers"];
+        all.extend_from_slice(args);
+        Self::cluster(store, &all)
+    }
+
+    /// wharf-control as it runs by default (API server, scheduler and
+    /// controllers), with extra flags.
+    pub fn cluster(store: StoreKind, args: &[&str]) -> Self {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -9,4 +9,5 @@ pub mod frame;
 pub mod lab;
 pub mod node;
 pub mod services;
+pub mod simnodes;
 pub mod vm;

@@ -530,6 +530,25 @@ pub fn bootstrap_policy() -> Vec<(&'static str, Value)> {
             "subjects": [{ "apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": group }],
         })
     };
+    let user_binding = |name: &str, role: &str, user: &str| {
+        let mut object = binding(name, role, user);
+        object["subjects"][0]["kind"] = json!("User");
+        object
+    };
+    let scheduler_rules = json!([
+        rule(&read, &[""], &["pods", "nodes", "namespaces"]),
+        rule(&["delete"], &[""], &["pods"]),
+        rule(&["create"], &[""], &["pods/binding", "bindings"]),
+        rule(&["patch", "update"], &[""], &["pods/status"]),
+        rule(&["create", "patch", "update"], &[""], &["events"]),
+        rule(
+            &["get", "create", "update"],
+            &["coordination.k8s.io"],
+            &["leases"]
+        ),
+        rule(&read, &["policy"], &["poddisruptionbudgets"]),
+        rule(&read, &["scheduling.k8s.io"], &["priorityclasses"]),
+    ]);
     let discovery_urls = json!([{
         "verbs": ["get"],
         "nonResourceURLs": ["/api", "/api/*", "/apis", "/apis/*", "/openapi", "/openapi/*", "/version", "/version/", "/healthz", "/livez", "/readyz"],
@@ -548,6 +567,37 @@ pub fn bootstrap_policy() -> Vec<(&'static str, Value)> {
         (
             "clusterroles",
             cluster_role("system:discovery", discovery_urls),
+        ),
+        (
+            "clusterroles",
+            cluster_role("system:kube-scheduler", scheduler_rules),
+        ),
+        // The controllers delete whatever a terminating namespace holds
+        // and collect any kind of dependent, so, like upstream's
+        // namespace and garbage collector controllers, they may act on
+        // every resource.
+        (
+            "clusterroles",
+            cluster_role(
+                "system:kube-controller-manager",
+                json!([rule(&["*"], &["*"], &["*"])]),
+            ),
+        ),
+        (
+            "clusterrolebindings",
+            user_binding(
+                "system:kube-scheduler",
+                "system:kube-scheduler",
+                "system:kube-scheduler",
+            ),
+        ),
+        (
+            "clusterrolebindings",
+            user_binding(
+                "system:kube-controller-manager",
+                "system:kube-controller-manager",
+                "system:kube-controller-manager",
+            ),
         ),
         ("clusterroles", cluster_role("admin", admin_rules)),
         ("clusterroles", cluster_role("edit", edit_rules)),

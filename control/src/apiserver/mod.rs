@@ -2,6 +2,7 @@
 //! discovery, and the generic verbs over every registered resource, backed
 //! by any [`Store`].
 
+mod admission;
 mod allocation;
 pub mod authn;
 mod authz;
@@ -29,7 +30,9 @@ use futures::StreamExt as _;
 use serde_json::Value;
 use tracing::{info, warn};
 
-pub use self::{allocation::ServiceRanges, kinds::Registry, status::ApiError};
+pub use self::{
+    admission::TolerationDefaults, allocation::ServiceRanges, kinds::Registry, status::ApiError,
+};
 use self::{
     authn::Authenticator,
     encryption::SecretBox,
@@ -56,6 +59,7 @@ pub struct Config {
     pub token_file: Option<PathBuf>,
     /// Where ClusterIPs and node ports come from.
     pub ranges: ServiceRanges,
+    pub tolerations: TolerationDefaults,
 }
 
 /// Why the server could not start.
@@ -92,6 +96,7 @@ pub struct App<S> {
     ranges: ServiceRanges,
     /// The `kubernetes` Service's target port.
     listen_port: u16,
+    tolerations: TolerationDefaults,
     kubelet: logs::KubeletClient,
 }
 
@@ -275,9 +280,19 @@ pub async fn serve<S: Store>(
     .map(str::to_owned)
     .to_vec();
     let serving = ca.issue_serving(&names, &addresses)?;
+    let mut component_kubeconfigs = Vec::new();
     ca.save("apiserver", &serving)?;
     let admin = ca.issue_client("kubernetes-admin", &["system:masters"])?;
     ca.save("admin", &admin)?;
+    // The scheduler's and controllers' identities, for the in-process
+    // components and for `wharf-control scheduler|controllers`.
+    for (user, file) in [
+        ("system:kube-scheduler", "scheduler"),
+        ("system:kube-controller-manager", "controller-manager"),
+    ] {
+        let credential = ca.issue_client(user, &[])?;
+        component_kubeconfigs.push((file, user, credential));
+    }
     // How the API server authenticates to node agents (pods/log).
     let kubelet_client = ca.issue_client("kube-apiserver-kubelet-client", &["system:masters"])?;
     ca.save("apiserver-kubelet-client", &kubelet_client)?;
@@ -304,6 +319,19 @@ pub async fn serve<S: Store>(
         .as_bytes(),
     )?;
 
+    for (file, user, credential) in &component_kubeconfigs {
+        pki::write_private(
+            &config.data_dir.join(format!("{file}.kubeconfig")),
+            pki::kubeconfig(
+                &server_url,
+                &ca.cert_pem,
+                user,
+                &pki::KubeconfigUser::Certificate(credential),
+            )
+            .as_bytes(),
+        )?;
+    }
+
     let authn = match &config.token_file {
         Some(path) => Authenticator::with_token_file(path)?,
         None => Authenticator::default(),
@@ -322,6 +350,7 @@ pub async fn serve<S: Store>(
         metrics: metrics::Metrics::new(),
         ranges: config.ranges.clone(),
         listen_port: config.listen.port(),
+        tolerations: config.tolerations,
         kubelet: logs::KubeletClient::new(&ca.cert_pem, &kubelet_client)?,
     });
     app.load_rbac(revision).await?;

@@ -465,6 +465,9 @@ impl<S: Store> App<S> {
         {
             map.remove("status");
         }
+        if rt.group.is_empty() && rt.plural == "pods" {
+            self.tolerations.apply(&mut object);
+        }
         let (mut object, warnings) = self.admit(rt, &object, options)?;
         let now = now_rfc3339();
         managed::track_update(
@@ -711,6 +714,18 @@ impl<S: Store> App<S> {
             // Omitted managedFields are kept; only a request that sets
             // them replaces them (as upstream).
             next["metadata"]["managedFields"] = managed.clone();
+        }
+        // An update naming another uid is for a deleted namesake (the
+        // precondition controllers rely on when they adopt objects).
+        if let (Some(sent), Some(stored)) = (meta_str(&next, "uid"), meta_str(current, "uid"))
+            && sent != stored
+        {
+            return Err(ApiError::Conflict {
+                subject: rt.subject(name),
+                reason: format!(
+                    "Precondition failed: UID in precondition: {sent}, UID in object meta: {stored}"
+                ),
+            });
         }
         let metadata = &mut next["metadata"];
         for field in [

@@ -1,0 +1,427 @@
+//! The controllers: API clients that drive actual state toward the
+//! objects' specs, as kube-controller-manager's do.
+//!
+//! Each is a kube-runtime `Controller` with an idempotent, level-triggered
+//! `reconcile(object, context) -> Result<Action, Error>`; the decision
+//! itself is a pure function of the object and the caches (tested against
+//! fixtures in each module), the reconcile only reads caches and writes
+//! what the decision says. All controllers share one cache per resource
+//! type (`informer`), and none starts before every cache has listed once,
+//! so nothing is deleted or recreated on a partial view.
+
+mod deployment;
+mod endpoints;
+mod expectations;
+mod namespace;
+mod node_ipam;
+mod node_lifecycle;
+mod replicaset;
+mod serviceaccount;
+
+use std::{net::Ipv4Addr, sync::Arc, time::Duration};
+
+use futures::{FutureExt as _, StreamExt as _};
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::{
+    api::{
+        apps::v1::{Deployment, ReplicaSet},
+        coordination::v1::Lease,
+        core::v1::{Namespace, Node, Pod, Service, ServiceAccount},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::OwnerReference,
+};
+use kube::{
+    Api, Client, Resource,
+    api::{ObjectMeta, Patch, PatchParams},
+    core::NamespaceResourceScope,
+    runtime::{
+        Controller,
+        controller::{self, Action},
+        reflector::{ObjectRef, Store},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+use tokio::task::JoinSet;
+use tracing::{debug, warn};
+
+use crate::{events::Recorder, informer::Informer};
+
+pub use self::{expectations::Expectations, node_ipam::parse_cidr};
+
+/// Settings of the controllers (`wharf-control` flags).
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Pod addresses: each node gets a `/node_cidr_mask` of it.
+    pub cluster_cidr: (Ipv4Addr, u8),
+    pub node_cidr_mask: u8,
+    /// A node whose lease was not renewed for this long is NotReady.
+    pub node_monitor_grace: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            cluster_cidr: (Ipv4Addr::new(10, 244, 0, 0), 16),
+            node_cidr_mask: 24,
+            node_monitor_grace: Duration::from_secs(40),
+        }
+    }
+}
+
+/// A failed API call in a reconcile; the controller retries it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{action} {object}: {source}")]
+    Api {
+        action: &'static str,
+        object: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("encoding {object}: {source}")]
+    Encode {
+        object: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn api(
+        action: &'static str,
+        object: impl Into<String>,
+    ) -> impl FnOnce(kube::Error) -> Self {
+        let object = object.into();
+        move |source| Self::Api {
+            action,
+            object,
+            source,
+        }
+    }
+}
+
+/// What every reconcile sees: the client, the shared caches, the event
+/// recorder and the settings.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub pods: Store<Pod>,
+    pub replicasets: Store<ReplicaSet>,
+    pub deployments: Store<Deployment>,
+    pub services: Store<Service>,
+    pub slices: Store<EndpointSlice>,
+    pub nodes: Store<Node>,
+    pub leases: Store<Lease>,
+    pub namespaces: Store<Namespace>,
+    pub service_accounts: Store<ServiceAccount>,
+    pub expectations: Expectations,
+    /// Pod CIDRs handed out that the node cache may not show yet.
+    pub pod_cidrs: std::sync::Mutex<std::collections::BTreeSet<u32>>,
+    pub options: Options,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    /// The cached objects of one namespace.
+    pub fn in_namespace<K>(store: &Store<K>, namespace: &str) -> Vec<Arc<K>>
+    where
+        K: Resource<DynamicType = ()> + Clone + 'static,
+    {
+        store
+            .state()
+            .into_iter()
+            .filter(|o| o.meta().namespace.as_deref() == Some(namespace))
+            .collect()
+    }
+}
+
+/// An owner reference that makes `owner` the controller of a dependent.
+pub fn controller_reference<K: Resource<DynamicType = ()>>(owner: &K) -> OwnerReference {
+    OwnerReference {
+        api_version: K::api_version(&()).into_owned(),
+        kind: K::kind(&()).into_owned(),
+        name: owner.meta().name.clone().unwrap_or_default(),
+        uid: owner.meta().uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+/// Whether `dependent` is controlled by the object with this uid.
+pub fn controlled_by(dependent: &ObjectMeta, uid: Option<&str>) -> bool {
+    crate::pods::controller_of(dependent).is_some_and(|r| Some(r.uid.as_str()) == uid)
+}
+
+/// A pod from a controller's template, controlled by `owner`; the API
+/// server appends a random suffix to `generate_name`.
+pub fn new_pod<O: Resource<DynamicType = ()>>(
+    template: &PodTemplateSpec,
+    owner: &O,
+    generate_name: &str,
+) -> Pod {
+    let meta = template.metadata.clone().unwrap_or_default();
+    Pod {
+        metadata: ObjectMeta {
+            generate_name: Some(generate_name.to_owned()),
+            labels: meta.labels,
+            annotations: meta.annotations,
+            owner_references: Some(vec![controller_reference(owner)]),
+            ..Default::default()
+        },
+        spec: template.spec.clone(),
+        status: None,
+    }
+}
+
+/// Upstream's `ClaimObjects`: of `candidates`, the ones `owner`
+/// controls. Orphans the selector matches are adopted (unless the owner
+/// is being deleted); controlled objects it no longer matches are
+/// released. Both are written before the owner acts on them.
+pub async fn claim<O, K>(
+    ctx: &Context,
+    owner: &O,
+    candidates: Vec<Arc<K>>,
+    matches: impl Fn(&K) -> bool,
+) -> Result<Vec<Arc<K>>, Error>
+where
+    O: Resource<DynamicType = ()>,
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let uid = owner.meta().uid.as_deref();
+    let mut owned = Vec::new();
+    for candidate in candidates {
+        let meta = candidate.meta();
+        let selected = matches(&candidate);
+        let refs = meta.owner_references.clone().unwrap_or_default();
+        let next_refs = match crate::pods::controller_of(meta) {
+            Some(r) if Some(r.uid.as_str()) == uid => {
+                if selected {
+                    owned.push(candidate);
+                    continue;
+                }
+                refs.into_iter()
+                    .filter(|r| Some(r.uid.as_str()) != uid)
+                    .collect()
+            }
+            None if selected
+                && !crate::pods::is_deleting(meta)
+                && !crate::pods::is_deleting(owner.meta()) =>
+            {
+                let mut refs = refs;
+                refs.push(controller_reference(owner));
+                refs
+            }
+            _ => continue,
+        };
+        let name = meta.name.clone().unwrap_or_default();
+        let namespace = meta.namespace.clone().unwrap_or_default();
+        let adopting = next_refs.len() > meta.owner_references.as_ref().map_or(0, Vec::len);
+        // The uid makes the patch fail on a recreated namesake.
+        let patch = serde_json::json!({
+            "metadata": { "ownerReferences": next_refs, "uid": meta.uid },
+        });
+        let result = Api::<K>::namespaced(ctx.client.clone(), &namespace)
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await;
+        match result {
+            Ok(patched) if adopting => owned.push(Arc::new(patched)),
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
+            Err(error) => return Err(Error::api("claiming", name)(error)),
+        }
+    }
+    Ok(owned)
+}
+
+fn error_policy<K>(_: Arc<K>, error: &Error, _: Arc<Context>) -> Action {
+    debug!(%error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(2))
+}
+
+/// Runs a controller until the future is dropped.
+async fn drive<K, F, Fut>(controller: Controller<K>, reconcile: F, context: Arc<Context>)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    F: FnMut(Arc<K>, Arc<Context>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    controller
+        .with_config(controller::Config::default().concurrency(8))
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                debug!(%error, "controller");
+            }
+        })
+        .await;
+}
+
+fn informer<K>(client: &Client) -> Informer<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    Informer::new(Api::all(client.clone()), watcher::Config::default())
+}
+
+/// Maps a node's Lease to the reconcile of the Node.
+fn lease_to_node(lease: Arc<Lease>) -> Option<ObjectRef<Node>> {
+    lease.metadata.name.as_deref().map(ObjectRef::new)
+}
+
+/// Runs every controller until the future is dropped (leader election
+/// drops it when the lease is lost).
+pub async fn run(client: Client, recorder: Recorder, options: Options) {
+    let mut pods = informer::<Pod>(&client);
+    let mut replicasets = informer::<ReplicaSet>(&client);
+    let mut deployments = informer::<Deployment>(&client);
+    let mut services = informer::<Service>(&client);
+    let mut slices = informer::<EndpointSlice>(&client);
+    let mut nodes = informer::<Node>(&client);
+    let mut leases = Informer::new(
+        Api::<Lease>::namespaced(client.clone(), "kube-node-lease"),
+        watcher::Config::default(),
+    );
+    let mut namespaces = informer::<Namespace>(&client);
+    let mut service_accounts = informer::<ServiceAccount>(&client);
+
+    let context = Arc::new(Context {
+        client: client.clone(),
+        recorder,
+        pods: pods.store(),
+        replicasets: replicasets.store(),
+        deployments: deployments.store(),
+        services: services.store(),
+        slices: slices.store(),
+        nodes: nodes.store(),
+        leases: leases.store(),
+        namespaces: namespaces.store(),
+        service_accounts: service_accounts.store(),
+        expectations: Expectations::default(),
+        pod_cidrs: Default::default(),
+        options,
+    });
+
+    let replicaset_controller =
+        Controller::for_shared_stream(replicasets.subscribe(), context.replicasets.clone())
+            .owns_shared_stream(pods.subscribe());
+    let deployment_controller =
+        Controller::for_shared_stream(deployments.subscribe(), context.deployments.clone())
+            .owns_shared_stream(replicasets.subscribe())
+            .watches_shared_stream(pods.subscribe(), deployment::pod_to_deployment(&context));
+    let endpoints_controller =
+        Controller::for_shared_stream(services.subscribe(), context.services.clone())
+            .owns_shared_stream(slices.subscribe())
+            .watches_shared_stream(pods.subscribe(), endpoints::pod_to_services(&context));
+    let namespace_controller =
+        Controller::for_shared_stream(namespaces.subscribe(), context.namespaces.clone());
+    let serviceaccount_controller =
+        Controller::for_shared_stream(namespaces.subscribe(), context.namespaces.clone())
+            .watches_shared_stream(service_accounts.subscribe(), |sa: Arc<ServiceAccount>| {
+                sa.metadata
+                    .namespace
+                    .clone()
+                    .map(|n| ObjectRef::<Namespace>::new(&n))
+            });
+    let lifecycle_controller =
+        Controller::for_shared_stream(nodes.subscribe(), context.nodes.clone())
+            .watches_shared_stream(leases.subscribe(), lease_to_node);
+    let ipam_controller = Controller::for_shared_stream(nodes.subscribe(), context.nodes.clone());
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(pods.run());
+    tasks.spawn(replicasets.run());
+    tasks.spawn(deployments.run());
+    tasks.spawn(services.run());
+    tasks.spawn(slices.run());
+    tasks.spawn(nodes.run());
+    tasks.spawn(leases.run());
+    tasks.spawn(namespaces.run());
+    tasks.spawn(service_accounts.run());
+
+    // Never act on a partial view.
+    let ready = futures::future::join_all([
+        context.pods.wait_until_ready().boxed(),
+        context.replicasets.wait_until_ready().boxed(),
+        context.deployments.wait_until_ready().boxed(),
+        context.services.wait_until_ready().boxed(),
+        context.slices.wait_until_ready().boxed(),
+        context.nodes.wait_until_ready().boxed(),
+        context.leases.wait_until_ready().boxed(),
+        context.namespaces.wait_until_ready().boxed(),
+        context.service_accounts.wait_until_ready().boxed(),
+    ]);
+    tokio::select! {
+        results = ready => {
+            if results.iter().any(Result::is_err) {
+                warn!("a cache closed before it was ready");
+                return;
+            }
+        }
+        Some(_) = tasks.join_next() => {
+            warn!("an informer stopped before the caches were ready");
+            return;
+        }
+    }
+
+    tasks.spawn(drive(
+        replicaset_controller,
+        replicaset::reconcile,
+        Arc::clone(&context),
+    ));
+    tasks.spawn(drive(
+        deployment_controller,
+        deployment::reconcile,
+        Arc::clone(&context),
+    ));
+    tasks.spawn(drive(
+        endpoints_controller,
+        endpoints::reconcile,
+        Arc::clone(&context),
+    ));
+    tasks.spawn(drive(
+        namespace_controller,
+        namespace::reconcile,
+        Arc::clone(&context),
+    ));
+    tasks.spawn(drive(
+        serviceaccount_controller,
+        serviceaccount::reconcile,
+        Arc::clone(&context),
+    ));
+    tasks.spawn(drive(
+        lifecycle_controller,
+        node_lifecycle::reconcile,
+        Arc::clone(&context),
+    ));
+    tasks.spawn(drive(
+        ipam_controller,
+        node_ipam::reconcile,
+        Arc::clone(&context),
+    ));
+    while tasks.join_next().await.is_some() {}
+}

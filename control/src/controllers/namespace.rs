@@ -1,0 +1,138 @@
+//! Namespace deletion: empties a terminating namespace of every
+//! namespaced resource the API serves (found through discovery, so it
+//! covers kinds this controller has never heard of), waits for the last
+//! object to go (pods go when their node has stopped them), then removes
+//! the `kubernetes` finalizer through `/finalize`, which lets the API
+//! server delete the namespace.
+
+use std::{sync::Arc, time::Duration};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams},
+    discovery::{Discovery, Scope, verbs},
+    runtime::controller::Action,
+};
+
+use super::{Context, Error};
+use crate::pods;
+
+const FINALIZER: &str = "kubernetes";
+
+/// Upstream's condition message: "Some resources are remaining: pods.
+/// has 3 resource instances, ...".
+pub(super) fn remaining_message(counts: &[(String, usize)]) -> String {
+    let parts: Vec<String> = counts
+        .iter()
+        .map(|(resource, count)| format!("{resource} has {count} resource instances"))
+        .collect();
+    format!("Some resources are remaining: {}", parts.join(", "))
+}
+
+pub(super) async fn reconcile(
+    namespace: Arc<Namespace>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let name = namespace.name_any();
+    let pending = namespace
+        .spec
+        .as_ref()
+        .and_then(|s| s.finalizers.as_ref())
+        .is_some_and(|f| f.iter().any(|f| f == FINALIZER));
+    if !pods::is_deleting(&namespace.metadata) || !pending {
+        return Ok(Action::await_change());
+    }
+    let discovery = Discovery::new(ctx.client.clone())
+        .run()
+        .await
+        .map_err(Error::api(
+            "discovering resources for deleting namespace",
+            &name,
+        ))?;
+    let mut remaining = Vec::new();
+    for group in discovery.groups() {
+        for (resource, capabilities) in group.recommended_resources() {
+            if capabilities.scope != Scope::Namespaced
+                || !capabilities.supports_operation(verbs::LIST)
+                || !capabilities.supports_operation(verbs::DELETE_COLLECTION)
+            {
+                continue;
+            }
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(ctx.client.clone(), &name, &resource);
+            let left = api
+                .list_metadata(&ListParams::default())
+                .await
+                .map_err(Error::api(
+                    "listing",
+                    format!("{} in {name}", resource.plural),
+                ))?;
+            if left.items.is_empty() {
+                continue;
+            }
+            let live = left
+                .items
+                .iter()
+                .filter(|o| !pods::is_deleting(&o.metadata))
+                .count();
+            if live > 0 {
+                api.delete_collection(&DeleteParams::background(), &ListParams::default())
+                    .await
+                    .map_err(Error::api(
+                        "deleting",
+                        format!("{} in {name}", resource.plural),
+                    ))?;
+            }
+            let plural = if resource.group.is_empty() {
+                resource.plural.clone()
+            } else {
+                format!("{}.{}", resource.plural, resource.group)
+            };
+            remaining.push((plural, left.items.len()));
+        }
+    }
+    let api: Api<Namespace> = Api::all(ctx.client.clone());
+    if !remaining.is_empty() {
+        let patch = serde_json::json!({ "status": { "conditions": [{
+            "type": "NamespaceContentRemaining",
+            "status": "True",
+            "reason": "SomeResourcesRemain",
+            "message": remaining_message(&remaining),
+            "lastTransitionTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(chrono::Utc::now()),
+        }]}});
+        api.patch_status(&name, &PatchParams::default(), &Patch::Strategic(patch))
+            .await
+            .map_err(Error::api("reporting remaining content of", &name))?;
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    let mut finalized = Namespace::clone(&namespace);
+    if let Some(finalizers) = finalized.spec.as_mut().and_then(|s| s.finalizers.as_mut()) {
+        finalizers.retain(|f| f != FINALIZER);
+    }
+    let body = serde_json::to_vec(&finalized).map_err(|e| Error::Encode {
+        object: name.clone(),
+        source: e,
+    })?;
+    match api
+        .replace_subresource("finalize", &name, &PostParams::default(), body)
+        .await
+    {
+        Ok(_) => Ok(Action::await_change()),
+        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {
+            Ok(Action::requeue(Duration::from_millis(200)))
+        }
+        Err(error) => Err(Error::api("finalizing namespace", name)(error)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_remaining_message_reads_like_upstream() {
+        assert_eq!(
+            super::remaining_message(&[("pods".to_owned(), 3), ("replicasets.apps".to_owned(), 1)]),
+            "Some resources are remaining: pods has 3 resource instances, replicasets.apps has 1 resource instances"
+        );
+    }
+}

@@ -1,0 +1,404 @@
+//! Node lifecycle, as upstream's node lifecycle controller and taint
+//! manager:
+//!
+//! - a node whose Lease (or Ready heartbeat) is older than
+//!   `--node-monitor-grace-period` (40 s) gets its conditions set to
+//!   Unknown ("Kubelet stopped posting node status.") and its pods marked
+//!   not ready, so endpoints drop them at once;
+//! - taints follow the Ready condition: `unreachable` for Unknown,
+//!   `not-ready` for False, each as NoSchedule and NoExecute;
+//! - pods on a node with NoExecute taints they do not tolerate are
+//!   deleted, at once or when their `tolerationSeconds` (300 s by default,
+//!   added by the API server's admission) run out from the taint's
+//!   `timeAdded`.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::{
+    api::{
+        coordination::v1::Lease,
+        core::v1::{Node, Pod, Taint},
+    },
+    apimachinery::pkg::apis::meta::v1::Time,
+};
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams},
+    runtime::{controller::Action, reflector::ObjectRef},
+};
+
+use super::{Context, Error};
+use crate::{events::EventType, pods};
+
+pub const NOT_READY: &str = "node.kubernetes.io/not-ready";
+pub const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
+
+/// What one look at a node decides.
+#[derive(Debug)]
+pub(super) struct Decision {
+    /// The heartbeat is overdue: conditions become Unknown.
+    pub mark_unknown: bool,
+    /// New `spec.taints`, if they change.
+    pub taints: Option<Vec<Taint>>,
+    pub evict: Vec<Arc<Pod>>,
+    pub requeue: Duration,
+}
+
+fn ready_status(node: &Node) -> Option<&str> {
+    node.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.status.as_str())
+}
+
+/// The latest sign of life: Lease renewal, Ready heartbeat, or creation.
+fn heartbeat(node: &Node, lease: Option<&Lease>) -> Option<DateTime<Utc>> {
+    let renewed = lease
+        .and_then(|l| l.spec.as_ref())
+        .and_then(|s| s.renew_time.as_ref())
+        .map(|t| t.0);
+    let posted = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .and_then(|c| c.last_heartbeat_time.as_ref())
+        .map(|t| t.0);
+    let created = node.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    [renewed, posted, created].into_iter().flatten().max()
+}
+
+fn to_std(duration: chrono::Duration) -> Duration {
+    duration.to_std().unwrap_or(Duration::ZERO)
+}
+
+pub(super) fn decide(
+    node: &Node,
+    lease: Option<&Lease>,
+    pods_on_node: impl FnOnce() -> Vec<Arc<Pod>>,
+    grace: Duration,
+    now: DateTime<Utc>,
+) -> Decision {
+    let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
+    let last = heartbeat(node, lease).unwrap_or(now);
+    let stale = now - last > grace;
+    let status = if stale {
+        "Unknown"
+    } else {
+        ready_status(node).unwrap_or("Unknown")
+    };
+    let mut requeue = if stale {
+        Duration::from_secs(5)
+    } else {
+        to_std(last + grace - now) + Duration::from_secs(1)
+    };
+    let current = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default();
+    let condition_key = match status {
+        "True" => None,
+        "False" => Some(NOT_READY),
+        _ => Some(UNREACHABLE),
+    };
+    let mut taints: Vec<Taint> = current
+        .iter()
+        .filter(|t| t.key != NOT_READY && t.key != UNREACHABLE)
+        .cloned()
+        .collect();
+    if let Some(key) = condition_key {
+        for effect in ["NoSchedule", "NoExecute"] {
+            let existing = current.iter().find(|t| t.key == key && t.effect == effect);
+            taints.push(existing.cloned().unwrap_or_else(|| Taint {
+                key: key.to_owned(),
+                value: None,
+                effect: effect.to_owned(),
+                time_added: (effect == "NoExecute").then_some(Time(now)),
+            }));
+        }
+    }
+    let mut evict = Vec::new();
+    let no_execute: Vec<&Taint> = taints.iter().filter(|t| t.effect == "NoExecute").collect();
+    if !no_execute.is_empty() {
+        for pod in pods_on_node() {
+            if !pods::is_active(&pod) {
+                continue;
+            }
+            let tolerations = pods::tolerations(&pod);
+            // The earliest moment any taint stops being tolerated.
+            let mut deadline: Option<DateTime<Utc>> = None;
+            let mut untolerated = false;
+            for taint in &no_execute {
+                let matching: Vec<_> = tolerations
+                    .iter()
+                    .filter(|t| pods::tolerates(t, taint))
+                    .collect();
+                if matching.is_empty() {
+                    untolerated = true;
+                    break;
+                }
+                // Tolerated forever unless every match has a limit.
+                let limit = matching
+                    .iter()
+                    .map(|t| t.toleration_seconds)
+                    .try_fold(i64::MIN, |acc, s| s.map(|s| acc.max(s)));
+                if let Some(seconds) = limit {
+                    let added = taint.time_added.as_ref().map_or(now, |t| t.0);
+                    let at = added + chrono::Duration::seconds(seconds.max(0));
+                    deadline = Some(deadline.map_or(at, |d| d.min(at)));
+                }
+            }
+            match deadline {
+                _ if untolerated => evict.push(pod),
+                Some(at) if at <= now => evict.push(pod),
+                Some(at) => requeue = requeue.min(to_std(at - now) + Duration::from_millis(100)),
+                None => {}
+            }
+        }
+    }
+    Decision {
+        mark_unknown: stale && ready_status(node) != Some("Unknown"),
+        taints: (taints != current).then_some(taints),
+        evict,
+        requeue,
+    }
+}
+
+pub(super) async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let name = node.name_any();
+    let lease = ctx
+        .leases
+        .get(&ObjectRef::new(&name).within("kube-node-lease"));
+    let on_node = || {
+        ctx.pods
+            .state()
+            .into_iter()
+            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str()))
+            .collect()
+    };
+    let decision = decide(
+        &node,
+        lease.as_deref(),
+        on_node,
+        ctx.options.node_monitor_grace,
+        Utc::now(),
+    );
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    if decision.mark_unknown {
+        mark_unknown(&ctx, &node).await?;
+    }
+    if let Some(taints) = &decision.taints {
+        let patch = serde_json::json!({ "spec": { "taints": taints } });
+        nodes
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(Error::api("tainting", &name))?;
+    }
+    for pod in &decision.evict {
+        ctx.recorder.record(
+            pod.as_ref(),
+            EventType::Normal,
+            "TaintManagerEviction",
+            format!("Marking for deletion Pod {}", pods::key(&pod.metadata)),
+        );
+        match Api::<Pod>::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default())
+            .delete(&pod.name_any(), &DeleteParams::default())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(error) => return Err(Error::api("evicting", pods::key(&pod.metadata))(error)),
+        }
+    }
+    Ok(Action::requeue(decision.requeue))
+}
+
+/// Every condition becomes Unknown; the node's pods stop being Ready.
+async fn mark_unknown(ctx: &Context, node: &Node) -> Result<(), Error> {
+    let name = node.name_any();
+    let now = Time(Utc::now());
+    let conditions: Vec<serde_json::Value> = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            serde_json::json!({
+                "type": c.type_,
+                "status": "Unknown",
+                "reason": "NodeStatusUnknown",
+                "message": "Kubelet stopped posting node status.",
+                "lastTransitionTime": now,
+            })
+        })
+        .collect();
+    Api::<Node>::all(ctx.client.clone())
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Strategic(serde_json::json!({ "status": { "conditions": conditions } })),
+        )
+        .await
+        .map_err(Error::api("marking unknown", &name))?;
+    ctx.recorder.record(
+        node,
+        EventType::Normal,
+        "NodeNotReady",
+        format!("Node {name} status is now: NodeNotReady"),
+    );
+    for pod in ctx.pods.state() {
+        if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(name.as_str())
+            || !pods::is_ready(&pod)
+        {
+            continue;
+        }
+        let patch = serde_json::json!({ "status": { "conditions": [
+            { "type": "Ready", "status": "False", "lastTransitionTime": now },
+        ]}});
+        if let Err(error) =
+            Api::<Pod>::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default())
+                .patch_status(
+                    &pod.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Strategic(patch),
+                )
+                .await
+        {
+            tracing::debug!(%error, pod = %pods::key(&pod.metadata), "marking not ready");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn node(ready: &str, heartbeat: DateTime<Utc>, taints: serde_json::Value) -> Node {
+        serde_json::from_value(json!({
+            "metadata": {"name": "n1", "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"taints": taints},
+            "status": {"conditions": [{"type": "Ready", "status": ready, "lastHeartbeatTime": Time(heartbeat)}]},
+        }))
+        .unwrap()
+    }
+
+    fn pod(name: &str, tolerations: serde_json::Value) -> Arc<Pod> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"nodeName": "n1", "containers": [], "tolerations": tolerations},
+            }))
+            .unwrap(),
+        )
+    }
+
+    const GRACE: Duration = Duration::from_secs(40);
+
+    #[test]
+    fn a_silent_node_becomes_unknown_and_tainted() {
+        let now = Utc::now();
+        let fresh = decide(
+            &node("True", now - chrono::Duration::seconds(10), json!([])),
+            None,
+            Vec::new,
+            GRACE,
+            now,
+        );
+        assert!(!fresh.mark_unknown && fresh.taints.is_none());
+        // Heartbeats are written with second precision.
+        assert!((Duration::from_secs(30)..=Duration::from_secs(31)).contains(&fresh.requeue));
+
+        let silent = decide(
+            &node("True", now - chrono::Duration::seconds(50), json!([])),
+            None,
+            Vec::new,
+            GRACE,
+            now,
+        );
+        assert!(silent.mark_unknown);
+        let taints = silent.taints.unwrap();
+        let keys: Vec<(&str, &str)> = taints
+            .iter()
+            .map(|t| (t.key.as_str(), t.effect.as_str()))
+            .collect();
+        assert_eq!(
+            keys,
+            [(UNREACHABLE, "NoSchedule"), (UNREACHABLE, "NoExecute")]
+        );
+
+        // A lease renewal counts as a heartbeat.
+        let lease: Lease = serde_json::from_value(json!({
+            "metadata": {"name": "n1"}, "spec": {"renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now)},
+        }))
+        .unwrap();
+        let renewed = decide(
+            &node("True", now - chrono::Duration::seconds(50), json!([])),
+            Some(&lease),
+            Vec::new,
+            GRACE,
+            now,
+        );
+        assert!(!renewed.mark_unknown);
+
+        // Back to Ready: the condition taints go, others stay.
+        let recovered = decide(
+            &node(
+                "True",
+                now,
+                json!([{"key": UNREACHABLE, "effect": "NoExecute"}, {"key": "gpu", "effect": "NoSchedule"}]),
+            ),
+            None,
+            Vec::new,
+            GRACE,
+            now,
+        );
+        let keys: Vec<String> = recovered
+            .taints
+            .unwrap()
+            .iter()
+            .map(|t| t.key.clone())
+            .collect();
+        assert_eq!(keys, ["gpu"]);
+    }
+
+    #[test]
+    fn pods_leave_when_their_toleration_runs_out() {
+        let now = Utc::now();
+        let tainted_at = now - chrono::Duration::seconds(20);
+        let down = node(
+            "Unknown",
+            now - chrono::Duration::seconds(100),
+            json!([
+                {"key": UNREACHABLE, "effect": "NoSchedule"},
+                {"key": UNREACHABLE, "effect": "NoExecute", "timeAdded": Time(tainted_at)},
+            ]),
+        );
+        let pods = vec![
+            pod("intolerant", json!([])),
+            pod(
+                "ten-seconds",
+                json!([{"key": UNREACHABLE, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 10}]),
+            ),
+            pod(
+                "five-minutes",
+                json!([{"key": UNREACHABLE, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}]),
+            ),
+            pod("forever", json!([{"operator": "Exists"}])),
+        ];
+        let decision = decide(&down, None, || pods.clone(), GRACE, now);
+        assert!(!decision.mark_unknown, "already Unknown");
+        assert!(decision.taints.is_none(), "unchanged");
+        let evicted: Vec<String> = decision.evict.iter().map(|p| p.name_any()).collect();
+        assert_eq!(evicted, ["intolerant", "ten-seconds"]);
+        assert!(decision.requeue <= Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,368 @@
+//! Simulated nodes ("hollow" nodes, as upstream's kubemark): Node objects
+//! with capacity, Leases renewed like an agent renews them, and pods
+//! bound to them marked Running and Ready with an address from the
+//! node's podCIDR, or removed once deleted. They let the scheduler and
+//! the controllers be tested and benchmarked at scale without running
+//! anything. A node can be killed: its lease and its pods then go silent,
+//! as a crashed agent's would.
+//!
+//! A pod may ask to finish: annotation `sim.wharf.dev/exit-code` (with
+//! `sim.wharf.dev/run-ms`, default 0) makes it Succeeded (0) or Failed
+//! after that long, as a container that exits.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::Ipv4Addr,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::{
+    api::{
+        coordination::v1::{Lease, LeaseSpec},
+        core::v1::{Node, Pod},
+    },
+    apimachinery::pkg::apis::meta::v1::{MicroTime, Time},
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
+    runtime::{WatchStreamExt, watcher},
+};
+use serde_json::json;
+
+pub const EXIT_CODE: &str = "sim.wharf.dev/exit-code";
+pub const RUN_MS: &str = "sim.wharf.dev/run-ms";
+
+/// What every simulated node offers and how often it heartbeats.
+#[derive(Clone, Debug)]
+pub struct Shape {
+    pub cpu: String,
+    pub memory: String,
+    pub pods: u32,
+    /// Lease renewal period; `None` for no leases (benchmarks without a
+    /// node lifecycle controller).
+    pub heartbeat: Option<Duration>,
+}
+
+impl Default for Shape {
+    fn default() -> Self {
+        Self {
+            cpu: "8".to_owned(),
+            memory: "32Gi".to_owned(),
+            pods: 110,
+            heartbeat: Some(Duration::from_secs(2)),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Nodes that answer (killed ones are removed).
+    alive: HashSet<String>,
+    /// Next host number per node for pod addresses.
+    next_host: HashMap<String, u32>,
+    /// Pods already reported, so watch events about them are skipped.
+    reported: HashSet<String>,
+}
+
+/// The simulated nodes; everything stops when dropped.
+pub struct SimNodes {
+    runtime: Option<tokio::runtime::Runtime>,
+    client: Client,
+    shape: Shape,
+    state: Arc<Mutex<State>>,
+    names: Mutex<Vec<String>>,
+}
+
+impl std::fmt::Debug for SimNodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimNodes")
+            .field("shape", &self.shape)
+            .field("nodes", &lock_names(&self.names).len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl SimNodes {
+    /// Registers `count` nodes named `<prefix>-<i>` and starts serving them.
+    pub fn start(kubeconfig: &Path, prefix: &str, count: usize, shape: Shape) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("simulator runtime");
+        let client = runtime.block_on(async {
+            let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
+            let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .expect("client config");
+            Client::try_from(config).expect("client")
+        });
+        let sim = Self {
+            runtime: Some(runtime),
+            client,
+            shape,
+            state: Arc::default(),
+            names: Mutex::default(),
+        };
+        let names: Vec<String> = (0..count).map(|i| format!("{prefix}-{i}")).collect();
+        sim.add(&names);
+        sim.runtime()
+            .spawn(serve_pods(sim.client.clone(), Arc::clone(&sim.state)));
+        sim
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("running")
+    }
+
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Registers more nodes (64 at a time) and starts their heartbeats.
+    pub fn add(&self, names: &[String]) {
+        let client = self.client.clone();
+        let shape = self.shape.clone();
+        self.runtime().block_on(async {
+            futures::stream::iter(names)
+                .for_each_concurrent(64, |name| register(client.clone(), name, &shape))
+                .await;
+        });
+        let mut state = lock(&self.state);
+        for name in names {
+            state.alive.insert(name.clone());
+            if let Some(period) = self.shape.heartbeat {
+                self.runtime().spawn(heartbeat(
+                    self.client.clone(),
+                    name.clone(),
+                    period,
+                    Arc::clone(&self.state),
+                ));
+            }
+        }
+        lock_names(&self.names).extend(names.iter().cloned());
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        lock_names(&self.names).clone()
+    }
+
+    /// The node's agent "crashes": no more lease renewals, and its pods
+    /// are no longer started, reported or removed.
+    pub fn kill(&self, name: &str) {
+        lock(&self.state).alive.remove(name);
+    }
+}
+
+fn lock_names(names: &Mutex<Vec<String>>) -> std::sync::MutexGuard<'_, Vec<String>> {
+    names
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Drop for SimNodes {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+async fn register(client: Client, name: &String, shape: &Shape) {
+    let resources =
+        json!({ "cpu": shape.cpu, "memory": shape.memory, "pods": shape.pods.to_string() });
+    let node: Node = serde_json::from_value(json!({
+        "metadata": { "name": name, "labels": {
+            "kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
+        }},
+        "status": {
+            "capacity": resources, "allocatable": resources,
+            "conditions": [{ "type": "Ready", "status": "True", "reason": "KubeletReady",
+                "message": "simulated node is ready", "lastHeartbeatTime": Time(chrono::Utc::now()),
+                "lastTransitionTime": Time(chrono::Utc::now()) }],
+        },
+    }))
+    .expect("node object");
+    match Api::<Node>::all(client)
+        .create(&PostParams::default(), &node)
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(error) => panic!("registering node {name}: {error}"),
+    }
+}
+
+/// Renews the node's Lease while it is alive.
+async fn heartbeat(client: Client, name: String, period: Duration, state: Arc<Mutex<State>>) {
+    let api: Api<Lease> = Api::namespaced(client, "kube-node-lease");
+    loop {
+        if !lock(&state).alive.contains(&name) {
+            return;
+        }
+        let now = MicroTime(chrono::Utc::now());
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(name.clone()),
+                lease_duration_seconds: Some(40),
+                renew_time: Some(now.clone()),
+                ..Default::default()
+            }),
+        };
+        let renewal = json!({ "spec": { "renewTime": now } });
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&renewal))
+            .await
+        {
+            Err(kube::Error::Api(status)) if status.code == 404 => {
+                // A renewal that fails is what a struggling agent does;
+                // the next one tries again.
+                let _ = api.create(&PostParams::default(), &lease).await;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(period).await;
+    }
+}
+
+fn bound_to(pod: &Pod) -> Option<&str> {
+    pod.spec
+        .as_ref()?
+        .node_name
+        .as_deref()
+        .filter(|n| !n.is_empty())
+}
+
+/// Runs bound pods on live nodes; removes deleted ones.
+async fn serve_pods(client: Client, state: Arc<Mutex<State>>) {
+    let pods: Api<Pod> = Api::all(client.clone());
+    let mut events = watcher(pods, watcher::Config::default())
+        .default_backoff()
+        .applied_objects()
+        .boxed();
+    while let Some(event) = events.next().await {
+        let Ok(pod) = event else { continue };
+        let Some(node) = bound_to(&pod).map(str::to_owned) else {
+            continue;
+        };
+        let key = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
+        let address = {
+            let mut state = lock(&state);
+            if !state.alive.contains(&node) {
+                continue;
+            }
+            if pod.metadata.deletion_timestamp.is_some() {
+                state.reported.remove(&key);
+                None
+            } else if state.reported.contains(&key) {
+                continue;
+            } else {
+                state.reported.insert(key.clone());
+                let host = state.next_host.entry(node.clone()).or_insert(1);
+                *host += 1;
+                Some(*host)
+            }
+        };
+        let client = client.clone();
+        tokio::spawn(async move {
+            let api: Api<Pod> =
+                Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
+            match address {
+                None => {
+                    // The node stopped the pod: finish its deletion.
+                    let _ = api
+                        .delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
+                        .await;
+                }
+                Some(host) => run_pod(&client, &api, &pod, &node, host).await,
+            }
+        });
+    }
+}
+
+/// Reports the pod Running and Ready, then finished if it asks to.
+async fn run_pod(client: &Client, api: &Api<Pod>, pod: &Pod, node: &str, host: u32) {
+    let cidr = Api::<Node>::all(client.clone())
+        .get(node)
+        .await
+        .ok()
+        .and_then(|n| n.spec?.pod_cidr);
+    let base = cidr
+        .and_then(|c| c.split('/').next()?.parse::<Ipv4Addr>().ok())
+        .unwrap_or(Ipv4Addr::new(10, 255, 0, 0));
+    let ip = Ipv4Addr::from(u32::from(base) + host);
+    let now = Time(chrono::Utc::now());
+    let containers: Vec<serde_json::Value> = pod
+        .spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .map(|c| {
+            json!({
+                "name": c.name, "image": c.image, "imageID": "", "ready": true, "restartCount": 0,
+                "started": true, "state": { "running": { "startedAt": now } },
+            })
+        })
+        .collect();
+    let condition =
+        |kind: &str| json!({ "type": kind, "status": "True", "lastTransitionTime": now });
+    let status = json!({ "status": {
+        "phase": "Running", "podIP": ip.to_string(), "podIPs": [{ "ip": ip.to_string() }],
+        "hostIP": "10.0.0.1", "startTime": now,
+        "conditions": [condition("PodScheduled"), condition("Initialized"), condition("ContainersReady"), condition("Ready")],
+        "containerStatuses": containers,
+    }});
+    if api
+        .patch_status(
+            &pod.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&status),
+        )
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let Some(code) = pod
+        .annotations()
+        .get(EXIT_CODE)
+        .and_then(|c| c.parse::<i32>().ok())
+    else {
+        return;
+    };
+    let run_ms = pod
+        .annotations()
+        .get(RUN_MS)
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(run_ms)).await;
+    let phase = if code == 0 { "Succeeded" } else { "Failed" };
+    let finished = json!({ "status": {
+        "phase": phase,
+        "conditions": [{ "type": "Ready", "status": "False", "lastTransitionTime": Time(chrono::Utc::now()) }],
+        "containerStatuses": pod.spec.iter().flat_map(|s| &s.containers).map(|c| json!({
+            "name": c.name, "image": c.image, "imageID": "", "ready": false, "restartCount": 0,
+            "state": { "terminated": { "exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" } } },
+        })).collect::<Vec<_>>(),
+    }});
+    let _ = api
+        .patch_status(
+            &pod.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&finished),
+        )
+        .await;
+}

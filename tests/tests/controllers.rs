@@ -1,0 +1,405 @@
+//! The scheduler and the controllers end to end: wharf-control as a
+//! process, simulated nodes (`wharf_tests::simnodes`), kubectl driving.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use wharf_tests::{
+    control::{ControlPlane, StoreKind},
+    simnodes::{Shape, SimNodes},
+};
+
+/// Polls `check` every 100 ms until it returns `Some`, or panics with
+/// `what` after `timeout`.
+fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn json(plane: &ControlPlane, args: &[&str]) -> Value {
+    let mut full = args.to_vec();
+    full.extend(["-o", "json"]);
+    serde_json::from_str(&plane.kubectl_ok(&full)).expect("kubectl JSON")
+}
+
+fn items(plane: &ControlPlane, args: &[&str]) -> Vec<Value> {
+    json(plane, args)["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn ready(pod: &Value) -> bool {
+    pod["status"]["conditions"].as_array().is_some_and(|c| {
+        c.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
+}
+
+fn deleting(object: &Value) -> bool {
+    object["metadata"]["deletionTimestamp"].is_string()
+}
+
+/// Pods with the label, not being deleted.
+fn live_pods(plane: &ControlPlane, namespace: &str, selector: &str) -> Vec<Value> {
+    items(plane, &["get", "pods", "-n", namespace, "-l", selector])
+        .into_iter()
+        .filter(|p| !deleting(p))
+        .collect()
+}
+
+fn nodes(plane: &ControlPlane, count: usize) -> SimNodes {
+    SimNodes::start(&plane.kubeconfig(), "sim", count, Shape::default())
+}
+
+#[test]
+fn deployments_scale_roll_within_max_unavailable_and_undo() {
+    let plane = ControlPlane::cluster(StoreKind::Embedded, &[]);
+    let _nodes = nodes(&plane, 3);
+    plane.kubectl_ok(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=registry.local/web:v1",
+        "--replicas=5",
+    ]);
+    plane.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    assert_eq!(live_pods(&plane, "default", "app=web").len(), 5);
+
+    plane.kubectl_ok(&["scale", "deployment/web", "--replicas=10"]);
+    plane.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    let pods = live_pods(&plane, "default", "app=web");
+    assert_eq!(pods.len(), 10);
+    let spread: std::collections::BTreeSet<&str> = pods
+        .iter()
+        .filter_map(|p| p["spec"]["nodeName"].as_str())
+        .collect();
+    assert_eq!(
+        spread.len(),
+        3,
+        "least-allocated scoring spreads the pods: {spread:?}"
+    );
+
+    plane.kubectl_ok(&[
+        "patch",
+        "deployment/web",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"strategy":{"rollingUpdate":{"maxUnavailable":2,"maxSurge":3}}}}"#,
+    ]);
+    plane.kubectl_ok(&[
+        "set",
+        "image",
+        "deployment/web",
+        "web=registry.local/web:v2",
+    ]);
+    // Watch every step of the rollout: never fewer than 10 - 2 ready.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut least_ready = usize::MAX;
+    loop {
+        let pods = live_pods(&plane, "default", "app=web");
+        let ready_now = pods.iter().filter(|p| ready(p)).count();
+        least_ready = least_ready.min(ready_now);
+        assert!(pods.len() <= 13, "maxSurge 3: {} pods", pods.len());
+        let done = pods.len() == 10
+            && pods.iter().all(|p| {
+                ready(p) && p["spec"]["containers"][0]["image"] == "registry.local/web:v2"
+            });
+        if done {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rolling update did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        least_ready >= 8,
+        "maxUnavailable 2 was exceeded: {least_ready} ready"
+    );
+    plane.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    let history = plane.kubectl_ok(&["rollout", "history", "deployment/web"]);
+    assert!(history.contains('1') && history.contains('2'), "{history}");
+
+    plane.kubectl_ok(&["rollout", "undo", "deployment/web"]);
+    plane.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    let deployment = json(&plane, &["get", "deployment/web"]);
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["containers"][0]["image"],
+        "registry.local/web:v1"
+    );
+    assert_eq!(
+        deployment["metadata"]["annotations"]["deployment.kubernetes.io/revision"], "3",
+        "the undone revision comes back as the newest"
+    );
+    wait_for(Duration::from_secs(30), "old pods to go", || {
+        let pods = live_pods(&plane, "default", "app=web");
+        (pods.len() == 10
+            && pods
+                .iter()
+                .all(|p| p["spec"]["containers"][0]["image"] == "registry.local/web:v1"))
+        .then_some(())
+    });
+    let replica_sets = items(&plane, &["get", "rs", "-l", "app=web"]);
+    assert_eq!(replica_sets.len(), 2, "one ReplicaSet per template");
+
+    plane.kubectl_ok(&["rollout", "restart", "deployment/web"]);
+    plane.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    assert_eq!(items(&plane, &["get", "rs", "-l", "app=web"]).len(), 3);
+    let described = plane.kubectl_ok(&["describe", "deployment/web"]);
+    assert!(described.contains("ScalingReplicaSet"), "{described}");
+}
+
+#[test]
+fn a_silent_node_is_drained_and_its_pods_recreated_elsewhere() {
+    let plane = ControlPlane::cluster(
+        StoreKind::Embedded,
+        &[
+            "--node-monitor-grace-period=3",
+            "--default-unreachable-toleration-seconds=2",
+            "--default-not-ready-toleration-seconds=2",
+        ],
+    );
+    let sim = nodes(&plane, 3);
+    plane.kubectl_ok(&["create", "deployment", "web", "--image=web", "--replicas=6"]);
+    plane.kubectl_ok(&["create", "service", "clusterip", "web", "--tcp=80:8080"]);
+    plane.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    let victim = live_pods(&plane, "default", "app=web")[0]["spec"]["nodeName"]
+        .as_str()
+        .expect("bound")
+        .to_owned();
+    sim.kill(&victim);
+
+    wait_for(Duration::from_secs(30), "the node to go Unknown", || {
+        let node = json(&plane, &["get", "node", &victim]);
+        let ready = node["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "Ready")?
+            .clone();
+        let tainted = node["spec"]["taints"].as_array().is_some_and(|t| {
+            t.iter()
+                .any(|t| t["key"] == "node.kubernetes.io/unreachable" && t["effect"] == "NoExecute")
+        });
+        (ready["status"] == "Unknown" && tainted).then_some(())
+    });
+    wait_for(
+        Duration::from_secs(60),
+        "6 ready pods on the other nodes",
+        || {
+            let pods = live_pods(&plane, "default", "app=web");
+            let elsewhere = pods
+                .iter()
+                .filter(|p| p["spec"]["nodeName"] != victim.as_str() && ready(p))
+                .count();
+            (pods.len() == 6 && elsewhere == 6).then_some(())
+        },
+    );
+    // The Service routes only to live backends.
+    wait_for(
+        Duration::from_secs(30),
+        "endpoints without the dead node",
+        || {
+            let slices = items(
+                &plane,
+                &[
+                    "get",
+                    "endpointslices",
+                    "-l",
+                    "kubernetes.io/service-name=web",
+                ],
+            );
+            let ready_endpoints: Vec<&Value> = slices
+                .iter()
+                .flat_map(|s| s["endpoints"].as_array().into_iter().flatten())
+                .filter(|e| e["conditions"]["ready"] == true)
+                .collect();
+            (ready_endpoints.len() == 6
+                && ready_endpoints
+                    .iter()
+                    .all(|e| e["nodeName"] != victim.as_str()))
+            .then_some(())
+        },
+    );
+    let events = plane.kubectl_ok(&["get", "events", "-A"]);
+    assert!(events.contains("TaintManagerEviction"), "{events}");
+}
+
+#[test]
+fn deleting_a_namespace_empties_it() {
+    let plane = ControlPlane::cluster(StoreKind::Embedded, &[]);
+    let _nodes = nodes(&plane, 2);
+    plane.kubectl_ok(&["create", "namespace", "shop"]);
+    plane.kubectl_ok(&[
+        "-n",
+        "shop",
+        "create",
+        "deployment",
+        "cart",
+        "--image=cart",
+        "--replicas=3",
+    ]);
+    plane.kubectl_ok(&[
+        "-n",
+        "shop",
+        "create",
+        "service",
+        "clusterip",
+        "cart",
+        "--tcp=80",
+    ]);
+    plane.kubectl_ok(&[
+        "-n",
+        "shop",
+        "create",
+        "configmap",
+        "settings",
+        "--from-literal=a=b",
+    ]);
+    plane.kubectl_ok(&[
+        "-n",
+        "shop",
+        "rollout",
+        "status",
+        "deployment/cart",
+        "--timeout=60s",
+    ]);
+    wait_for(
+        Duration::from_secs(10),
+        "the default service account",
+        || {
+            plane
+                .kubectl(&["-n", "shop", "get", "serviceaccount", "default"])
+                .status
+                .success()
+                .then_some(())
+        },
+    );
+    plane.kubectl_ok(&["delete", "namespace", "shop", "--timeout=60s"]);
+    let gone = plane.kubectl(&["get", "namespace", "shop"]);
+    assert!(!gone.status.success(), "the namespace is gone");
+    for kind in [
+        "pods",
+        "replicasets",
+        "deployments",
+        "services",
+        "configmaps",
+        "endpointslices",
+    ] {
+        let left = items(&plane, &["get", kind, "-n", "shop"]);
+        assert!(left.is_empty(), "{kind} left: {left:?}");
+    }
+}
+
+#[test]
+fn unschedulable_pods_say_why_and_are_retried_when_nodes_change() {
+    let plane = ControlPlane::cluster(StoreKind::Embedded, &[]);
+    let sim = nodes(&plane, 2);
+    plane.apply(
+        r"apiVersion: v1
+kind: Pod
+metadata: {name: big}
+spec:
+  containers:
+  - name: main
+    image: big
+    resources: {requests: {cpu: '16'}}
+",
+    );
+    let message = wait_for(Duration::from_secs(20), "PodScheduled=False", || {
+        let pod = json(&plane, &["get", "pod", "big"]);
+        let condition = pod["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "PodScheduled" && c["status"] == "False")?
+            .clone();
+        condition["message"].as_str().map(str::to_owned)
+    });
+    assert_eq!(message, "0/2 nodes are available: 2 Insufficient cpu.");
+    let described = plane.kubectl_ok(&["describe", "pod", "big"]);
+    assert!(described.contains("FailedScheduling"), "{described}");
+
+    // A bigger node arrives: the pod is retried and lands there.
+    drop(sim);
+    let _big = SimNodes::start(
+        &plane.kubeconfig(),
+        "big",
+        1,
+        Shape {
+            cpu: "32".to_owned(),
+            ..Shape::default()
+        },
+    );
+    wait_for(Duration::from_secs(30), "the pod to be bound", || {
+        let pod = json(&plane, &["get", "pod", "big"]);
+        (pod["spec"]["nodeName"] == "big-0").then_some(())
+    });
+}
+
+#[test]
+fn only_the_lease_holder_schedules() {
+    let plane = ControlPlane::cluster(StoreKind::Embedded, &["--without=scheduler"]);
+    let kubeconfig = plane.data_dir().join("scheduler.kubeconfig");
+    let spawn = || {
+        std::process::Command::new(wharf_tests::lab::workspace_binary("wharf-control"))
+            .arg("scheduler")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("spawn a scheduler")
+    };
+    let mut first = spawn();
+    let holder = wait_for(Duration::from_secs(20), "a lease holder", || {
+        let lease = json(
+            &plane,
+            &["-n", "kube-system", "get", "lease", "kube-scheduler"],
+        );
+        lease["spec"]["holderIdentity"].as_str().map(str::to_owned)
+    });
+    let mut second = spawn();
+    let _nodes = nodes(&plane, 1);
+    plane.kubectl_ok(&["run", "one", "--image=one"]);
+    wait_for(Duration::from_secs(20), "the first pod bound", || {
+        json(&plane, &["get", "pod", "one"])["spec"]["nodeName"]
+            .as_str()
+            .map(drop)
+    });
+    let lease = json(
+        &plane,
+        &["-n", "kube-system", "get", "lease", "kube-scheduler"],
+    );
+    assert_eq!(
+        lease["spec"]["holderIdentity"],
+        holder.as_str(),
+        "the second waits"
+    );
+
+    // SIGTERM: the leader releases the lease and the other takes over.
+    // SAFETY: kill(2) on a child we own, by its pid.
+    unsafe { libc::kill(i32::try_from(first.id()).expect("pid"), libc::SIGTERM) };
+    first.wait().expect("the first scheduler exits");
+    wait_for(Duration::from_secs(20), "a new holder", || {
+        let lease = json(
+            &plane,
+            &["-n", "kube-system", "get", "lease", "kube-scheduler"],
+        );
+        let now = lease["spec"]["holderIdentity"].as_str()?.to_owned();
+        (now != holder).then_some(())
+    });
+    plane.kubectl_ok(&["run", "two", "--image=two"]);
+    wait_for(Duration::from_secs(20), "the second pod bound", || {
+        json(&plane, &["get", "pod", "two"])["spec"]["nodeName"]
+            .as_str()
+            .map(drop)
+    });
+    let _ = second.kill();
+    let _ = second.wait();
+}
