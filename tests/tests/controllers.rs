@@ -403,3 +403,101 @@ fn only_the_lease_holder_schedules() {
     let _ = second.kill();
     let _ = second.wait();
 }
+
+#[test]
+fn garbage_collection_follows_owner_references() {
+    let plane = ControlPlane::cluster(StoreKind::Embedded, &[]);
+    let _nodes = nodes(&plane, 2);
+    for name in ["background", "orphaned", "foreground"] {
+        plane.kubectl_ok(&["create", "deployment", name, "--image=app", "--replicas=2"]);
+        plane.kubectl_ok(&[
+            "rollout",
+            "status",
+            &format!("deployment/{name}"),
+            "--timeout=60s",
+        ]);
+    }
+    let gone = |selector: &str| {
+        items(&plane, &["get", "rs,pods", "-l", selector])
+            .is_empty()
+            .then_some(())
+    };
+
+    plane.kubectl_ok(&["delete", "deployment", "background"]);
+    wait_for(
+        Duration::from_secs(30),
+        "background's ReplicaSet and pods to go",
+        || gone("app=background"),
+    );
+
+    // Orphaning keeps the ReplicaSet and its pods, without the owner.
+    plane.kubectl_ok(&["delete", "deployment", "orphaned", "--cascade=orphan"]);
+    wait_for(
+        Duration::from_secs(30),
+        "the orphaned ReplicaSet to lose its owner",
+        || {
+            let sets = items(&plane, &["get", "rs", "-l", "app=orphaned"]);
+            (sets.len() == 1
+                && sets[0]["metadata"]["ownerReferences"]
+                    .as_array()
+                    .is_none_or(Vec::is_empty))
+            .then_some(())
+        },
+    );
+    assert!(
+        !plane
+            .kubectl(&["get", "deployment", "orphaned"])
+            .status
+            .success()
+    );
+    assert_eq!(live_pods(&plane, "default", "app=orphaned").len(), 2);
+
+    // Foreground: the owner waits, with the finalizer, for its
+    // dependents; a pod held by a finalizer holds the whole chain.
+    let held = live_pods(&plane, "default", "app=foreground")[0]["metadata"]["name"]
+        .as_str()
+        .expect("a pod name")
+        .to_owned();
+    plane.kubectl_ok(&[
+        "patch",
+        "pod",
+        &held,
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":["example.com/hold"]}}"#,
+    ]);
+    plane.kubectl_ok(&[
+        "delete",
+        "deployment",
+        "foreground",
+        "--cascade=foreground",
+        "--wait=false",
+    ]);
+    std::thread::sleep(Duration::from_secs(2));
+    let waiting = json(&plane, &["get", "deployment", "foreground"]);
+    assert!(deleting(&waiting));
+    assert!(
+        waiting["metadata"]["finalizers"]
+            .to_string()
+            .contains("foregroundDeletion")
+    );
+    plane.kubectl_ok(&[
+        "patch",
+        "pod",
+        &held,
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ]);
+    wait_for(
+        Duration::from_secs(30),
+        "the foreground deployment to go last",
+        || {
+            let owner_gone = !plane
+                .kubectl(&["get", "deployment", "foreground"])
+                .status
+                .success();
+            (owner_gone && gone("app=foreground").is_some()).then_some(())
+        },
+    );
+}

@@ -12,6 +12,7 @@
 mod deployment;
 mod endpoints;
 mod expectations;
+mod gc;
 mod namespace;
 mod node_ipam;
 mod node_lifecycle;
@@ -388,6 +389,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         }
     }
 
+    tasks.spawn(gc::run(client.clone()));
     tasks.spawn(drive(
         replicaset_controller,
         replicaset::reconcile,
