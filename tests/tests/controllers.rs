@@ -501,3 +501,94 @@ fn garbage_collection_follows_owner_references() {
         },
     );
 }
+
+#[test]
+fn a_job_runs_to_completion_and_one_gives_up() {
+    let plane = ControlPlane::cluster(StoreKind::Embedded, &[]);
+    let _nodes = nodes(&plane, 2);
+    let job = |name: &str, exit: u8, extra: &str| {
+        format!(
+            r"apiVersion: batch/v1
+kind: Job
+metadata: {{name: {name}}}
+spec:
+  {extra}
+  template:
+    metadata:
+      annotations: {{sim.wharf.dev/exit-code: '{exit}', sim.wharf.dev/run-ms: '200'}}
+    spec:
+      restartPolicy: Never
+      containers: [{{name: work, image: work}}]
+"
+        )
+    };
+    plane.apply(&job("batch", 0, "completions: 4\n  parallelism: 2"));
+    plane.apply(&job("broken", 1, "backoffLimit: 2"));
+    plane.kubectl_ok(&[
+        "wait",
+        "--for=condition=complete",
+        "job/batch",
+        "--timeout=60s",
+    ]);
+    let batch = json(&plane, &["get", "job", "batch"]);
+    assert_eq!(batch["status"]["succeeded"], 4);
+    let pods = items(&plane, &["get", "pods", "-l", "job-name=batch"]);
+    assert_eq!(pods.len(), 4, "finished pods are kept, none extra");
+
+    plane.kubectl_ok(&[
+        "wait",
+        "--for=condition=failed",
+        "job/broken",
+        "--timeout=60s",
+    ]);
+    let broken = json(&plane, &["get", "job", "broken"]);
+    assert_eq!(
+        broken["status"]["failed"], 3,
+        "backoffLimit 2: three attempts"
+    );
+    let described = plane.kubectl_ok(&["describe", "job", "broken"]);
+    assert!(described.contains("BackoffLimitExceeded"), "{described}");
+}
+
+#[test]
+fn a_daemonset_follows_node_additions() {
+    let plane = ControlPlane::cluster(StoreKind::Embedded, &[]);
+    let sim = nodes(&plane, 2);
+    plane.apply(
+        r"apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: agent}
+spec:
+  selector: {matchLabels: {app: agent}}
+  template:
+    metadata: {labels: {app: agent}}
+    spec:
+      containers: [{name: agent, image: agent:v1}]
+",
+    );
+    plane.kubectl_ok(&["rollout", "status", "daemonset/agent", "--timeout=60s"]);
+    assert_eq!(live_pods(&plane, "default", "app=agent").len(), 2);
+    sim.add(&["sim-2".to_owned()]);
+    wait_for(
+        Duration::from_secs(30),
+        "a daemon pod on the new node",
+        || {
+            let pods = live_pods(&plane, "default", "app=agent");
+            let mut on: Vec<&str> = pods
+                .iter()
+                .filter(|p| ready(p))
+                .filter_map(|p| p["spec"]["nodeName"].as_str())
+                .collect();
+            on.sort_unstable();
+            (on == ["sim-0", "sim-1", "sim-2"]).then_some(())
+        },
+    );
+    plane.kubectl_ok(&["set", "image", "daemonset/agent", "agent=agent:v2"]);
+    plane.kubectl_ok(&["rollout", "status", "daemonset/agent", "--timeout=60s"]);
+    let pods = live_pods(&plane, "default", "app=agent");
+    assert_eq!(pods.len(), 3);
+    assert!(
+        pods.iter()
+            .all(|p| p["spec"]["containers"][0]["image"] == "agent:v2")
+    );
+}

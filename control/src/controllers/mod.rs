@@ -9,10 +9,12 @@
 //! type (`informer`), and none starts before every cache has listed once,
 //! so nothing is deleted or recreated on a partial view.
 
+mod daemonset;
 mod deployment;
 mod endpoints;
 mod expectations;
 mod gc;
+mod job;
 mod namespace;
 mod node_ipam;
 mod node_lifecycle;
@@ -25,7 +27,8 @@ use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::{
     api::{
-        apps::v1::{Deployment, ReplicaSet},
+        apps::v1::{DaemonSet, Deployment, ReplicaSet},
+        batch::v1::Job,
         coordination::v1::Lease,
         core::v1::{Namespace, Node, Pod, Service, ServiceAccount},
         discovery::v1::EndpointSlice,
@@ -111,6 +114,8 @@ pub struct Context {
     pub pods: Store<Pod>,
     pub replicasets: Store<ReplicaSet>,
     pub deployments: Store<Deployment>,
+    pub daemonsets: Store<DaemonSet>,
+    pub jobs: Store<Job>,
     pub services: Store<Service>,
     pub slices: Store<EndpointSlice>,
     pub nodes: Store<Node>,
@@ -300,6 +305,8 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
     let mut pods = informer::<Pod>(&client);
     let mut replicasets = informer::<ReplicaSet>(&client);
     let mut deployments = informer::<Deployment>(&client);
+    let mut daemonsets = informer::<DaemonSet>(&client);
+    let mut jobs = informer::<Job>(&client);
     let mut services = informer::<Service>(&client);
     let mut slices = informer::<EndpointSlice>(&client);
     let mut nodes = informer::<Node>(&client);
@@ -316,6 +323,8 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         pods: pods.store(),
         replicasets: replicasets.store(),
         deployments: deployments.store(),
+        daemonsets: daemonsets.store(),
+        jobs: jobs.store(),
         services: services.store(),
         slices: slices.store(),
         nodes: nodes.store(),
@@ -351,12 +360,29 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
     let lifecycle_controller =
         Controller::for_shared_stream(nodes.subscribe(), context.nodes.clone())
             .watches_shared_stream(leases.subscribe(), lease_to_node);
+    let daemonset_controller =
+        Controller::for_shared_stream(daemonsets.subscribe(), context.daemonsets.clone())
+            .owns_shared_stream(pods.subscribe())
+            .watches_shared_stream(nodes.subscribe(), {
+                let daemonsets = context.daemonsets.clone();
+                move |_: Arc<Node>| {
+                    daemonsets
+                        .state()
+                        .iter()
+                        .map(|ds| ObjectRef::from_obj(ds.as_ref()))
+                        .collect::<Vec<_>>()
+                }
+            });
+    let job_controller = Controller::for_shared_stream(jobs.subscribe(), context.jobs.clone())
+        .owns_shared_stream(pods.subscribe());
     let ipam_controller = Controller::for_shared_stream(nodes.subscribe(), context.nodes.clone());
 
     let mut tasks = JoinSet::new();
     tasks.spawn(pods.run());
     tasks.spawn(replicasets.run());
     tasks.spawn(deployments.run());
+    tasks.spawn(daemonsets.run());
+    tasks.spawn(jobs.run());
     tasks.spawn(services.run());
     tasks.spawn(slices.run());
     tasks.spawn(nodes.run());
@@ -369,6 +395,8 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         context.pods.wait_until_ready().boxed(),
         context.replicasets.wait_until_ready().boxed(),
         context.deployments.wait_until_ready().boxed(),
+        context.daemonsets.wait_until_ready().boxed(),
+        context.jobs.wait_until_ready().boxed(),
         context.services.wait_until_ready().boxed(),
         context.slices.wait_until_ready().boxed(),
         context.nodes.wait_until_ready().boxed(),
@@ -389,6 +417,12 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         }
     }
 
+    tasks.spawn(drive(
+        daemonset_controller,
+        daemonset::reconcile,
+        Arc::clone(&context),
+    ));
+    tasks.spawn(drive(job_controller, job::reconcile, Arc::clone(&context)));
     tasks.spawn(gc::run(client.clone()));
     tasks.spawn(drive(
         replicaset_controller,

@@ -32,7 +32,7 @@ use rand::Rng;
 use tokio::{sync::Semaphore, task::JoinSet, time::Instant};
 use tracing::{debug, info, warn};
 
-pub use self::cache::Cache;
+pub use self::{cache::Cache, filter::node_affinity_matches};
 use self::{
     filter::{PodContext, Reason, unschedulable_message},
     queue::Queue,
