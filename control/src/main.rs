@@ -11,6 +11,9 @@ use wharf_control::{
     store::{EmbeddedStore, EtcdStore},
 };
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum StoreKind {
     /// redb in the data directory: one machine, no other process.

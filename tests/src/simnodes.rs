@@ -66,6 +66,8 @@ struct State {
     next_host: HashMap<String, u32>,
     /// Pods already reported, so watch events about them are skipped.
     reported: HashSet<String>,
+    /// Each node's podCIDR base address, once read.
+    pod_cidrs: HashMap<String, Ipv4Addr>,
 }
 
 /// The simulated nodes; everything stops when dropped.
@@ -278,6 +280,7 @@ async fn serve_pods(client: Client, state: Arc<Mutex<State>>) {
             }
         };
         let client = client.clone();
+        let state = Arc::clone(&state);
         tokio::spawn(async move {
             let api: Api<Pod> =
                 Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
@@ -288,22 +291,38 @@ async fn serve_pods(client: Client, state: Arc<Mutex<State>>) {
                         .delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
                         .await;
                 }
-                Some(host) => run_pod(&client, &api, &pod, &node, host).await,
+                Some(host) => run_pod(&client, &api, &pod, &node, host, &state).await,
             }
         });
     }
 }
 
 /// Reports the pod Running and Ready, then finished if it asks to.
-async fn run_pod(client: &Client, api: &Api<Pod>, pod: &Pod, node: &str, host: u32) {
-    let cidr = Api::<Node>::all(client.clone())
-        .get(node)
-        .await
-        .ok()
-        .and_then(|n| n.spec?.pod_cidr);
-    let base = cidr
-        .and_then(|c| c.split('/').next()?.parse::<Ipv4Addr>().ok())
-        .unwrap_or(Ipv4Addr::new(10, 255, 0, 0));
+async fn run_pod(
+    client: &Client,
+    api: &Api<Pod>,
+    pod: &Pod,
+    node: &str,
+    host: u32,
+    state: &Mutex<State>,
+) {
+    let known = lock(state).pod_cidrs.get(node).copied();
+    let base = match known {
+        Some(base) => base,
+        None => {
+            // Read once per node: IPAM assigns it at registration.
+            let cidr = Api::<Node>::all(client.clone())
+                .get(node)
+                .await
+                .ok()
+                .and_then(|n| n.spec?.pod_cidr);
+            let base = cidr.and_then(|c| c.split('/').next()?.parse::<Ipv4Addr>().ok());
+            if let Some(base) = base {
+                lock(state).pod_cidrs.insert(node.to_owned(), base);
+            }
+            base.unwrap_or(Ipv4Addr::new(10, 255, 0, 0))
+        }
+    };
     let ip = Ipv4Addr::from(u32::from(base) + host);
     let now = Time(chrono::Utc::now());
     let containers: Vec<serde_json::Value> = pod

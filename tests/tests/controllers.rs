@@ -592,3 +592,96 @@ spec:
             .all(|p| p["spec"]["containers"][0]["image"] == "agent:v2")
     );
 }
+
+#[test]
+fn a_statefulset_keeps_stable_names_in_order() {
+    let plane = ControlPlane::cluster(StoreKind::Embedded, &[]);
+    let _nodes = nodes(&plane, 2);
+    plane.apply(
+        r"apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: db}
+spec:
+  serviceName: db
+  replicas: 3
+  selector: {matchLabels: {app: db}}
+  template:
+    metadata: {labels: {app: db}}
+    spec:
+      containers: [{name: db, image: db:v1}]
+",
+    );
+    plane.kubectl_ok(&["rollout", "status", "statefulset/db", "--timeout=60s"]);
+    // (The order of creation is checked by the controller's unit tests:
+    // timestamps here have one-second precision.)
+    let pods = live_pods(&plane, "default", "app=db");
+    let mut names: Vec<&str> = pods
+        .iter()
+        .filter_map(|p| p["metadata"]["name"].as_str())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["db-0", "db-1", "db-2"], "stable names");
+    assert!(pods.iter().all(|p| p["spec"]["subdomain"] == "db"));
+
+    plane.kubectl_ok(&["set", "image", "statefulset/db", "db=db:v2"]);
+    plane.kubectl_ok(&["rollout", "status", "statefulset/db", "--timeout=60s"]);
+    let pods = live_pods(&plane, "default", "app=db");
+    assert!(
+        pods.iter()
+            .all(|p| p["spec"]["containers"][0]["image"] == "db:v2")
+    );
+
+    plane.kubectl_ok(&["scale", "statefulset/db", "--replicas=1"]);
+    wait_for(Duration::from_secs(30), "db-1 and db-2 to go", || {
+        let pods = live_pods(&plane, "default", "app=db");
+        let names: Vec<&str> = pods
+            .iter()
+            .filter_map(|p| p["metadata"]["name"].as_str())
+            .collect();
+        (names == ["db-0"]).then_some(())
+    });
+}
+
+/// Up to a minute: it waits for the next minute boundary.
+#[test]
+fn a_cronjob_starts_a_job_on_schedule() {
+    let plane = ControlPlane::cluster(StoreKind::Embedded, &[]);
+    let _nodes = nodes(&plane, 1);
+    plane.apply(
+        r"apiVersion: batch/v1
+kind: CronJob
+metadata: {name: tick}
+spec:
+  schedule: '* * * * *'
+  concurrencyPolicy: Forbid
+  jobTemplate:
+    spec:
+      template:
+        metadata:
+          annotations: {sim.wharf.dev/exit-code: '0', sim.wharf.dev/run-ms: '100'}
+        spec:
+          restartPolicy: Never
+          containers: [{name: tick, image: tick}]
+",
+    );
+    let job = wait_for(Duration::from_secs(75), "a job from the cronjob", || {
+        let jobs = items(&plane, &["get", "jobs"]);
+        jobs.first()?["metadata"]["name"]
+            .as_str()
+            .map(str::to_owned)
+    });
+    assert!(job.starts_with("tick-"), "{job}");
+    plane.kubectl_ok(&[
+        "wait",
+        "--for=condition=complete",
+        &format!("job/{job}"),
+        "--timeout=30s",
+    ]);
+    let cronjob = json(&plane, &["get", "cronjob", "tick"]);
+    assert!(
+        cronjob["status"]["lastScheduleTime"].is_string(),
+        "{cronjob}"
+    );
+    let owner = &json(&plane, &["get", "job", &job])["metadata"]["ownerReferences"][0];
+    assert_eq!(owner["kind"], "CronJob");
+}

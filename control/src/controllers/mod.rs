@@ -9,6 +9,7 @@
 //! type (`informer`), and none starts before every cache has listed once,
 //! so nothing is deleted or recreated on a partial view.
 
+mod cronjob;
 mod daemonset;
 mod deployment;
 mod endpoints;
@@ -20,6 +21,7 @@ mod node_ipam;
 mod node_lifecycle;
 mod replicaset;
 mod serviceaccount;
+mod statefulset;
 
 use std::{net::Ipv4Addr, sync::Arc, time::Duration};
 
@@ -27,8 +29,8 @@ use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::{
     api::{
-        apps::v1::{DaemonSet, Deployment, ReplicaSet},
-        batch::v1::Job,
+        apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet},
+        batch::v1::{CronJob, Job},
         coordination::v1::Lease,
         core::v1::{Namespace, Node, Pod, Service, ServiceAccount},
         discovery::v1::EndpointSlice,
@@ -115,7 +117,9 @@ pub struct Context {
     pub replicasets: Store<ReplicaSet>,
     pub deployments: Store<Deployment>,
     pub daemonsets: Store<DaemonSet>,
+    pub statefulsets: Store<StatefulSet>,
     pub jobs: Store<Job>,
+    pub cronjobs: Store<CronJob>,
     pub services: Store<Service>,
     pub slices: Store<EndpointSlice>,
     pub nodes: Store<Node>,
@@ -306,7 +310,9 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
     let mut replicasets = informer::<ReplicaSet>(&client);
     let mut deployments = informer::<Deployment>(&client);
     let mut daemonsets = informer::<DaemonSet>(&client);
+    let mut statefulsets = informer::<StatefulSet>(&client);
     let mut jobs = informer::<Job>(&client);
+    let mut cronjobs = informer::<CronJob>(&client);
     let mut services = informer::<Service>(&client);
     let mut slices = informer::<EndpointSlice>(&client);
     let mut nodes = informer::<Node>(&client);
@@ -324,7 +330,9 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         replicasets: replicasets.store(),
         deployments: deployments.store(),
         daemonsets: daemonsets.store(),
+        statefulsets: statefulsets.store(),
         jobs: jobs.store(),
+        cronjobs: cronjobs.store(),
         services: services.store(),
         slices: slices.store(),
         nodes: nodes.store(),
@@ -373,8 +381,14 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
                         .collect::<Vec<_>>()
                 }
             });
+    let statefulset_controller =
+        Controller::for_shared_stream(statefulsets.subscribe(), context.statefulsets.clone())
+            .owns_shared_stream(pods.subscribe());
     let job_controller = Controller::for_shared_stream(jobs.subscribe(), context.jobs.clone())
         .owns_shared_stream(pods.subscribe());
+    let cronjob_controller =
+        Controller::for_shared_stream(cronjobs.subscribe(), context.cronjobs.clone())
+            .owns_shared_stream(jobs.subscribe());
     let ipam_controller = Controller::for_shared_stream(nodes.subscribe(), context.nodes.clone());
 
     let mut tasks = JoinSet::new();
@@ -382,7 +396,9 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
     tasks.spawn(replicasets.run());
     tasks.spawn(deployments.run());
     tasks.spawn(daemonsets.run());
+    tasks.spawn(statefulsets.run());
     tasks.spawn(jobs.run());
+    tasks.spawn(cronjobs.run());
     tasks.spawn(services.run());
     tasks.spawn(slices.run());
     tasks.spawn(nodes.run());
@@ -396,7 +412,9 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         context.replicasets.wait_until_ready().boxed(),
         context.deployments.wait_until_ready().boxed(),
         context.daemonsets.wait_until_ready().boxed(),
+        context.statefulsets.wait_until_ready().boxed(),
         context.jobs.wait_until_ready().boxed(),
+        context.cronjobs.wait_until_ready().boxed(),
         context.services.wait_until_ready().boxed(),
         context.slices.wait_until_ready().boxed(),
         context.nodes.wait_until_ready().boxed(),
@@ -423,6 +441,16 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         Arc::clone(&context),
     ));
     tasks.spawn(drive(job_controller, job::reconcile, Arc::clone(&context)));
+    tasks.spawn(drive(
+        statefulset_controller,
+        statefulset::reconcile,
+        Arc::clone(&context),
+    ));
+    tasks.spawn(drive(
+        cronjob_controller,
+        cronjob::reconcile,
+        Arc::clone(&context),
+    ));
     tasks.spawn(gc::run(client.clone()));
     tasks.spawn(drive(
         replicaset_controller,

@@ -30,6 +30,21 @@ pub struct NodeInfo {
     pub score_requested: (i64, i64),
     pub pods: Vec<Arc<Pod>>,
     pub host_ports: Vec<HostPort>,
+    /// Pods here with required anti-affinity, which every incoming pod
+    /// must respect; counted so nodes without any are skipped.
+    anti_affinity_pods: usize,
+}
+
+fn has_required_anti_affinity(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.affinity.as_ref())
+        .and_then(|a| a.pod_anti_affinity.as_ref())
+        .and_then(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+        .is_some_and(|terms| !terms.is_empty())
 }
 
 impl NodeInfo {
@@ -53,6 +68,7 @@ impl NodeInfo {
         self.score_requested.0 += cpu;
         self.score_requested.1 += memory;
         self.host_ports.extend(host_ports(pod));
+        self.anti_affinity_pods += usize::from(has_required_anti_affinity(pod));
         self.pods.push(Arc::clone(pod));
     }
 
@@ -62,6 +78,7 @@ impl NodeInfo {
             return;
         };
         let stored = self.pods.swap_remove(at);
+        self.anti_affinity_pods -= usize::from(has_required_anti_affinity(&stored));
         self.requested.sub(&resources::pod_requests(&stored));
         let (cpu, memory) = resources::pod_score_requests(&stored);
         self.score_requested.0 -= cpu;
@@ -233,6 +250,19 @@ impl Cache {
         if self.placements.get(&key).is_some_and(|p| p.assumed) {
             self.remove_pod(pod);
         }
+    }
+
+    /// Placed pods with required anti-affinity terms, with their nodes.
+    pub fn placed_with_anti_affinity(&self) -> impl Iterator<Item = (&NodeInfo, &Arc<Pod>)> {
+        self.infos
+            .iter()
+            .filter(|info| info.anti_affinity_pods > 0)
+            .flat_map(|info| {
+                info.pods
+                    .iter()
+                    .filter(|p| has_required_anti_affinity(p))
+                    .map(move |pod| (info, pod))
+            })
     }
 
     /// Every placed pod with the node it is on.

@@ -283,7 +283,7 @@ impl<'a> PodContext<'a> {
                         .is_some_and(|s| labels::selector_matches(s, own_labels))
             });
         let mut existing_anti = Vec::new();
-        for (info, other) in cache.placed() {
+        for (info, other) in cache.placed_with_anti_affinity() {
             for term in required_terms(other, true) {
                 if term_matches(term, pod_namespace(other), pod)
                     && let Some(domain) = info.label(&term.topology_key)

@@ -46,6 +46,8 @@ struct Inner {
     path: PathBuf,
     /// Serialises commit + publish so live watchers see revisions in order.
     writer: Mutex<()>,
+    /// Transactions waiting for the next group commit.
+    queue: Mutex<Vec<Request>>,
     committed: broadcast::Sender<Arc<Batch>>,
 }
 
@@ -55,6 +57,17 @@ impl std::fmt::Debug for Inner {
             .field("path", &self.path)
             .finish_non_exhaustive()
     }
+}
+
+/// A transaction waiting for its group, and where its outcome goes.
+struct Request {
+    txn: Txn,
+    reply: std::sync::mpsc::SyncSender<Result<TxnOutcome, StoreError>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The guarded data stays consistent across a panic (a queue, a unit).
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// One committed revision's events.
@@ -98,6 +111,7 @@ impl EmbeddedStore {
                 db,
                 path: path.to_owned(),
                 writer: Mutex::new(()),
+                queue: Mutex::new(Vec::new()),
                 committed,
             }),
         })
@@ -136,78 +150,150 @@ impl Inner {
             .unwrap_or_default())
     }
 
+    /// Queues the transaction and commits it in the next group: whoever
+    /// takes the writer lock commits every queued transaction in one redb
+    /// transaction with one fsync, so N writers waiting on the disk cost
+    /// one flush, not N. Each transaction still gets its own revision and
+    /// is checked against the state its predecessors in the group left.
     fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
-        let _serial = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        let write = self.db.begin_write().map_err(self.fail())?;
-        let batch = {
-            let mut keys = write.open_table(KEYS).map_err(self.fail())?;
-            let current = txn
-                .checks
-                .iter()
-                .map(|check| read_key(self, &keys, check.key()))
-                .collect::<Result<Vec<_>, _>>()?;
-            let holds = txn
-                .checks
-                .iter()
-                .zip(&current)
-                .all(|(check, kv)| match check {
-                    Check::Absent(_) => kv.is_none(),
-                    Check::ModRevision(_, revision) => {
-                        kv.as_ref().map(|kv| kv.mod_revision) == Some(*revision)
-                    }
-                });
-            if !holds {
-                return Ok(TxnOutcome::Rejected { current });
+        let (reply, outcome) = std::sync::mpsc::sync_channel(1);
+        lock(&self.queue).push(Request { txn, reply });
+        {
+            let _serial = lock(&self.writer);
+            let group = std::mem::take(&mut *lock(&self.queue));
+            if !group.is_empty() {
+                self.commit_group(group);
             }
-            let mut meta = write.open_table(META).map_err(self.fail())?;
-            let revision = self.meta(&meta, META_REVISION)? + 1;
-            let mut events = Vec::with_capacity(txn.ops.len());
-            for op in txn.ops {
-                match op {
-                    Op::Put { key, value } => {
-                        let prev = read_key(self, &keys, &key)?;
-                        let create_revision =
-                            prev.as_ref().map_or(revision, |kv| kv.create_revision);
-                        keys.insert(
-                            key.as_str(),
-                            encode_record(create_revision, revision, &value).as_slice(),
-                        )
-                        .map_err(self.fail())?;
-                        events.push(Event::at(EventKind::Put, key, value, revision, prev));
-                    }
-                    Op::Delete { key } => {
-                        let Some(prev) = read_key(self, &keys, &key)? else {
-                            continue;
-                        };
-                        keys.remove(key.as_str()).map_err(self.fail())?;
-                        events.push(Event::at(
-                            EventKind::Delete,
-                            key,
-                            Vec::new(),
-                            revision,
-                            Some(prev),
-                        ));
-                    }
+        }
+        // Answered by this thread's group or an earlier one, which held
+        // the writer lock until it had answered.
+        outcome.recv().map_err(|_| StoreError::CommitFailed {
+            path: self.path.clone(),
+            reason: "the committing thread panicked".to_owned(),
+        })?
+    }
+
+    fn commit_group(&self, group: Vec<Request>) {
+        let (txns, replies): (Vec<Txn>, Vec<_>) =
+            group.into_iter().map(|r| (r.txn, r.reply)).unzip();
+        let result = (|| -> Result<(Vec<TxnOutcome>, Vec<Batch>), StoreError> {
+            let write = self.db.begin_write().map_err(self.fail())?;
+            let mut outcomes = Vec::with_capacity(txns.len());
+            let mut batches = Vec::new();
+            {
+                let mut keys = write.open_table(KEYS).map_err(self.fail())?;
+                let mut meta = write.open_table(META).map_err(self.fail())?;
+                let mut history = write.open_table(HISTORY).map_err(self.fail())?;
+                let mut revision = self.meta(&meta, META_REVISION)?;
+                for txn in txns {
+                    let (outcome, batch) =
+                        self.apply(&mut keys, &mut history, &mut revision, txn)?;
+                    outcomes.push(outcome);
+                    batches.extend(batch);
+                }
+                meta.insert(META_REVISION, revision).map_err(self.fail())?;
+            }
+            write.commit().map_err(self.fail())?;
+            Ok((outcomes, batches))
+        })();
+        match result {
+            Ok((outcomes, batches)) => {
+                // No receivers is fine: watches catch up from history.
+                for batch in batches {
+                    let _ = self.committed.send(Arc::new(batch));
+                }
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
                 }
             }
-            if events.is_empty() {
-                // Nothing changed: no new revision (etcd does the same).
-                return Ok(TxnOutcome::Committed {
-                    revision: revision - 1,
-                });
+            Err(error) => {
+                // Nothing of the group was written; everyone learns why.
+                let reason = error.to_string();
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::CommitFailed {
+                        path: self.path.clone(),
+                        reason: reason.clone(),
+                    }));
+                }
             }
-            let mut history = write.open_table(HISTORY).map_err(self.fail())?;
-            history
-                .insert(revision, encode_events(&events).as_slice())
-                .map_err(self.fail())?;
-            meta.insert(META_REVISION, revision).map_err(self.fail())?;
-            Batch { revision, events }
-        };
-        write.commit().map_err(self.fail())?;
-        let revision = batch.revision;
-        // No receivers is fine: watches catch up from history when they start.
-        let _ = self.committed.send(Arc::new(batch));
-        Ok(TxnOutcome::Committed { revision })
+        }
+    }
+
+    /// One transaction inside a group; `revision` is the last assigned.
+    fn apply(
+        &self,
+        keys: &mut redb::Table<'_, &'static str, &'static [u8]>,
+        history: &mut redb::Table<'_, i64, &'static [u8]>,
+        revision: &mut Revision,
+        txn: Txn,
+    ) -> Result<(TxnOutcome, Option<Batch>), StoreError> {
+        let current = txn
+            .checks
+            .iter()
+            .map(|check| read_key(self, keys, check.key()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let holds = txn
+            .checks
+            .iter()
+            .zip(&current)
+            .all(|(check, kv)| match check {
+                Check::Absent(_) => kv.is_none(),
+                Check::ModRevision(_, revision) => {
+                    kv.as_ref().map(|kv| kv.mod_revision) == Some(*revision)
+                }
+            });
+        if !holds {
+            return Ok((TxnOutcome::Rejected { current }, None));
+        }
+        let next = *revision + 1;
+        let mut events = Vec::with_capacity(txn.ops.len());
+        for op in txn.ops {
+            match op {
+                Op::Put { key, value } => {
+                    let prev = read_key(self, keys, &key)?;
+                    let create_revision = prev.as_ref().map_or(next, |kv| kv.create_revision);
+                    keys.insert(
+                        key.as_str(),
+                        encode_record(create_revision, next, &value).as_slice(),
+                    )
+                    .map_err(self.fail())?;
+                    events.push(Event::at(EventKind::Put, key, value, next, prev));
+                }
+                Op::Delete { key } => {
+                    let Some(prev) = read_key(self, keys, &key)? else {
+                        continue;
+                    };
+                    keys.remove(key.as_str()).map_err(self.fail())?;
+                    events.push(Event::at(
+                        EventKind::Delete,
+                        key,
+                        Vec::new(),
+                        next,
+                        Some(prev),
+                    ));
+                }
+            }
+        }
+        if events.is_empty() {
+            // Nothing changed: no new revision (etcd does the same).
+            return Ok((
+                TxnOutcome::Committed {
+                    revision: *revision,
+                },
+                None,
+            ));
+        }
+        history
+            .insert(next, encode_events(&events).as_slice())
+            .map_err(self.fail())?;
+        *revision = next;
+        Ok((
+            TxnOutcome::Committed { revision: next },
+            Some(Batch {
+                revision: next,
+                events,
+            }),
+        ))
     }
 
     fn range(&self, request: &RangeRequest) -> Result<Range, StoreError> {

@@ -207,6 +207,9 @@ pub enum StoreError {
         #[source]
         source: Box<redb::Error>,
     },
+    /// A group commit failed: every transaction in the group gets this.
+    #[error("embedded store {path}: commit failed: {reason}")]
+    CommitFailed { path: PathBuf, reason: String },
     #[error("embedded store task failed: {0}")]
     EmbeddedTask(#[from] tokio::task::JoinError),
     #[error("etcd {operation}: {source}")]
