@@ -87,6 +87,9 @@ where
         // Objects cached when a re-list began: those not listed again
         // were deleted meanwhile.
         let mut before_relist: Option<HashMap<ObjectRef<K>, Arc<K>>> = None;
+        // Listed objects are announced once the store holds them (at
+        // InitDone): a reconcile triggered earlier would not find them.
+        let mut listed: Vec<Arc<K>> = Vec::new();
         while let Some(event) = events.next().await {
             let event = match event {
                 Ok(event) => event,
@@ -106,14 +109,19 @@ where
                             .collect(),
                     );
                 }
-                watcher::Event::InitApply(object) | watcher::Event::Apply(object) => {
+                watcher::Event::InitApply(object) => {
                     if let Some(before) = &mut before_relist {
                         before.remove(&ObjectRef::from_obj(&object));
                     }
+                    listed.push(Arc::new(object));
+                }
+                watcher::Event::Apply(object) | watcher::Event::Delete(object) => {
                     self.publish(Arc::new(object));
                 }
-                watcher::Event::Delete(object) => self.publish(Arc::new(object)),
                 watcher::Event::InitDone => {
+                    for object in std::mem::take(&mut listed) {
+                        self.publish(object);
+                    }
                     for (_, gone) in before_relist.take().into_iter().flatten() {
                         self.publish(gone);
                     }

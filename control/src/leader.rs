@@ -150,12 +150,16 @@ impl Elector {
         let mut renewed = Instant::now();
         loop {
             tokio::time::sleep(self.timing.retry_period).await;
-            match self.try_acquire_or_renew().await {
-                Ok(Attempt::Held) => renewed = Instant::now(),
-                Ok(other) => warn!(lease = %self.name, ?other, "renewal refused"),
-                Err(error) => warn!(%error, "renewing the lease"),
+            // A renewal that hangs must not outlive the deadline: the
+            // lease may be someone else's by then.
+            let left = self.timing.renew_deadline.saturating_sub(renewed.elapsed());
+            match tokio::time::timeout(left, self.try_acquire_or_renew()).await {
+                Ok(Ok(Attempt::Held)) => renewed = Instant::now(),
+                Ok(Ok(other)) => warn!(lease = %self.name, ?other, "renewal refused"),
+                Ok(Err(error)) => warn!(%error, "renewing the lease"),
+                Err(_) => warn!(lease = %self.name, "renewal timed out"),
             }
-            if renewed.elapsed() > self.timing.renew_deadline {
+            if renewed.elapsed() >= self.timing.renew_deadline {
                 return;
             }
         }

@@ -226,8 +226,12 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
         let path = data_dir.join(file);
         let mut stopped = stopped.clone();
         async move {
-            // The server writes the kubeconfig, then listens.
+            // The server writes the kubeconfig, then listens (or fails
+            // to start, and then nothing runs).
             while !path.exists() || tokio::net::TcpStream::connect(listen).await.is_err() {
+                if *stopped.borrow() {
+                    return;
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             let client = match components::client(&path).await {

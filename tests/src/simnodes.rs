@@ -62,10 +62,13 @@ impl Default for Shape {
 struct State {
     /// Nodes that answer (killed ones are removed).
     alive: HashSet<String>,
-    /// Next host number per node for pod addresses.
+    /// Next never-used host number per node for pod addresses, and the
+    /// numbers pods that left gave back.
     next_host: HashMap<String, u32>,
-    /// Pods already reported, so watch events about them are skipped.
-    reported: HashSet<String>,
+    free_hosts: HashMap<String, Vec<u32>>,
+    /// Pods already reported (with their node and host number), so watch
+    /// events about them are skipped.
+    reported: HashMap<String, (String, u32)>,
     /// Each node's podCIDR base address, once read.
     pod_cidrs: HashMap<String, Ipv4Addr>,
 }
@@ -268,15 +271,21 @@ async fn serve_pods(client: Client, state: Arc<Mutex<State>>) {
                 continue;
             }
             if pod.metadata.deletion_timestamp.is_some() {
-                state.reported.remove(&key);
+                if let Some((node, host)) = state.reported.remove(&key) {
+                    state.free_hosts.entry(node).or_default().push(host);
+                }
                 None
-            } else if state.reported.contains(&key) {
+            } else if state.reported.contains_key(&key) {
                 continue;
             } else {
-                state.reported.insert(key.clone());
-                let host = state.next_host.entry(node.clone()).or_insert(1);
-                *host += 1;
-                Some(*host)
+                let reused = state.free_hosts.get_mut(&node).and_then(Vec::pop);
+                let host = reused.unwrap_or_else(|| {
+                    let next = state.next_host.entry(node.clone()).or_insert(1);
+                    *next += 1;
+                    *next
+                });
+                state.reported.insert(key.clone(), (node.clone(), host));
+                Some(host)
             }
         };
         let client = client.clone();
@@ -287,9 +296,16 @@ async fn serve_pods(client: Client, state: Arc<Mutex<State>>) {
             match address {
                 None => {
                     // The node stopped the pod: finish its deletion.
-                    let _ = api
-                        .delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
-                        .await;
+                    // (Only this pod, not a namesake created since.)
+                    let params = DeleteParams {
+                        grace_period_seconds: Some(0),
+                        preconditions: Some(kube::api::Preconditions {
+                            uid: pod.metadata.uid.clone(),
+                            resource_version: None,
+                        }),
+                        ..Default::default()
+                    };
+                    let _ = api.delete(&pod.name_any(), &params).await;
                 }
                 Some(host) => run_pod(&client, &api, &pod, &node, host, &state).await,
             }
@@ -338,7 +354,7 @@ async fn run_pod(
         .collect();
     let condition =
         |kind: &str| json!({ "type": kind, "status": "True", "lastTransitionTime": now });
-    let status = json!({ "status": {
+    let status = json!({ "metadata": { "uid": pod.metadata.uid }, "status": {
         "phase": "Running", "podIP": ip.to_string(), "podIPs": [{ "ip": ip.to_string() }],
         "hostIP": "10.0.0.1", "startTime": now,
         "conditions": [condition("PodScheduled"), condition("Initialized"), condition("ContainersReady"), condition("Ready")],
@@ -369,7 +385,7 @@ async fn run_pod(
         .unwrap_or(0);
     tokio::time::sleep(Duration::from_millis(run_ms)).await;
     let phase = if code == 0 { "Succeeded" } else { "Failed" };
-    let finished = json!({ "status": {
+    let finished = json!({ "metadata": { "uid": pod.metadata.uid }, "status": {
         "phase": phase,
         "conditions": [{ "type": "Ready", "status": "False", "lastTransitionTime": Time(chrono::Utc::now()) }],
         "containerStatuses": pod.spec.iter().flat_map(|s| &s.containers).map(|c| json!({

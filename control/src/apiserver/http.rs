@@ -1060,7 +1060,7 @@ async fn bind<S: Store>(
         rt,
         namespace,
         name,
-        UpdateMode::Main,
+        UpdateMode::MainAndStatus,
         &call.write_options()?,
         |current| {
             if let Some(bound) = current["spec"]["nodeName"]
@@ -1078,8 +1078,27 @@ async fn bind<S: Store>(
                     reason: format!("pod {name} is being deleted, cannot be assigned to a host"),
                 });
             }
+            if let Some(uid) = binding["metadata"]["uid"].as_str()
+                && current["metadata"]["uid"].as_str() != Some(uid)
+            {
+                return Err(ApiError::Conflict {
+                    subject: rt.subject(name),
+                    reason: format!("the binding is for pod uid {uid}, not this pod"),
+                });
+            }
             let mut next = current.clone();
             next["spec"]["nodeName"] = json!(node);
+            // As upstream's binding storage: the pod is now scheduled.
+            let scheduled = json!({ "type": "PodScheduled", "status": "True", "lastProbeTime": null,
+                "lastTransitionTime": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true) });
+            let conditions = &mut next["status"]["conditions"];
+            if !conditions.is_array() {
+                *conditions = json!([]);
+            }
+            if let Some(list) = conditions.as_array_mut() {
+                list.retain(|c| c["type"] != "PodScheduled");
+                list.push(scheduled);
+            }
             precondition(&mut next, None);
             Ok(next)
         },

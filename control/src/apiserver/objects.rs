@@ -80,6 +80,9 @@ pub enum UpdateMode {
     Main,
     /// Only status.
     Status,
+    /// Both, for the server's own writes that set a field and the status
+    /// that reports it (a binding sets `nodeName` and `PodScheduled`).
+    MainAndStatus,
 }
 
 /// Query and body options of a delete.
@@ -705,7 +708,7 @@ impl<S: Store> App<S> {
                 merged["metadata"]["managedFields"] = managed.clone();
             }
             next = merged;
-        } else if rt.status {
+        } else if rt.status && mode == UpdateMode::Main {
             next["status"] = current["status"].clone();
         }
         if next["metadata"].get("managedFields").is_none()

@@ -132,18 +132,15 @@ pub(super) fn plan(cronjob: &CronJob, owned: &[Arc<Job>], now: DateTime<Utc>) ->
         .as_ref()
         .or(cronjob.metadata.creation_timestamp.as_ref())
         .map_or(now, |t| t.0);
-    // The most recent time due since the last run.
-    let mut due = None;
-    let mut cursor = since;
-    while let Ok(next) = cron.find_next_occurrence(&cursor, false) {
-        if next > now {
-            plan.requeue =
-                Some((next - now).to_std().unwrap_or_default() + Duration::from_millis(100));
-            break;
-        }
-        due = Some(next);
-        cursor = next;
+    // The most recent time due, if after the last run (older missed
+    // times never run, so they need not be walked).
+    if let Ok(next) = cron.find_next_occurrence(&now, false) {
+        plan.requeue = Some((next - now).to_std().unwrap_or_default() + Duration::from_millis(100));
     }
+    let due = cron
+        .find_previous_occurrence(&now, true)
+        .ok()
+        .filter(|due| *due > since);
     let Some(due) = due else { return plan };
     if spec.suspend == Some(true) {
         return plan;

@@ -158,17 +158,30 @@ pub(super) fn plan(
         .and_then(|s| s.min_ready_seconds)
         .unwrap_or(0);
     let mut by_node: BTreeMap<String, Vec<&Arc<Pod>>> = BTreeMap::new();
-    for pod in owned.iter().filter(|p| pods::is_active(p)) {
-        if let Some(node) = target_node(pod) {
-            by_node.entry(node).or_default().push(pod);
-        }
-    }
-    let eligible: Vec<&Arc<Node>> = nodes.iter().filter(|n| qualifies(ds, n)).collect();
     let mut plan = Plan {
         create_on: Vec::new(),
         delete: Vec::new(),
         status: DaemonSetStatus::default(),
     };
+    // Nodes where a pod is still terminating get no new one yet (it
+    // would fight the old one for host ports).
+    let mut terminating = std::collections::HashSet::new();
+    for pod in owned {
+        let Some(node) = target_node(pod) else {
+            continue;
+        };
+        if pods::is_terminal(pod) && !pods::is_deleting(&pod.metadata) {
+            // A failed (or exited) daemon is replaced: deleted now,
+            // created again next sync.
+            plan.delete.push(Arc::clone(pod));
+            terminating.insert(node);
+        } else if pods::is_deleting(&pod.metadata) {
+            terminating.insert(node);
+        } else if pods::is_active(pod) {
+            by_node.entry(node).or_default().push(pod);
+        }
+    }
+    let eligible: Vec<&Arc<Node>> = nodes.iter().filter(|n| qualifies(ds, n)).collect();
     let is_current = |p: &Pod| p.labels().get(REVISION_HASH).map(String::as_str) == Some(hash);
     let mut desired = 0;
     let (mut scheduled, mut ready, mut available, mut updated) = (0, 0, 0, 0);
@@ -177,7 +190,9 @@ pub(super) fn plan(
         desired += 1;
         let name = node.name_any();
         let Some(mut here) = by_node.remove(&name) else {
-            plan.create_on.push(name);
+            if !terminating.contains(&name) {
+                plan.create_on.push(name);
+            }
             continue;
         };
         // Keep the current, oldest pod; the rest go.
@@ -240,7 +255,9 @@ pub(super) fn plan(
         number_misscheduled: i32::try_from(misscheduled).unwrap_or(i32::MAX),
         number_ready: ready,
         number_available: Some(available),
-        number_unavailable: Some(desired - available).filter(|n| *n > 0),
+        // Zero is written, not left out: a merge patch would keep the
+        // old count.
+        number_unavailable: Some(desired - available),
         updated_number_scheduled: Some(updated),
         observed_generation: ds.metadata.generation,
         collision_count: ds.status.as_ref().and_then(|s| s.collision_count),
@@ -255,6 +272,8 @@ pub(super) async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<A
     }
     let namespace = ds.namespace().unwrap_or_default();
     let key = pods::key(&ds.metadata);
+    // Expectations are per owner object: uids never repeat.
+    let owner = ds.metadata.uid.clone().unwrap_or_default();
     let selector = ds
         .spec
         .as_ref()
@@ -278,7 +297,7 @@ pub(super) async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<A
         .map(|s| s.template.clone())
         .unwrap_or_default();
     let hash = template_hash(&template, None);
-    let met = ctx.expectations.satisfied(&key, |name| {
+    let met = ctx.expectations.satisfied(&owner, |name| {
         ctx.pods
             .get(&ObjectRef::new(name).within(&namespace))
             .is_some_and(|p| !pods::is_deleting(&p.metadata))
@@ -291,7 +310,7 @@ pub(super) async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<A
                 .create(&PostParams::default(), &pod_for(&ds, node, &hash))
                 .await
                 .map_err(Error::api("creating a daemon pod for", node.clone()))?;
-            ctx.expectations.created(&key, created.name_any());
+            ctx.expectations.created(&owner, created.name_any());
             ctx.recorder.record(
                 &*ds,
                 EventType::Normal,
@@ -300,7 +319,7 @@ pub(super) async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<A
             );
         }
         for pod in &plan.delete {
-            ctx.expectations.deleted(&key, pod.name_any());
+            ctx.expectations.deleted(&owner, pod.name_any());
             match api.delete(&pod.name_any(), &DeleteParams::default()).await {
                 Ok(_) => ctx.recorder.record(
                     &*ds,
@@ -309,7 +328,10 @@ pub(super) async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<A
                     format!("Deleted pod: {}", pod.name_any()),
                 ),
                 Err(kube::Error::Api(status)) if status.code == 404 => {}
-                Err(error) => return Err(Error::api("deleting daemon pod", pod.name_any())(error)),
+                Err(error) => {
+                    ctx.expectations.delete_failed(&owner, &pod.name_any());
+                    return Err(Error::api("deleting daemon pod", pod.name_any())(error));
+                }
             }
         }
     }
@@ -323,7 +345,21 @@ pub(super) async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<A
             .await
             .map_err(Error::api("updating status of", &key))?;
     }
-    Ok(Action::await_change())
+    Ok(requeue_for_min_ready(
+        ds.spec.as_ref().and_then(|s| s.min_ready_seconds),
+    ))
+}
+
+/// Pods become available `minReadySeconds` after they are Ready, which no
+/// watch event announces: look again then.
+pub(super) fn requeue_for_min_ready(min_ready_seconds: Option<i32>) -> Action {
+    match min_ready_seconds
+        .and_then(|s| u64::try_from(s).ok())
+        .filter(|s| *s > 0)
+    {
+        Some(seconds) => Action::requeue(std::time::Duration::from_secs(seconds + 1)),
+        None => Action::await_change(),
+    }
 }
 
 #[cfg(test)]

@@ -250,8 +250,16 @@ pub(super) fn proportional(d: &Deployment, active: &[&ReplicaSet]) -> BTreeMap<S
     let total: i32 = active.iter().map(|rs| spec_replicas(rs)).sum();
     let diff = allowed - total;
     let mut sizes = BTreeMap::new();
-    if diff == 0 || total == 0 {
+    if total == 0 {
         return sizes;
+    }
+    if diff == 0 {
+        // Sizes stay; the annotations still learn the new replica count,
+        // which ends the scaling event.
+        return active
+            .iter()
+            .map(|rs| (rs.name_any(), spec_replicas(rs)))
+            .collect();
     }
     let mut ordered: Vec<&&ReplicaSet> = active.iter().collect();
     ordered.sort_by_key(|rs| std::cmp::Reverse((spec_replicas(rs), revision(rs))));
@@ -296,10 +304,11 @@ pub(super) fn sizes(
             != Some(wanted(d))
     });
     if paused || (scaling_event && active.len() > 1 && !is_recreate(d)) {
-        return if scaling_event {
-            proportional(d, &active)
-        } else {
-            BTreeMap::new()
+        return match active.as_slice() {
+            _ if !scaling_event => BTreeMap::new(),
+            // One active ReplicaSet simply takes the new count.
+            [only] => [(only.name_any(), wanted(d))].into(),
+            _ => proportional(d, &active),
         };
     }
     if is_recreate(d) {
@@ -408,7 +417,20 @@ pub(super) fn status(
         .as_ref()
         .and_then(|s| s.progress_deadline_seconds)
         .unwrap_or(600);
-    if complete {
+    let paused = d.spec.as_ref().and_then(|s| s.paused) == Some(true);
+    if paused {
+        // No deadline runs while paused (upstream's DeploymentPaused).
+        set_condition(
+            &mut conditions,
+            condition(
+                "Unknown",
+                "DeploymentPaused",
+                "Deployment is paused".to_owned(),
+                "Progressing",
+                now,
+            ),
+        );
+    } else if complete {
         set_condition(
             &mut conditions,
             condition(

@@ -62,6 +62,15 @@ impl Expectations {
         });
     }
 
+    /// A delete that failed will never show in the cache: stop waiting.
+    pub fn delete_failed(&self, owner: &str, name: &str) {
+        self.with(|pending| {
+            if let Some(entry) = pending.get_mut(owner) {
+                entry.deleted.remove(name);
+            }
+        });
+    }
+
     /// Whether the cache has caught up with the owner's writes; `cached`
     /// answers "is this name in the cache and not being deleted?".
     pub fn satisfied(&self, owner: &str, cached: impl Fn(&str) -> bool) -> bool {

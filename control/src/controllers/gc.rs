@@ -135,6 +135,10 @@ struct Collector {
     kinds: HashMap<(String, String), Arc<Resource>>,
     queue: VecDeque<String>,
     queued: HashSet<String>,
+    /// Per kind being re-listed, the uids listed so far.
+    relisting: HashMap<(String, String), HashSet<String>>,
+    /// Kinds listed at least once.
+    listed: HashSet<(String, String)>,
 }
 
 fn api_for(client: &Client, resource: &Resource, namespace: Option<&str>) -> Api<DynamicObject> {
@@ -189,6 +193,8 @@ pub(super) async fn run(client: Client) {
         kinds,
         queue: VecDeque::new(),
         queued: HashSet::new(),
+        relisting: HashMap::new(),
+        listed: HashSet::new(),
     };
     let mut unlisted = streams.len();
     let mut rescan = tokio::time::interval(RESCAN);
@@ -233,10 +239,55 @@ impl Collector {
         event: Result<watcher::Event<PartialObjectMeta<DynamicObject>>, watcher::Error>,
         unlisted: &mut usize,
     ) {
+        let kind = (resource.api.api_version.clone(), resource.api.kind.clone());
         match event {
-            Ok(watcher::Event::InitDone) => *unlisted = unlisted.saturating_sub(1),
-            Ok(event) => self.observe(resource, event),
+            Ok(watcher::Event::Init) => {
+                self.relisting.insert(kind, HashSet::new());
+            }
+            Ok(watcher::Event::InitDone) => {
+                // Objects of this kind not listed again were deleted while
+                // the watch was down.
+                let seen = self.relisting.remove(&kind).unwrap_or_default();
+                let gone: Vec<String> = self
+                    .graph
+                    .objects
+                    .iter()
+                    .filter(|(uid, e)| {
+                        e.resource.api.api_version == kind.0
+                            && e.resource.api.kind == kind.1
+                            && !seen.contains(*uid)
+                    })
+                    .map(|(uid, _)| uid.clone())
+                    .collect();
+                for uid in gone {
+                    self.forget(&uid);
+                }
+                if self.listed.insert(kind) {
+                    *unlisted = unlisted.saturating_sub(1);
+                }
+            }
+            Ok(event) => {
+                if let (watcher::Event::InitApply(object), Some(seen)) =
+                    (&event, self.relisting.get_mut(&kind))
+                    && let Some(uid) = &object.metadata.uid
+                {
+                    seen.insert(uid.clone());
+                }
+                self.observe(resource, event);
+            }
             Err(error) => debug!(%error, kind = %resource.api.kind, "garbage collector watch"),
+        }
+    }
+
+    /// An object is gone: its dependents may be garbage now, and an owner
+    /// deleting in the foreground may be free to go.
+    fn forget(&mut self, uid: &str) {
+        let owners = self.graph.remove(uid).map(|e| e.owners).unwrap_or_default();
+        for dependent in self.graph.dependents_of(uid) {
+            self.enqueue(dependent);
+        }
+        for owner in owners {
+            self.enqueue(owner.uid);
         }
     }
 
@@ -269,21 +320,8 @@ impl Collector {
                 }
             }
             watcher::Event::Delete(object) => {
-                let Some(uid) = object.metadata.uid else {
-                    return;
-                };
-                let owners = self
-                    .graph
-                    .remove(&uid)
-                    .map(|e| e.owners)
-                    .unwrap_or_default();
-                // Its dependents may now be garbage; a foreground owner
-                // may now be free to go.
-                for dependent in self.graph.dependents_of(&uid) {
-                    self.enqueue(dependent);
-                }
-                for owner in owners {
-                    self.enqueue(owner.uid);
+                if let Some(uid) = object.metadata.uid {
+                    self.forget(&uid);
                 }
             }
             watcher::Event::Init | watcher::Event::InitDone => {}
@@ -429,6 +467,18 @@ impl Collector {
                 continue;
             }
             let child_api = api_for(&self.client, &child.resource, child.namespace.as_deref());
+            let others: Vec<OwnerReference> = child
+                .owners
+                .iter()
+                .filter(|o| o.uid != uid)
+                .cloned()
+                .collect();
+            if !others.is_empty() {
+                // Others still own it: it only stops naming this owner.
+                self.set_owners(&dependent, &child, &child_api, &others)
+                    .await?;
+                continue;
+            }
             let params = DeleteParams {
                 propagation_policy: Some(PropagationPolicy::Foreground),
                 ..Default::default()

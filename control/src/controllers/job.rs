@@ -154,6 +154,8 @@ pub(super) async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action
     }
     let namespace = job.namespace().unwrap_or_default();
     let key = pods::key(&job.metadata);
+    // Expectations are per owner object: uids never repeat.
+    let owner = job.metadata.uid.clone().unwrap_or_default();
     let selector = job
         .spec
         .as_ref()
@@ -173,7 +175,7 @@ pub(super) async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action
         },
     )
     .await?;
-    let met = ctx.expectations.satisfied(&key, |name| {
+    let met = ctx.expectations.satisfied(&owner, |name| {
         ctx.pods
             .get(&ObjectRef::new(name).within(&namespace))
             .is_some_and(|p| !pods::is_deleting(&p.metadata))
@@ -200,21 +202,34 @@ pub(super) async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action
     }
     let results =
         futures::future::join_all((0..plan.create).map(|_| api.create(&params, &pod))).await;
+    // Every success is recorded before a failure is reported, or the
+    // next sync would create those pods again.
+    let mut failure = None;
     for result in results {
-        let created = result.map_err(Error::api("creating a pod for", &key))?;
-        ctx.expectations.created(&key, created.name_any());
-        ctx.recorder.record(
-            &*job,
-            EventType::Normal,
-            "SuccessfulCreate",
-            format!("Created pod: {}", created.name_any()),
-        );
+        match result {
+            Ok(created) => {
+                ctx.expectations.created(&owner, created.name_any());
+                ctx.recorder.record(
+                    &*job,
+                    EventType::Normal,
+                    "SuccessfulCreate",
+                    format!("Created pod: {}", created.name_any()),
+                );
+            }
+            Err(error) => failure = Some(error),
+        }
+    }
+    if let Some(error) = failure {
+        return Err(Error::api("creating a pod for", &key)(error));
     }
     for pod in &plan.delete {
-        ctx.expectations.deleted(&key, pod.name_any());
+        ctx.expectations.deleted(&owner, pod.name_any());
         match api.delete(&pod.name_any(), &DeleteParams::default()).await {
             Ok(_) | Err(kube::Error::Api(kube::core::ErrorResponse { code: 404, .. })) => {}
-            Err(error) => return Err(Error::api("deleting job pod", pod.name_any())(error)),
+            Err(error) => {
+                ctx.expectations.delete_failed(&owner, &pod.name_any());
+                return Err(Error::api("deleting job pod", pod.name_any())(error));
+            }
         }
     }
     if job.status.as_ref() != Some(&plan.status) {

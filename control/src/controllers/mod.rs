@@ -23,7 +23,14 @@ mod replicaset;
 mod serviceaccount;
 mod statefulset;
 
-use std::{net::Ipv4Addr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, Utc};
 
 use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
@@ -108,6 +115,9 @@ impl Error {
     }
 }
 
+/// A node's last heartbeat and when this process saw it change.
+pub type Heartbeat = (Option<DateTime<Utc>>, Instant);
+
 /// What every reconcile sees: the client, the shared caches, the event
 /// recorder and the settings.
 pub struct Context {
@@ -127,6 +137,9 @@ pub struct Context {
     pub namespaces: Store<Namespace>,
     pub service_accounts: Store<ServiceAccount>,
     pub expectations: Expectations,
+    /// Per node: the last heartbeat seen, and when this process saw it
+    /// change (node lifecycle judges silence by its own clock).
+    pub heartbeats: std::sync::Mutex<HashMap<String, Heartbeat>>,
     /// Pod CIDRs handed out that the node cache may not show yet.
     pub pod_cidrs: std::sync::Mutex<std::collections::BTreeSet<u32>>,
     pub options: Options,
@@ -341,6 +354,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         service_accounts: service_accounts.store(),
         expectations: Expectations::default(),
         pod_cidrs: Default::default(),
+        heartbeats: Default::default(),
         options,
     });
 

@@ -94,16 +94,27 @@ pub(super) async fn reconcile(
     }
     let api: Api<Namespace> = Api::all(ctx.client.clone());
     if !remaining.is_empty() {
-        let patch = serde_json::json!({ "status": { "conditions": [{
-            "type": "NamespaceContentRemaining",
-            "status": "True",
-            "reason": "SomeResourcesRemain",
-            "message": remaining_message(&remaining),
-            "lastTransitionTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(chrono::Utc::now()),
-        }]}});
-        api.patch_status(&name, &PatchParams::default(), &Patch::Strategic(patch))
-            .await
-            .map_err(Error::api("reporting remaining content of", &name))?;
+        let message = remaining_message(&remaining);
+        // Written only when it says something new (each write would
+        // trigger another reconcile).
+        let reported = namespace
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == "NamespaceContentRemaining"))
+            .is_some_and(|c| c.message.as_deref() == Some(message.as_str()));
+        if !reported {
+            let patch = serde_json::json!({ "status": { "conditions": [{
+                "type": "NamespaceContentRemaining",
+                "status": "True",
+                "reason": "SomeResourcesRemain",
+                "message": message,
+                "lastTransitionTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(chrono::Utc::now()),
+            }]}});
+            api.patch_status(&name, &PatchParams::default(), &Patch::Strategic(patch))
+                .await
+                .map_err(Error::api("reporting remaining content of", &name))?;
+        }
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
     let mut finalized = Namespace::clone(&namespace);

@@ -61,6 +61,9 @@ pub(super) async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Acti
             .iter()
             .filter_map(|n| cidr_of(n))
             .collect();
+        // What the cache shows needs no remembering (and a deleted node's
+        // CIDR becomes free again).
+        handed_out.retain(|network| !taken.contains(network));
         taken.extend(handed_out.iter().copied());
         let chosen = allocate(cluster, mask, &taken);
         if let Some(network) = chosen {
@@ -79,14 +82,22 @@ pub(super) async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Acti
     };
     let cidr = format!("{}/{mask}", Ipv4Addr::from(network));
     let patch = serde_json::json!({ "spec": { "podCIDR": cidr, "podCIDRs": [cidr] } });
-    Api::<Node>::all(ctx.client.clone())
+    if let Err(error) = Api::<Node>::all(ctx.client.clone())
         .patch(
             &node.name_any(),
             &PatchParams::default(),
             &Patch::Merge(&patch),
         )
         .await
-        .map_err(Error::api("assigning a pod CIDR to", node.name_any()))?;
+    {
+        ctx.pod_cidrs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&network);
+        return Err(Error::api("assigning a pod CIDR to", node.name_any())(
+            error,
+        ));
+    }
     ctx.recorder.record(
         &*node,
         EventType::Normal,

@@ -12,7 +12,10 @@
 //!   added by the API server's admission) run out from the taint's
 //!   `timeAdded`.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::{
@@ -56,7 +59,7 @@ fn ready_status(node: &Node) -> Option<&str> {
 }
 
 /// The latest sign of life: Lease renewal, Ready heartbeat, or creation.
-fn heartbeat(node: &Node, lease: Option<&Lease>) -> Option<DateTime<Utc>> {
+pub(super) fn heartbeat(node: &Node, lease: Option<&Lease>) -> Option<DateTime<Utc>> {
     let renewed = lease
         .and_then(|l| l.spec.as_ref())
         .and_then(|s| s.renew_time.as_ref())
@@ -76,16 +79,17 @@ fn to_std(duration: chrono::Duration) -> Duration {
     duration.to_std().unwrap_or(Duration::ZERO)
 }
 
+/// `silent_for`: how long since this controller saw the heartbeat
+/// change (its own clock, not the agent's: skew cannot age a node, and a
+/// restarted controller gives every node a full grace period).
 pub(super) fn decide(
     node: &Node,
-    lease: Option<&Lease>,
+    silent_for: Duration,
     pods_on_node: impl FnOnce() -> Vec<Arc<Pod>>,
     grace: Duration,
     now: DateTime<Utc>,
 ) -> Decision {
-    let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
-    let last = heartbeat(node, lease).unwrap_or(now);
-    let stale = now - last > grace;
+    let stale = silent_for > grace;
     let status = if stale {
         "Unknown"
     } else {
@@ -94,7 +98,7 @@ pub(super) fn decide(
     let mut requeue = if stale {
         Duration::from_secs(5)
     } else {
-        to_std(last + grace - now) + Duration::from_secs(1)
+        grace - silent_for + Duration::from_secs(1)
     };
     let current = node
         .spec
@@ -174,6 +178,18 @@ pub(super) async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Acti
     let lease = ctx
         .leases
         .get(&ObjectRef::new(&name).within("kube-node-lease"));
+    let beat = heartbeat(&node, lease.as_deref());
+    let silent_for = {
+        let mut seen = ctx
+            .heartbeats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = seen.entry(name.clone()).or_insert((beat, Instant::now()));
+        if entry.0 != beat {
+            *entry = (beat, Instant::now());
+        }
+        entry.1.elapsed()
+    };
     let on_node = || {
         ctx.pods
             .state()
@@ -183,7 +199,7 @@ pub(super) async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Acti
     };
     let decision = decide(
         &node,
-        lease.as_deref(),
+        silent_for,
         on_node,
         ctx.options.node_monitor_grace,
         Utc::now(),
@@ -306,24 +322,12 @@ mod tests {
     #[test]
     fn a_silent_node_becomes_unknown_and_tainted() {
         let now = Utc::now();
-        let fresh = decide(
-            &node("True", now - chrono::Duration::seconds(10), json!([])),
-            None,
-            Vec::new,
-            GRACE,
-            now,
-        );
+        let ready = node("True", now, json!([]));
+        let fresh = decide(&ready, Duration::from_secs(10), Vec::new, GRACE, now);
         assert!(!fresh.mark_unknown && fresh.taints.is_none());
-        // Heartbeats are written with second precision.
-        assert!((Duration::from_secs(30)..=Duration::from_secs(31)).contains(&fresh.requeue));
+        assert_eq!(fresh.requeue, Duration::from_secs(31));
 
-        let silent = decide(
-            &node("True", now - chrono::Duration::seconds(50), json!([])),
-            None,
-            Vec::new,
-            GRACE,
-            now,
-        );
+        let silent = decide(&ready, Duration::from_secs(50), Vec::new, GRACE, now);
         assert!(silent.mark_unknown);
         let taints = silent.taints.unwrap();
         let keys: Vec<(&str, &str)> = taints
@@ -335,32 +339,13 @@ mod tests {
             [(UNREACHABLE, "NoSchedule"), (UNREACHABLE, "NoExecute")]
         );
 
-        // A lease renewal counts as a heartbeat.
-        let lease: Lease = serde_json::from_value(json!({
-            "metadata": {"name": "n1"}, "spec": {"renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now)},
-        }))
-        .unwrap();
-        let renewed = decide(
-            &node("True", now - chrono::Duration::seconds(50), json!([])),
-            Some(&lease),
-            Vec::new,
-            GRACE,
-            now,
-        );
-        assert!(!renewed.mark_unknown);
-
         // Back to Ready: the condition taints go, others stay.
-        let recovered = decide(
-            &node(
-                "True",
-                now,
-                json!([{"key": UNREACHABLE, "effect": "NoExecute"}, {"key": "gpu", "effect": "NoSchedule"}]),
-            ),
-            None,
-            Vec::new,
-            GRACE,
+        let tainted = node(
+            "True",
             now,
+            json!([{"key": UNREACHABLE, "effect": "NoExecute"}, {"key": "gpu", "effect": "NoSchedule"}]),
         );
+        let recovered = decide(&tainted, Duration::ZERO, Vec::new, GRACE, now);
         let keys: Vec<String> = recovered
             .taints
             .unwrap()
@@ -368,6 +353,28 @@ mod tests {
             .map(|t| t.key.clone())
             .collect();
         assert_eq!(keys, ["gpu"]);
+    }
+
+    #[test]
+    fn the_latest_sign_of_life_counts() {
+        let now = Utc::now();
+        let earlier = now - chrono::Duration::seconds(50);
+        let old = node("True", earlier, json!([]));
+        let lease: Lease = serde_json::from_value(json!({
+            "metadata": {"name": "n1"},
+            "spec": {"renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now)},
+        }))
+        .unwrap();
+        // (MicroTime keeps microseconds.)
+        assert_eq!(
+            heartbeat(&old, Some(&lease)).map(|t| t.timestamp_micros()),
+            Some(now.timestamp_micros())
+        );
+        assert_eq!(
+            heartbeat(&old, None).map(|t| t.timestamp()),
+            Some(earlier.timestamp()),
+            "the Ready heartbeat without a lease"
+        );
     }
 
     #[test]
@@ -394,7 +401,7 @@ mod tests {
             ),
             pod("forever", json!([{"operator": "Exists"}])),
         ];
-        let decision = decide(&down, None, || pods.clone(), GRACE, now);
+        let decision = decide(&down, Duration::from_secs(100), || pods.clone(), GRACE, now);
         assert!(!decision.mark_unknown, "already Unknown");
         assert!(decision.taints.is_none(), "unchanged");
         let evicted: Vec<String> = decision.evict.iter().map(|p| p.name_any()).collect();

@@ -122,8 +122,10 @@ fn deletion_rank(pod: &Pod) -> impl Ord {
 
 pub(super) async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Context>) -> Result<Action, Error> {
     let key = pods::key(&rs.metadata);
+    // Expectations are per owner object: uids never repeat.
+    let owner = rs.metadata.uid.clone().unwrap_or_default();
     if pods::is_deleting(&rs.metadata) {
-        ctx.expectations.forget(&key);
+        ctx.expectations.forget(&owner);
         return Ok(Action::await_change());
     }
     let namespace = rs.namespace().unwrap_or_default();
@@ -144,7 +146,7 @@ pub(super) async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Context>) -> Result<
         },
     )
     .await?;
-    let met = ctx.expectations.satisfied(&key, |name| {
+    let met = ctx.expectations.satisfied(&owner, |name| {
         ctx.pods
             .get(&ObjectRef::new(name).within(&namespace))
             .is_some_and(|p| !pods::is_deleting(&p.metadata))
@@ -156,7 +158,7 @@ pub(super) async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Context>) -> Result<
     }
     for pod in &plan.delete {
         let name = pod.name_any();
-        ctx.expectations.deleted(&key, name.clone());
+        ctx.expectations.deleted(&owner, name.clone());
         match api.delete(&name, &DeleteParams::default()).await {
             Ok(_) => ctx.recorder.record(
                 &*rs,
@@ -165,7 +167,10 @@ pub(super) async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Context>) -> Result<
                 format!("Deleted pod: {name}"),
             ),
             Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(error) => return Err(Error::api("deleting pod", name)(error)),
+            Err(error) => {
+                ctx.expectations.delete_failed(&owner, &name);
+                return Err(Error::api("deleting pod", name)(error));
+            }
         }
     }
     if rs.status.as_ref() != Some(&plan.status) {
@@ -192,6 +197,8 @@ async fn create_pods(
     count: usize,
 ) -> Result<(), Error> {
     let key = pods::key(&rs.metadata);
+    // Expectations are per owner object: uids never repeat.
+    let owner = rs.metadata.uid.clone().unwrap_or_default();
     let template = rs
         .spec
         .as_ref()
@@ -215,7 +222,7 @@ async fn create_pods(
                         "SuccessfulCreate",
                         format!("Created pod: {name}"),
                     );
-                    ctx.expectations.created(&key, name);
+                    ctx.expectations.created(&owner, name);
                 }
                 Err(error) => failure = Some(error),
             }

@@ -262,7 +262,9 @@ pub(super) async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Resul
             .await
             .map_err(Error::api("updating status of", &key))?;
     }
-    Ok(Action::await_change())
+    Ok(super::daemonset::requeue_for_min_ready(
+        sts.spec.as_ref().and_then(|s| s.min_ready_seconds),
+    ))
 }
 
 #[cfg(test)]

@@ -232,6 +232,11 @@ impl Cache {
         }
     }
 
+    /// Whether the watch has reported this pod placed (not just assumed).
+    pub fn is_confirmed(&self, key: &str) -> bool {
+        self.placements.get(key).is_some_and(|p| !p.assumed)
+    }
+
     /// Places a pod on `node` before its binding is written.
     pub fn assume(&mut self, pod: &Pod, node: &str) {
         let mut bound = pod.clone();

@@ -245,6 +245,8 @@ impl Scheduler {
             }
             watcher::Event::InitDone => {
                 if let Some(seen) = self.relisting_pods.take() {
+                    // Pods deleted while the watch was down.
+                    self.queue.retain(|key| seen.contains(key));
                     let gone: Vec<Pod> = self
                         .cache
                         .placed()
@@ -276,9 +278,17 @@ impl Scheduler {
             return;
         }
         self.queue.remove(&key);
+        // A pod finishing frees room; a pod landing may be what another
+        // pod's affinity or spread waits for.
         let finished = pods::is_terminal(&pod);
+        let landed = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_ref())
+            .is_some()
+            && !self.cache.is_confirmed(&key);
         self.cache.upsert_pod(&pod);
-        if finished {
+        if finished || landed {
             self.queue.cluster_changed();
         }
     }

@@ -7,7 +7,7 @@
 
 use std::{
     cmp::Reverse,
-    collections::{BinaryHeap, HashMap},
+    collections::{BinaryHeap, HashMap, HashSet},
     sync::Arc,
     time::Duration,
 };
@@ -46,6 +46,9 @@ pub struct Queue {
     pods: HashMap<String, Waiting>,
     /// (priority, earliest arrival first, generation, key)
     active: BinaryHeap<(i32, Reverse<u64>, u64, String)>,
+    /// Keys backing off or unschedulable: what flushes and cluster
+    /// changes look at, so neither scans every pending pod.
+    parked: HashSet<String>,
     counter: u64,
 }
 
@@ -76,6 +79,7 @@ impl Queue {
     }
 
     fn activate(&mut self, key: &str) {
+        self.parked.remove(key);
         let generation = self.next_counter();
         let Some(waiting) = self.pods.get_mut(key) else {
             return;
@@ -122,6 +126,7 @@ impl Queue {
 
     /// The pod was bound, deleted or finished.
     pub fn remove(&mut self, key: &str) {
+        self.parked.remove(key);
         self.pods.remove(key);
     }
 
@@ -155,14 +160,23 @@ impl Queue {
         } else {
             Area::Backoff(now + backoff(waiting.attempts))
         };
+        self.parked.insert(key.to_owned());
+    }
+
+    /// Keeps only the pods `keep` says still exist (after a re-list).
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.pods.retain(|key, _| keep(key));
+        self.parked.retain(|key| keep(key));
     }
 
     /// Something changed that may let unschedulable pods fit: they go
     /// through back-off (so a burst of changes cannot spin them).
     pub fn cluster_changed(&mut self) {
         let now = Instant::now();
-        for waiting in self.pods.values_mut() {
-            if let Area::Unschedulable(_) = waiting.area {
+        for key in &self.parked {
+            if let Some(waiting) = self.pods.get_mut(key)
+                && let Area::Unschedulable(_) = waiting.area
+            {
                 waiting.area = Area::Backoff(now + backoff(waiting.attempts));
             }
         }
@@ -174,7 +188,10 @@ impl Queue {
         let now = Instant::now();
         let mut due = Vec::new();
         let mut next: Option<Instant> = None;
-        for (key, waiting) in &self.pods {
+        for key in &self.parked {
+            let Some(waiting) = self.pods.get(key) else {
+                continue;
+            };
             if let Area::Backoff(at) | Area::Unschedulable(at) = waiting.area {
                 if at <= now {
                     due.push(key.clone());

@@ -181,6 +181,30 @@ fn scaling_mid_rollout_is_proportional() {
     assert!(changes["web-old"] > changes["web-new"], "{changes:?}");
     let paused = sizes(&d, &[&old, &new], &[&old], &new, true, false);
     assert_eq!(paused, changes, "a paused deployment still scales");
+
+    // Scaled from 4 to 3 mid-rollout: 3 + 1 surge is what runs already,
+    // so the sizes stay and only the annotations move on.
+    let d = deployment(3, json!({"type": "RollingUpdate"}));
+    let old = replica_set("web-old", 1, 3, 3, 4);
+    let new = replica_set("web-new", 2, 1, 1, 4);
+    let same = sizes(&d, &[&old, &new], &[&old], &new, false, false);
+    assert_eq!(
+        same,
+        [("web-new".to_owned(), 1), ("web-old".to_owned(), 3)].into()
+    );
+    let old = replica_set("web-old", 1, 3, 3, 3);
+    let new = replica_set("web-new", 2, 1, 1, 3);
+    assert!(
+        !sizes(&d, &[&old, &new], &[&old], &new, false, false).is_empty(),
+        "the rollout goes on once the annotations say 3"
+    );
+    let single = replica_set("web-new", 2, 4, 4, 4);
+    let paused = sizes(&d, &[&single], &[], &single, true, false);
+    assert_eq!(
+        paused,
+        [("web-new".to_owned(), 3)].into(),
+        "exactly replicas, no surge"
+    );
 }
 
 #[test]
