@@ -685,3 +685,76 @@ spec:
     let owner = &json(&plane, &["get", "job", &job])["metadata"]["ownerReferences"][0];
     assert_eq!(owner["kind"], "CronJob");
 }
+
+#[test]
+fn a_higher_priority_pod_preempts_lower_ones() {
+    let plane = ControlPlane::cluster(StoreKind::Embedded, &[]);
+    let _nodes = SimNodes::start(
+        &plane.kubeconfig(),
+        "small",
+        1,
+        Shape {
+            cpu: "2".to_owned(),
+            ..Shape::default()
+        },
+    );
+    plane.apply(
+        r"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: low}
+spec:
+  replicas: 4
+  selector: {matchLabels: {app: low}}
+  template:
+    metadata: {labels: {app: low}}
+    spec:
+      containers: [{name: low, image: low, resources: {requests: {cpu: 500m}}}]
+---
+apiVersion: scheduling.k8s.io/v1
+kind: PriorityClass
+metadata: {name: high}
+value: 1000
+",
+    );
+    plane.kubectl_ok(&["rollout", "status", "deployment/low", "--timeout=60s"]);
+    let refused = plane.kubectl_with_input(
+        &["apply", "-f", "-"],
+        Some("apiVersion: v1\nkind: Pod\nmetadata: {name: stray}\nspec: {priorityClassName: nope, containers: [{name: c, image: c}]}\n"),
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("no PriorityClass with name nope was found"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    plane.apply(
+        r"apiVersion: v1
+kind: Pod
+metadata: {name: urgent}
+spec:
+  priorityClassName: high
+  containers: [{name: urgent, image: urgent, resources: {requests: {cpu: '1'}}}]
+",
+    );
+    let urgent = json(&plane, &["get", "pod", "urgent"]);
+    assert_eq!(urgent["spec"]["priority"], 1000, "resolved from the class");
+    wait_for(Duration::from_secs(45), "the urgent pod to run", || {
+        let pod = json(&plane, &["get", "pod", "urgent"]);
+        (pod["spec"]["nodeName"] == "small-0" && ready(&pod)).then_some(())
+    });
+    // Two 500m pods made room; their replacements wait.
+    wait_for(
+        Duration::from_secs(30),
+        "two low pods to be pending",
+        || {
+            let pods = live_pods(&plane, "default", "app=low");
+            let pending = pods
+                .iter()
+                .filter(|p| p["spec"]["nodeName"].is_null())
+                .count();
+            (pods.len() == 4 && pending == 2).then_some(())
+        },
+    );
+    let events = plane.kubectl_ok(&["get", "events"]);
+    assert!(events.contains("Preempted"), "{events}");
+}

@@ -386,6 +386,59 @@ impl<S: Store> App<S> {
         Ok(())
     }
 
+    /// Upstream's Priority admission: a new pod's `spec.priority` (and
+    /// `preemptionPolicy`, unless set) come from its PriorityClass, or
+    /// from the class marked `globalDefault`, else priority 0. A class
+    /// that does not exist refuses the pod.
+    async fn resolve_priority(&self, pods: &ResourceType, pod: &mut Value) -> Result<(), ApiError> {
+        let Some(classes) = self
+            .registry
+            .find("scheduling.k8s.io", "v1", "priorityclasses")
+        else {
+            return Ok(());
+        };
+        let named = pod["spec"]["priorityClassName"]
+            .as_str()
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned);
+        let class = match &named {
+            Some(name) => match self.get_object(classes, None, name).await {
+                Ok((class, _)) => Some(class),
+                Err(ApiError::NotFound(_)) => {
+                    return Err(ApiError::Forbidden {
+                        subject: pods.subject(meta_str(pod, "name").unwrap_or_default()),
+                        message: format!("no PriorityClass with name {name} was found"),
+                    });
+                }
+                Err(error) => return Err(error),
+            },
+            None => self
+                .list_objects(classes, None, &ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .find(|class| class["globalDefault"] == json!(true)),
+        };
+        if !pod["spec"].is_object() {
+            return Ok(());
+        }
+        let spec = &mut pod["spec"];
+        match class {
+            Some(class) => {
+                spec["priorityClassName"] = class["metadata"]["name"].clone();
+                spec["priority"] = class["value"].clone();
+                if spec["preemptionPolicy"].is_null() {
+                    spec["preemptionPolicy"] = class
+                        .get("preemptionPolicy")
+                        .cloned()
+                        .unwrap_or_else(|| json!("PreemptLowerPriority"));
+                }
+            }
+            None => spec["priority"] = json!(0),
+        }
+        Ok(())
+    }
+
     /// The namespace must exist and not be terminating.
     async fn check_namespace(&self, rt: &ResourceType, namespace: &str) -> Result<(), ApiError> {
         let namespaces = self
@@ -470,6 +523,7 @@ impl<S: Store> App<S> {
         }
         if rt.group.is_empty() && rt.plural == "pods" {
             self.tolerations.apply(&mut object);
+            self.resolve_priority(rt, &mut object).await?;
         }
         let (mut object, warnings) = self.admit(rt, &object, options)?;
         let now = now_rfc3339();
@@ -946,6 +1000,36 @@ impl<S: Store> App<S> {
             {
                 Ok(_) | Err(ApiError::AlreadyExists(_)) => {}
                 Err(error) => tracing::warn!(%error, "bootstrap: RBAC policy"),
+            }
+        }
+        // Upstream's built-in classes for what the cluster cannot lose.
+        if let Some(classes) = self
+            .registry
+            .find("scheduling.k8s.io", "v1", "priorityclasses")
+        {
+            for (name, value, description) in [
+                (
+                    "system-node-critical",
+                    2_000_001_000,
+                    "Used for system critical pods that must not be moved from their current node.",
+                ),
+                (
+                    "system-cluster-critical",
+                    2_000_000_000,
+                    "Used for system critical pods that must run in the cluster, but can be moved to another node if necessary.",
+                ),
+            ] {
+                let class = json!({
+                    "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                    "metadata": { "name": name }, "value": value, "description": description,
+                });
+                match self
+                    .create_object(classes, None, class, &WriteOptions::default())
+                    .await
+                {
+                    Ok(_) | Err(ApiError::AlreadyExists(_)) => {}
+                    Err(error) => tracing::warn!(%error, class = name, "bootstrap: priority class"),
+                }
             }
         }
         // In-cluster clients find the API server at the first service IP.

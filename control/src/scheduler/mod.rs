@@ -164,6 +164,9 @@ struct Scheduler {
     /// disappeared while it was down.
     relisting_pods: Option<std::collections::HashSet<String>>,
     relisting_nodes: Option<std::collections::HashSet<String>>,
+    /// Pending pods that preempted others, by the node they wait for:
+    /// pods of lower priority must leave them that room.
+    nominated: std::collections::HashMap<String, (String, Arc<Pod>)>,
     pods_synced: bool,
     nodes_synced: bool,
 }
@@ -179,6 +182,7 @@ pub async fn run(client: Client, recorder: Recorder) {
         rng: rand::SeedableRng::from_os_rng(),
         relisting_pods: None,
         relisting_nodes: None,
+        nominated: std::collections::HashMap::new(),
         pods_synced: false,
         nodes_synced: false,
     };
@@ -263,6 +267,7 @@ impl Scheduler {
             watcher::Event::Apply(pod) => self.pod_applied(pod),
             watcher::Event::Delete(pod) => {
                 let key = pods::key(&pod.metadata);
+                self.nominated.remove(&key);
                 self.queue.remove(&key);
                 self.cache.remove_pod(&pod);
                 self.queue.cluster_changed();
@@ -274,9 +279,22 @@ impl Scheduler {
         let key = pods::key(&pod.metadata);
         let pod = Arc::new(pod);
         if wants(&pod) {
+            match pod
+                .status
+                .as_ref()
+                .and_then(|s| s.nominated_node_name.clone())
+            {
+                Some(node) => {
+                    self.nominated.insert(key.clone(), (node, Arc::clone(&pod)));
+                }
+                None => {
+                    self.nominated.remove(&key);
+                }
+            }
             self.queue.upsert(&key, pod);
             return;
         }
+        self.nominated.remove(&key);
         self.queue.remove(&key);
         // A pod finishing frees room; a pod landing may be what another
         // pod's affinity or spread waits for.
@@ -333,7 +351,22 @@ impl Scheduler {
         key: &str,
         pod: &Arc<Pod>,
     ) -> Option<std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>>> {
-        match select_node(&self.cache, pod, &mut self.start, &mut self.rng) {
+        // Room freed for a pod of at least this priority is taken.
+        let priority = |p: &Pod| p.spec.as_ref().and_then(|s| s.priority).unwrap_or(0);
+        let reserved: Vec<Arc<Pod>> = self
+            .nominated
+            .iter()
+            .filter(|(other, (_, p))| *other != key && priority(p) >= priority(pod))
+            .map(|(_, (node, p))| {
+                self.cache.assume(p, node);
+                Arc::clone(p)
+            })
+            .collect();
+        let selected = select_node(&self.cache, pod, &mut self.start, &mut self.rng);
+        for p in &reserved {
+            self.cache.forget(p);
+        }
+        match selected {
             Ok(node) => {
                 self.cache.assume(pod, &node);
                 debug!(pod = key, node, "scheduled");

@@ -9,6 +9,7 @@ use k8s_openapi::{
         rbac::v1::{
             ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
         },
+        scheduling::v1::PriorityClass,
     },
     chrono::{DateTime, Utc},
 };
@@ -30,6 +31,53 @@ pub(super) fn register_all(types: &mut Vec<ResourceType>) {
     register::<ClusterRoleBinding>(types);
     register::<HorizontalPodAutoscaler>(types);
     register::<PodDisruptionBudget>(types);
+    register::<PriorityClass>(types);
+}
+
+/// Priorities above this are reserved for the system classes.
+pub const HIGHEST_USER_PRIORITY: i32 = 1_000_000_000;
+
+impl Kind for PriorityClass {
+    const SHORT_NAMES: &'static [&'static str] = &["pc"];
+
+    fn validate(&self, causes: &mut Causes) {
+        let name = self.metadata.name.as_deref().unwrap_or_default();
+        if self.value > HIGHEST_USER_PRIORITY && !name.starts_with("system-") {
+            causes.push(Cause::invalid(
+                "value",
+                &json!(self.value),
+                format!(
+                    "maximum allowed value of a user defined priority is {HIGHEST_USER_PRIORITY}"
+                ),
+            ));
+        }
+        if let Some(policy) = &self.preemption_policy
+            && policy != "PreemptLowerPriority"
+            && policy != "Never"
+        {
+            causes.push(Cause::not_supported(
+                "preemptionPolicy",
+                &json!(policy),
+                &["Never", "PreemptLowerPriority"],
+            ));
+        }
+    }
+
+    fn columns() -> Vec<Column> {
+        vec![
+            Column::new("Value", "integer", 0),
+            Column::new("Global-Default", "boolean", 0),
+            Column::new("Age", "string", 0),
+        ]
+    }
+
+    fn cells(&self, now: DateTime<Utc>) -> Vec<Value> {
+        vec![
+            json!(self.value),
+            json!(self.global_default.unwrap_or(false)),
+            json!(age(&self.metadata, now)),
+        ]
+    }
 }
 
 const ADDRESS_TYPES: &[&str] = &["FQDN", "IPv4", "IPv6"];

@@ -341,6 +341,7 @@ mod tests {
             ("rbac.authorization.k8s.io", "v1", "clusterrolebindings"),
             ("autoscaling", "v2", "horizontalpodautoscalers"),
             ("policy", "v1", "poddisruptionbudgets"),
+            ("scheduling.k8s.io", "v1", "priorityclasses"),
         ] {
             assert!(
                 registry.find(group, version, plural).is_some(),
