@@ -27,11 +27,11 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Resource, ResourceExt,
-    api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ObjectMeta, PostParams},
     runtime::controller::Action,
 };
 
-use super::{Context, Error, controlled_by, controller_reference};
+use super::{Context, Error, controlled_by, controller_reference, write_status};
 use crate::{events::EventType, pods};
 
 const SCHEDULED_AT: &str = "batch.kubernetes.io/cronjob-scheduled-timestamp";
@@ -243,16 +243,7 @@ pub(super) async fn reconcile(cronjob: Arc<CronJob>, ctx: Arc<Context>) -> Resul
         ctx.recorder
             .record(&*cronjob, EventType::Warning, reason, message.clone());
     }
-    if cronjob.status.as_ref() != Some(&plan.status) {
-        Api::<CronJob>::namespaced(ctx.client.clone(), &namespace)
-            .patch_status(
-                &cronjob.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(serde_json::json!({ "status": plan.status })),
-            )
-            .await
-            .map_err(Error::api("updating status of", &key))?;
-    }
+    write_status(&ctx, &*cronjob, cronjob.status.as_ref(), &plan.status).await?;
     Ok(plan
         .requeue
         .map_or_else(Action::await_change, Action::requeue))

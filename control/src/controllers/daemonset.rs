@@ -27,12 +27,12 @@ use k8s_openapi::{
 };
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
-    runtime::{controller::Action, reflector::ObjectRef},
+    api::{DeleteParams, PostParams},
+    runtime::controller::Action,
 };
 
-use super::{Context, Error, claim, deployment::template_hash, new_pod};
-use crate::{events::EventType, labels, pods, scheduler::node_affinity_matches};
+use super::{Context, Error, claim_selected, deployment::template_hash, new_pod, write_status};
+use crate::{events::EventType, pods, scheduler::node_affinity_matches};
 
 pub const REVISION_HASH: &str = "controller-revision-hash";
 
@@ -271,7 +271,7 @@ pub(super) async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<A
         return Ok(Action::await_change());
     }
     let namespace = ds.namespace().unwrap_or_default();
-    let key = pods::key(&ds.metadata);
+    let _key = pods::key(&ds.metadata);
     // Expectations are per owner object: uids never repeat.
     let owner = ds.metadata.uid.clone().unwrap_or_default();
     let selector = ds
@@ -279,29 +279,16 @@ pub(super) async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<A
         .as_ref()
         .map(|s| s.selector.clone())
         .unwrap_or_default();
-    let owned = claim(
-        &ctx,
-        &*ds,
-        Context::in_namespace(&ctx.pods, &namespace),
-        |pod| {
-            labels::selector_matches(
-                &selector,
-                pod.metadata.labels.as_ref().unwrap_or(&Default::default()),
-            )
-        },
-    )
-    .await?;
+    let owned = claim_selected(&ctx, &*ds, &ctx.pods, &selector).await?;
     let template = ds
         .spec
         .as_ref()
         .map(|s| s.template.clone())
         .unwrap_or_default();
     let hash = template_hash(&template, None);
-    let met = ctx.expectations.satisfied(&owner, |name| {
-        ctx.pods
-            .get(&ObjectRef::new(name).within(&namespace))
-            .is_some_and(|p| !pods::is_deleting(&p.metadata))
-    });
+    let met = ctx
+        .expectations
+        .satisfied(&owner, |name| ctx.pod_live(&namespace, name));
     let plan = plan(&ds, &ctx.nodes.state(), &owned, &hash, Utc::now());
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     if met {
@@ -335,16 +322,7 @@ pub(super) async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<A
             }
         }
     }
-    if ds.status.as_ref() != Some(&plan.status) {
-        Api::<DaemonSet>::namespaced(ctx.client.clone(), &namespace)
-            .patch_status(
-                &ds.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(serde_json::json!({ "status": plan.status })),
-            )
-            .await
-            .map_err(Error::api("updating status of", &key))?;
-    }
+    write_status(&ctx, &*ds, ds.status.as_ref(), &plan.status).await?;
     Ok(requeue_for_min_ready(
         ds.spec.as_ref().and_then(|s| s.min_ready_seconds),
     ))

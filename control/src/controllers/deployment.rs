@@ -24,8 +24,8 @@ use kube::{
     runtime::{controller::Action, reflector::ObjectRef},
 };
 
-use super::{Context, Error, claim, controlled_by, controller_reference};
-use crate::{events::EventType, labels, pods};
+use super::{Context, Error, claim_selected, controlled_by, controller_reference, write_status};
+use crate::{events::EventType, pods};
 
 pub const REVISION: &str = "deployment.kubernetes.io/revision";
 const DESIRED_REPLICAS: &str = "deployment.kubernetes.io/desired-replicas";
@@ -518,18 +518,7 @@ pub(super) async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<A
         .as_ref()
         .map(|s| s.selector.clone())
         .unwrap_or_default();
-    let owned = claim(
-        &ctx,
-        &*d,
-        Context::in_namespace(&ctx.replicasets, &namespace),
-        |rs| {
-            labels::selector_matches(
-                &selector,
-                rs.metadata.labels.as_ref().unwrap_or(&Default::default()),
-            )
-        },
-    )
-    .await?;
+    let owned = claim_selected(&ctx, &*d, &ctx.replicasets, &selector).await?;
     let rs_api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &namespace);
     let all: Vec<&ReplicaSet> = owned.iter().map(AsRef::as_ref).collect();
     let wanted_template = template(&d);
@@ -554,7 +543,7 @@ pub(super) async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<A
 
     let Some(new_rs) = new_rs else {
         if paused {
-            return write_status(&ctx, &d, &all, None, false).await;
+            return report(&ctx, &d, &all, None, false).await;
         }
         return create_new_rs(&ctx, &d, &all, max_old_revision + 1).await;
     };
@@ -623,7 +612,7 @@ pub(super) async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<A
         .await?;
     }
     prune_history(&ctx, &d, &rs_api, &old).await?;
-    write_status(&ctx, &d, &all, Some(new_rs), progressed).await
+    report(&ctx, &d, &all, Some(new_rs), progressed).await
 }
 
 /// Sets a ReplicaSet's size and the annotations proportional scaling
@@ -799,7 +788,9 @@ async fn prune_history(
     Ok(())
 }
 
-async fn write_status(
+/// Writes the status the ReplicaSets add up to; while the rollout is not
+/// complete, looks again in 5 s (progress deadline, minReadySeconds).
+async fn report(
     ctx: &Context,
     d: &Deployment,
     all: &[&ReplicaSet],
@@ -807,16 +798,7 @@ async fn write_status(
     progressed: bool,
 ) -> Result<Action, Error> {
     let next = status(d, all, new_rs, progressed, Utc::now());
-    if d.status.as_ref() != Some(&next) {
-        Api::<Deployment>::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default())
-            .patch_status(
-                &d.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(serde_json::json!({ "status": next })),
-            )
-            .await
-            .map_err(Error::api("updating status of", pods::key(&d.metadata)))?;
-    }
+    write_status(ctx, d, d.status.as_ref(), &next).await?;
     let done =
         next.conditions.iter().flatten().any(|c| {
             c.type_ == "Progressing" && c.reason.as_deref() == Some("NewReplicaSetAvailable")
@@ -824,7 +806,6 @@ async fn write_status(
     if done {
         Ok(Action::await_change())
     } else {
-        // Check the progress deadline (and minReadySeconds) again.
         Ok(Action::requeue(Duration::from_secs(5)))
     }
 }

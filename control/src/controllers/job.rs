@@ -17,11 +17,11 @@ use k8s_openapi::{
 };
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
-    runtime::{controller::Action, reflector::ObjectRef},
+    api::{DeleteParams, PostParams},
+    runtime::controller::Action,
 };
 
-use super::{Context, Error, claim, new_pod};
+use super::{Context, Error, claim, new_pod, write_status};
 use crate::{events::EventType, labels, pods};
 
 /// What one sync does.
@@ -175,11 +175,9 @@ pub(super) async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action
         },
     )
     .await?;
-    let met = ctx.expectations.satisfied(&owner, |name| {
-        ctx.pods
-            .get(&ObjectRef::new(name).within(&namespace))
-            .is_some_and(|p| !pods::is_deleting(&p.metadata))
-    });
+    let met = ctx
+        .expectations
+        .satisfied(&owner, |name| ctx.pod_live(&namespace, name));
     let plan = plan(&job, &owned, met, Utc::now());
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let template = job
@@ -232,16 +230,7 @@ pub(super) async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action
             }
         }
     }
-    if job.status.as_ref() != Some(&plan.status) {
-        Api::<Job>::namespaced(ctx.client.clone(), &namespace)
-            .patch_status(
-                &job.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(serde_json::json!({ "status": plan.status })),
-            )
-            .await
-            .map_err(Error::api("updating status of", &key))?;
-    }
+    write_status(&ctx, &*job, job.status.as_ref(), &plan.status).await?;
     if let Some((reason, message)) = plan.finished {
         let kind = if reason == "Completed" {
             EventType::Normal

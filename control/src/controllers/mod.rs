@@ -269,6 +269,81 @@ where
     Ok(owned)
 }
 
+/// `claim` with a label selector: the owner's dependents among the
+/// cached objects of its namespace.
+pub async fn claim_selected<O, K>(
+    ctx: &Context,
+    owner: &O,
+    store: &Store<K>,
+    selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+) -> Result<Vec<Arc<K>>, Error>
+where
+    O: Resource<DynamicType = ()>,
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug
+        + 'static,
+{
+    let namespace = owner.meta().namespace.clone().unwrap_or_default();
+    let empty = std::collections::BTreeMap::new();
+    claim(
+        ctx,
+        owner,
+        Context::in_namespace(store, &namespace),
+        |object| {
+            crate::labels::selector_matches(
+                selector,
+                object.meta().labels.as_ref().unwrap_or(&empty),
+            )
+        },
+    )
+    .await
+}
+
+/// Writes `next` as the object's status unless it is what is stored
+/// (every write triggers another reconcile).
+pub async fn write_status<K, S>(
+    ctx: &Context,
+    object: &K,
+    current: Option<&S>,
+    next: &S,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+    S: PartialEq + serde::Serialize,
+{
+    if current == Some(next) {
+        return Ok(());
+    }
+    let meta = object.meta();
+    Api::<K>::namespaced(
+        ctx.client.clone(),
+        meta.namespace.as_deref().unwrap_or_default(),
+    )
+    .patch_status(
+        meta.name.as_deref().unwrap_or_default(),
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "status": next })),
+    )
+    .await
+    .map(drop)
+    .map_err(Error::api("updating status of", crate::pods::key(meta)))
+}
+
+impl Context {
+    /// For expectations: the pod is cached and not being deleted.
+    pub fn pod_live(&self, namespace: &str, name: &str) -> bool {
+        self.pods
+            .get(&ObjectRef::new(name).within(namespace))
+            .is_some_and(|p| !crate::pods::is_deleting(&p.metadata))
+    }
+}
+
 fn error_policy<K>(_: Arc<K>, error: &Error, _: Arc<Context>) -> Action {
     debug!(%error, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(2))

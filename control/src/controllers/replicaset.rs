@@ -14,12 +14,12 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
-    runtime::{controller::Action, reflector::ObjectRef},
+    api::{DeleteParams, PostParams},
+    runtime::controller::Action,
 };
 
-use super::{Context, Error, claim, new_pod};
-use crate::{events::EventType, labels, pods};
+use super::{Context, Error, claim_selected, new_pod, write_status};
+use crate::{events::EventType, pods};
 
 /// Upstream's burst limit per sync.
 const MAX_BATCH: usize = 500;
@@ -121,7 +121,7 @@ fn deletion_rank(pod: &Pod) -> impl Ord {
 }
 
 pub(super) async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let key = pods::key(&rs.metadata);
+    let _key = pods::key(&rs.metadata);
     // Expectations are per owner object: uids never repeat.
     let owner = rs.metadata.uid.clone().unwrap_or_default();
     if pods::is_deleting(&rs.metadata) {
@@ -134,23 +134,10 @@ pub(super) async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Context>) -> Result<
         .as_ref()
         .map(|s| s.selector.clone())
         .unwrap_or_default();
-    let owned = claim(
-        &ctx,
-        &*rs,
-        Context::in_namespace(&ctx.pods, &namespace),
-        |pod| {
-            labels::selector_matches(
-                &selector,
-                pod.metadata.labels.as_ref().unwrap_or(&Default::default()),
-            )
-        },
-    )
-    .await?;
-    let met = ctx.expectations.satisfied(&owner, |name| {
-        ctx.pods
-            .get(&ObjectRef::new(name).within(&namespace))
-            .is_some_and(|p| !pods::is_deleting(&p.metadata))
-    });
+    let owned = claim_selected(&ctx, &*rs, &ctx.pods, &selector).await?;
+    let met = ctx
+        .expectations
+        .satisfied(&owner, |name| ctx.pod_live(&namespace, name));
     let plan = plan(&rs, &owned, met, Utc::now());
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     if plan.create > 0 {
@@ -173,16 +160,7 @@ pub(super) async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Context>) -> Result<
             }
         }
     }
-    if rs.status.as_ref() != Some(&plan.status) {
-        Api::<ReplicaSet>::namespaced(ctx.client.clone(), &namespace)
-            .patch_status(
-                &rs.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(serde_json::json!({ "status": plan.status })),
-            )
-            .await
-            .map_err(Error::api("updating status of", &key))?;
-    }
+    write_status(&ctx, &*rs, rs.status.as_ref(), &plan.status).await?;
     Ok(plan
         .requeue
         .map_or_else(Action::await_change, Action::requeue))

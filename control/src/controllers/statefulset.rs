@@ -21,12 +21,15 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, PostParams},
     runtime::controller::Action,
 };
 
-use super::{Context, Error, claim, daemonset::REVISION_HASH, deployment::template_hash, new_pod};
-use crate::{events::EventType, labels, pods};
+use super::{
+    Context, Error, claim_selected, daemonset::REVISION_HASH, deployment::template_hash, new_pod,
+    write_status,
+};
+use crate::{events::EventType, pods};
 
 const POD_NAME: &str = "statefulset.kubernetes.io/pod-name";
 const POD_INDEX: &str = "apps.kubernetes.io/pod-index";
@@ -196,18 +199,7 @@ pub(super) async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Resul
         .as_ref()
         .map(|s| s.selector.clone())
         .unwrap_or_default();
-    let owned = claim(
-        &ctx,
-        &*sts,
-        Context::in_namespace(&ctx.pods, &namespace),
-        |pod| {
-            labels::selector_matches(
-                &selector,
-                pod.metadata.labels.as_ref().unwrap_or(&Default::default()),
-            )
-        },
-    )
-    .await?;
+    let owned = claim_selected(&ctx, &*sts, &ctx.pods, &selector).await?;
     let template = sts
         .spec
         .as_ref()
@@ -252,16 +244,7 @@ pub(super) async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Resul
             Err(error) => return Err(Error::api("deleting", pod.name_any())(error)),
         }
     }
-    if sts.status.as_ref() != Some(&plan.status) {
-        Api::<StatefulSet>::namespaced(ctx.client.clone(), &namespace)
-            .patch_status(
-                &sts.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(serde_json::json!({ "status": plan.status })),
-            )
-            .await
-            .map_err(Error::api("updating status of", &key))?;
-    }
+    write_status(&ctx, &*sts, sts.status.as_ref(), &plan.status).await?;
     Ok(super::daemonset::requeue_for_min_ready(
         sts.spec.as_ref().and_then(|s| s.min_ready_seconds),
     ))
