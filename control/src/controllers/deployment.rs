@@ -585,31 +585,20 @@ pub(super) async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<A
     let sizes = sizes(&d, &all, &old, new_rs, paused, old_pods_remain);
     let (surge, _) = surge_and_unavailable(&d);
     let mut progressed = false;
+    // Every live ReplicaSet (and the new one) also learns the replica
+    // count, which ends a scaling event.
     for rs in &all {
-        let Some(&size) = sizes.get(&rs.name_any()) else {
-            continue;
-        };
-        let annotations_current =
-            rs.annotations().get(DESIRED_REPLICAS) == Some(&wanted(&d).to_string());
-        if size == spec_replicas(rs) && annotations_current {
+        let size = sizes
+            .get(&rs.name_any())
+            .copied()
+            .unwrap_or_else(|| spec_replicas(rs));
+        let live = spec_replicas(rs) > 0 || rs.metadata.uid == new_rs.metadata.uid;
+        let stale = live && rs.annotations().get(DESIRED_REPLICAS) != Some(&wanted(&d).to_string());
+        if size == spec_replicas(rs) && !stale {
             continue;
         }
         scale(&ctx, &d, &rs_api, rs, size, wanted(&d), wanted(&d) + surge).await?;
-        progressed = true;
-    }
-    if new_rs.annotations().get(DESIRED_REPLICAS) != Some(&wanted(&d).to_string())
-        && !sizes.contains_key(&new_rs.name_any())
-    {
-        scale(
-            &ctx,
-            &d,
-            &rs_api,
-            new_rs,
-            spec_replicas(new_rs),
-            wanted(&d),
-            wanted(&d) + surge,
-        )
-        .await?;
+        progressed |= size != spec_replicas(rs);
     }
     prune_history(&ctx, &d, &rs_api, &old).await?;
     report(&ctx, &d, &all, Some(new_rs), progressed).await

@@ -430,21 +430,20 @@ async fn write_endpoints(ctx: &Context, service: &Service, desired: &Desired) ->
         Api::namespaced(ctx.client.clone(), &service.namespace().unwrap_or_default());
     let mut wanted = endpoints_object(service, desired);
     let name = service.name_any();
-    match api
-        .get_opt(&name)
-        .await
-        .map_err(Error::api("reading endpoints", &name))?
-    {
-        None => {
-            api.create(&PostParams::default(), &wanted)
-                .await
-                .map_err(Error::api("creating endpoints", &name))?;
-        }
+    let cached = ctx
+        .endpoints
+        .get(&ObjectRef::new(&name).within(&service.namespace().unwrap_or_default()));
+    match cached {
+        None => match api.create(&PostParams::default(), &wanted).await {
+            // Created by an earlier sync the cache has not shown yet.
+            Ok(_) | Err(kube::Error::Api(kube::core::ErrorResponse { code: 409, .. })) => {}
+            Err(error) => return Err(Error::api("creating endpoints", &name)(error)),
+        },
         Some(current)
             if current.subsets != wanted.subsets
                 || current.metadata.labels != wanted.metadata.labels =>
         {
-            wanted.metadata.resource_version = current.metadata.resource_version;
+            wanted.metadata.resource_version = current.metadata.resource_version.clone();
             api.replace(&name, &PostParams::default(), &wanted)
                 .await
                 .map_err(Error::api("updating endpoints", &name))?;

@@ -39,7 +39,7 @@ use k8s_openapi::{
         apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet},
         batch::v1::{CronJob, Job},
         coordination::v1::Lease,
-        core::v1::{Namespace, Node, Pod, Service, ServiceAccount},
+        core::v1::{Endpoints, Namespace, Node, Pod, Service, ServiceAccount},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::apis::meta::v1::OwnerReference,
@@ -132,6 +132,7 @@ pub struct Context {
     pub cronjobs: Store<CronJob>,
     pub services: Store<Service>,
     pub slices: Store<EndpointSlice>,
+    pub endpoints: Store<Endpoints>,
     pub nodes: Store<Node>,
     pub leases: Store<Lease>,
     pub namespaces: Store<Namespace>,
@@ -403,6 +404,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
     let mut cronjobs = informer::<CronJob>(&client);
     let mut services = informer::<Service>(&client);
     let mut slices = informer::<EndpointSlice>(&client);
+    let endpoints = informer::<Endpoints>(&client);
     let mut nodes = informer::<Node>(&client);
     let mut leases = Informer::new(
         Api::<Lease>::namespaced(client.clone(), "kube-node-lease"),
@@ -423,6 +425,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         cronjobs: cronjobs.store(),
         services: services.store(),
         slices: slices.store(),
+        endpoints: endpoints.store(),
         nodes: nodes.store(),
         leases: leases.store(),
         namespaces: namespaces.store(),
@@ -490,6 +493,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
     tasks.spawn(cronjobs.run());
     tasks.spawn(services.run());
     tasks.spawn(slices.run());
+    tasks.spawn(endpoints.run());
     tasks.spawn(nodes.run());
     tasks.spawn(leases.run());
     tasks.spawn(namespaces.run());
@@ -506,6 +510,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         context.cronjobs.wait_until_ready().boxed(),
         context.services.wait_until_ready().boxed(),
         context.slices.wait_until_ready().boxed(),
+        context.endpoints.wait_until_ready().boxed(),
         context.nodes.wait_until_ready().boxed(),
         context.leases.wait_until_ready().boxed(),
         context.namespaces.wait_until_ready().boxed(),

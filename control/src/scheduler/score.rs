@@ -54,6 +54,20 @@ pub fn score(context: &PodContext<'_>, cache: &Cache, feasible: &[&NodeInfo]) ->
     totals
 }
 
+/// (requested, allocatable) for CPU and memory with the pod placed.
+fn with_pod(context: &PodContext<'_>, info: &NodeInfo) -> [(i64, i64); 2] {
+    [
+        (
+            info.score_requested.0 + context.score_requests.0,
+            info.allocatable.milli_cpu,
+        ),
+        (
+            info.score_requested.1 + context.score_requests.1,
+            info.allocatable.memory,
+        ),
+    ]
+}
+
 /// Free share of CPU and memory after placing the pod, averaged.
 fn least_allocated(context: &PodContext<'_>, info: &NodeInfo) -> i64 {
     let free = |requested: i64, allocatable: i64| {
@@ -63,14 +77,9 @@ fn least_allocated(context: &PodContext<'_>, info: &NodeInfo) -> i64 {
             (allocatable - requested) * MAX / allocatable
         }
     };
-    let cpu = free(
-        info.score_requested.0 + context.score_requests.0,
-        info.allocatable.milli_cpu,
-    );
-    let memory = free(
-        info.score_requested.1 + context.score_requests.1,
-        info.allocatable.memory,
-    );
+    let [(cpu, cpu_allocatable), (memory, memory_allocatable)] = with_pod(context, info);
+    let cpu = free(cpu, cpu_allocatable);
+    let memory = free(memory, memory_allocatable);
     (cpu + memory) / 2
 }
 
@@ -85,14 +94,9 @@ fn balanced(context: &PodContext<'_>, info: &NodeInfo) -> i64 {
             (requested as f64 / allocatable as f64).min(1.0)
         }
     };
-    let cpu = fraction(
-        info.score_requested.0 + context.score_requests.0,
-        info.allocatable.milli_cpu,
-    );
-    let memory = fraction(
-        info.score_requested.1 + context.score_requests.1,
-        info.allocatable.memory,
-    );
+    let [(cpu, cpu_allocatable), (memory, memory_allocatable)] = with_pod(context, info);
+    let cpu = fraction(cpu, cpu_allocatable);
+    let memory = fraction(memory, memory_allocatable);
     let deviation = (cpu - memory).abs() / 2.0;
     ((1.0 - deviation) * MAX as f64) as i64
 }
