@@ -2,6 +2,7 @@
 //! the scheduler and the controllers.
 
 pub mod apiserver;
+pub mod budgets;
 pub mod components;
 pub mod controllers;
 pub mod etcd_process;

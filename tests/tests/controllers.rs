@@ -758,3 +758,73 @@ spec:
     let events = plane.kubectl_ok(&["get", "events"]);
     assert!(events.contains("Preempted"), "{events}");
 }
+
+#[test]
+fn a_drain_evicts_no_faster_than_the_disruption_budget_allows() {
+    let plane = ControlPlane::cluster(StoreKind::Embedded, &[]);
+    let sim = nodes(&plane, 1);
+    plane.kubectl_ok(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=registry.local/web:v1",
+        "--replicas=3",
+    ]);
+    plane.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    plane.kubectl_ok(&[
+        "create",
+        "poddisruptionbudget",
+        "web",
+        "--selector=app=web",
+        "--min-available=2",
+    ]);
+    wait_for(Duration::from_secs(30), "the budget's status", || {
+        let status = json(&plane, &["get", "pdb/web"])["status"].clone();
+        let counts = [
+            "expectedPods",
+            "currentHealthy",
+            "desiredHealthy",
+            "disruptionsAllowed",
+        ]
+        .map(|field| status[field].as_i64().unwrap_or(-1));
+        (counts == [3, 3, 2, 1]).then_some(())
+    });
+    // Every pod is on sim-0; draining it moves them to sim-1 one at a time.
+    sim.add(&["sim-1".to_owned()]);
+    let drain = {
+        let kubeconfig = plane.kubeconfig();
+        std::thread::spawn(move || {
+            std::process::Command::new("kubectl")
+                .arg("--kubeconfig")
+                .arg(kubeconfig)
+                .args(["drain", "sim-0", "--timeout=120s"])
+                .output()
+                .expect("kubectl drain runs")
+        })
+    };
+    let mut least_ready = usize::MAX;
+    while !drain.is_finished() {
+        let pods = live_pods(&plane, "default", "app=web");
+        least_ready = least_ready.min(pods.iter().filter(|p| ready(p)).count());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = drain.join().expect("the drain thread");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "kubectl drain failed: {stderr}");
+    assert!(
+        stderr.contains("Cannot evict pod as it would violate the pod's disruption budget"),
+        "the budget held the second eviction back: {stderr}"
+    );
+    assert!(
+        least_ready >= 2,
+        "minAvailable 2 was broken: {least_ready} ready"
+    );
+    let pods = live_pods(&plane, "default", "app=web");
+    assert_eq!(pods.len(), 3);
+    assert!(
+        pods.iter()
+            .all(|p| p["spec"]["nodeName"] == "sim-1" && ready(p))
+    );
+    let node = json(&plane, &["get", "node/sim-0"]);
+    assert_eq!(node["spec"]["unschedulable"], true, "drain cordons first");
+}

@@ -497,6 +497,7 @@ pub fn bootstrap_policy() -> Vec<(&'static str, Value)> {
     let edit_rules = json!([
         rule(&all_write, &[""], &workloads),
         rule(&all_write, &[""], &["secrets"]),
+        rule(&["create"], &[""], &["pods/eviction"]),
         rule(&read, &[""], &["namespaces"]),
         rule(&all_write, &["apps"], &apps),
         rule(&all_write, &["batch"], &["jobs", "cronjobs"]),

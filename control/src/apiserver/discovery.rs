@@ -41,6 +41,7 @@ fn subresources(
     match rt.plural {
         "pods" => {
             out.push(("binding", "Binding", "", "v1", &["create"][..]));
+            out.push(("eviction", "Eviction", "policy", "v1", &["create"][..]));
             out.push(("log", "Pod", "", "v1", &["get"][..]));
         }
         "namespaces" => out.push(("finalize", "Namespace", "", "v1", &["update"][..])),
@@ -191,6 +192,7 @@ mod tests {
             "pods",
             "pods/status",
             "pods/binding",
+            "pods/eviction",
             "services",
             "namespaces/finalize",
         ] {

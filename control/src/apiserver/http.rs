@@ -18,11 +18,14 @@ use super::{
     App,
     authn::User,
     authz::{Attributes, Decision},
-    discovery,
+    discovery, eviction,
     kinds::ResourceType,
     logs,
     managed::{self, Writer},
-    objects::{DeleteOptions, FieldValidation, ListParams, UpdateMode, WriteOptions, now_rfc3339},
+    objects::{
+        DeleteOptions, FieldValidation, ListParams, UPDATE_ATTEMPTS, UpdateMode, WriteOptions,
+        now_rfc3339,
+    },
     patch::{self, PatchType},
     protobuf,
     selectors::{FieldSelector, LabelSelector},
@@ -576,6 +579,11 @@ async fn resource<S: Store>(
         {
             bind(app, call, rt, namespace, name).await
         }
+        (&Method::POST, Some(name), Some("eviction"))
+            if rt.plural == "pods" && rt.group.is_empty() =>
+        {
+            evict(app, call, rt, namespace, name).await
+        }
         (&Method::PUT, Some(name), Some("finalize"))
             if rt.plural == "namespaces" && rt.group.is_empty() =>
         {
@@ -1041,6 +1049,100 @@ async fn server_side_apply<S: Store>(
             ))
         }
     }
+}
+
+fn typed<T: serde::de::DeserializeOwned>(object: Value) -> Result<T, ApiError> {
+    serde_json::from_value(object).map_err(|e| ApiError::internal(format!("stored object: {e}")))
+}
+
+/// Deletes a pod if its disruption budget allows it, spending one
+/// allowed disruption first; a budget written meanwhile (another
+/// eviction, the controller) makes it judge again.
+async fn evict<S: Store>(
+    app: &Arc<App<S>>,
+    call: &Call,
+    rt: &ResourceType,
+    namespace: Option<&str>,
+    name: &str,
+) -> Result<Response, ApiError> {
+    let eviction = call.json_body()?;
+    if eviction["metadata"]["name"]
+        .as_str()
+        .is_some_and(|n| n != name)
+    {
+        return Err(ApiError::bad_request(
+            "name in URL does not match name in Eviction object",
+        ));
+    }
+    let mut options = DeleteOptions {
+        dry_run: call.param("dryRun").is_some(),
+        ..DeleteOptions::default()
+    }
+    .with_body(&eviction["deleteOptions"])?;
+    let budgets_rt = app
+        .registry
+        .find("policy", "v1", "poddisruptionbudgets")
+        .ok_or_else(|| ApiError::internal("poddisruptionbudgets are not registered"))?;
+    let write = WriteOptions {
+        dry_run: options.dry_run,
+        ..call.write_options()?
+    };
+    let mut decided = false;
+    for _ in 0..UPDATE_ATTEMPTS {
+        let pod: k8s_openapi::api::core::v1::Pod =
+            typed(app.get_object(rt, namespace, name).await?.0)?;
+        let budgets = app
+            .list_objects(budgets_rt, namespace, &ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .map(typed)
+            .collect::<Result<Vec<_>, _>>()?;
+        // The pod judged is the pod deleted, not a namesake created since.
+        options.uid = pod.metadata.uid.clone();
+        match eviction::judge(&pod, &budgets, Utc::now())? {
+            eviction::Verdict::Delete => {}
+            eviction::Verdict::Spend {
+                budget,
+                resource_version,
+                status,
+            } => {
+                let status = serde_json::to_value(&status).map_err(ApiError::internal)?;
+                let spent = app
+                    .update_object(
+                        budgets_rt,
+                        namespace,
+                        &budget,
+                        UpdateMode::Status,
+                        &write,
+                        |current| {
+                            let mut next = current.clone();
+                            next["status"] = status.clone();
+                            precondition(&mut next, Some(&resource_version));
+                            Ok(next)
+                        },
+                    )
+                    .await;
+                match spent {
+                    Ok(_) => {}
+                    Err(ApiError::Conflict { .. }) => continue,
+                    Err(error) => return Err(error),
+                }
+            }
+        }
+        decided = true;
+        break;
+    }
+    if !decided {
+        return Err(ApiError::TooManyRequests {
+            subject: rt.subject(name),
+            message: "too many concurrent evictions; try again".to_owned(),
+            causes: Vec::new(),
+        });
+    }
+    app.delete_object(rt, namespace, name, &options).await?;
+    let status = json!({ "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201 });
+    Ok(json_response(StatusCode::CREATED, &status, &[]))
 }
 
 async fn bind<S: Store>(

@@ -8,6 +8,7 @@ pub mod authn;
 mod authz;
 mod discovery;
 pub mod encryption;
+mod eviction;
 mod http;
 mod kinds;
 mod logs;

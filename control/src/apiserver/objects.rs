@@ -158,7 +158,7 @@ const LIST_CHUNK: usize = 500;
 const MAX_GRACE_SECONDS: i64 = 365 * 24 * 3600;
 
 /// Attempts of an unconditional update that keeps losing races.
-const UPDATE_ATTEMPTS: usize = 16;
+pub(super) const UPDATE_ATTEMPTS: usize = 16;
 
 pub fn now_rfc3339() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)

@@ -128,6 +128,14 @@ pub enum ApiError {
     TooLarge { limit: usize },
     #[error("{message}")]
     Gone { message: String },
+    /// Refused for now; `causes` say what to wait for (an eviction a
+    /// disruption budget does not allow).
+    #[error("{message}")]
+    TooManyRequests {
+        subject: Subject,
+        message: String,
+        causes: Vec<Cause>,
+    },
     #[error("Internal error occurred: {message}")]
     Internal { message: String },
 }
@@ -180,6 +188,7 @@ impl ApiError {
             Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Gone { .. } => StatusCode::GONE,
+            Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -197,6 +206,7 @@ impl ApiError {
             Self::UnsupportedMediaType { .. } => "UnsupportedMediaType",
             Self::TooLarge { .. } => "RequestEntityTooLarge",
             Self::Gone { .. } => "Expired",
+            Self::TooManyRequests { .. } => "TooManyRequests",
             Self::Internal { .. } => "InternalError",
         }
     }
@@ -210,10 +220,13 @@ impl ApiError {
             | Self::MethodNotSupported { subject: s } => Some(subject(s)),
             Self::ApplyConflict {
                 subject: s,
-                conflicts,
+                conflicts: causes,
+            }
+            | Self::TooManyRequests {
+                subject: s, causes, ..
             } => {
                 let mut details = subject(s);
-                details["causes"] = conflicts
+                details["causes"] = causes
                     .iter()
                     .map(|c| json!({ "reason": c.reason, "message": c.message, "field": c.field }))
                     .collect();

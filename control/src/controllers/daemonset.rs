@@ -230,13 +230,9 @@ pub(super) fn plan(
             .and_then(|s| s.rolling_update.as_ref())
             .and_then(|r| r.max_unavailable.clone())
             .unwrap_or(IntOrString::Int(1));
-        let max_unavailable = match max_unavailable {
-            IntOrString::Int(n) => n,
-            IntOrString::String(p) => {
-                desired * p.trim_end_matches('%').parse::<i32>().unwrap_or(0) / 100
-            }
-        }
-        .max(1);
+        let max_unavailable = super::scaled_value(&max_unavailable, desired, true)
+            .unwrap_or(1)
+            .max(1);
         let unavailable = desired - available;
         let mut budget = max_unavailable - unavailable;
         // Unavailable old pods cost nothing to replace; do those first.

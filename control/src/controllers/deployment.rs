@@ -137,18 +137,10 @@ pub(super) fn surge_and_unavailable(d: &Deployment) -> (i32, i32) {
         .and_then(|s| s.strategy.as_ref())
         .and_then(|s| s.rolling_update.as_ref());
     let default = IntOrString::String("25%".to_owned());
-    let resolve = |value: Option<&IntOrString>, round_up: bool| match value.unwrap_or(&default) {
-        IntOrString::Int(n) => *n,
-        IntOrString::String(text) => {
-            let percent: i64 = text.trim_end_matches('%').parse().unwrap_or(25);
-            let scaled = i64::from(wanted(d)) * percent;
-            let value = if round_up {
-                (scaled + 99) / 100
-            } else {
-                scaled / 100
-            };
-            i32::try_from(value).unwrap_or(i32::MAX)
-        }
+    let resolve = |value: Option<&IntOrString>, round_up: bool| {
+        let total = wanted(d);
+        super::scaled_value(value.unwrap_or(&default), total, round_up)
+            .unwrap_or_else(|| super::scaled_value(&default, total, round_up).unwrap_or(0))
     };
     let surge = resolve(rolling.and_then(|r| r.max_surge.as_ref()), true);
     let unavailable = resolve(rolling.and_then(|r| r.max_unavailable.as_ref()), false);

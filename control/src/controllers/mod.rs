@@ -12,6 +12,7 @@
 mod cronjob;
 mod daemonset;
 mod deployment;
+mod disruption;
 mod endpoints;
 mod expectations;
 mod gc;
@@ -41,8 +42,9 @@ use k8s_openapi::{
         coordination::v1::Lease,
         core::v1::{Endpoints, Namespace, Node, Pod, Service, ServiceAccount},
         discovery::v1::EndpointSlice,
+        policy::v1::PodDisruptionBudget,
     },
-    apimachinery::pkg::apis::meta::v1::OwnerReference,
+    apimachinery::pkg::{apis::meta::v1::OwnerReference, util::intstr::IntOrString},
 };
 use kube::{
     Api, Client, Resource,
@@ -137,6 +139,7 @@ pub struct Context {
     pub leases: Store<Lease>,
     pub namespaces: Store<Namespace>,
     pub service_accounts: Store<ServiceAccount>,
+    pub budgets: Store<PodDisruptionBudget>,
     pub expectations: Expectations,
     /// Per node: the last heartbeat seen, and when this process saw it
     /// change (node lifecycle judges silence by its own clock).
@@ -177,6 +180,25 @@ pub fn controller_reference<K: Resource<DynamicType = ()>>(owner: &K) -> OwnerRe
         uid: owner.meta().uid.clone().unwrap_or_default(),
         controller: Some(true),
         block_owner_deletion: Some(true),
+    }
+}
+
+/// Upstream's `GetScaledValueFromIntOrPercent`: a number as is, or
+/// `N%` of `total` rounded up or down; `None` for a malformed percentage
+/// (validation refuses those, so callers fall back to their default).
+pub fn scaled_value(value: &IntOrString, total: i32, round_up: bool) -> Option<i32> {
+    match value {
+        IntOrString::Int(n) => Some(*n),
+        IntOrString::String(text) => {
+            let percent: i64 = text.strip_suffix('%')?.parse().ok()?;
+            let scaled = i64::from(total) * percent;
+            let value = if round_up {
+                (scaled + 99).div_euclid(100)
+            } else {
+                scaled.div_euclid(100)
+            };
+            Some(i32::try_from(value).unwrap_or(i32::MAX))
+        }
     }
 }
 
@@ -412,6 +434,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
     );
     let mut namespaces = informer::<Namespace>(&client);
     let mut service_accounts = informer::<ServiceAccount>(&client);
+    let mut budgets = informer::<PodDisruptionBudget>(&client);
 
     let context = Arc::new(Context {
         client: client.clone(),
@@ -430,6 +453,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         leases: leases.store(),
         namespaces: namespaces.store(),
         service_accounts: service_accounts.store(),
+        budgets: budgets.store(),
         expectations: Expectations::default(),
         pod_cidrs: Default::default(),
         heartbeats: Default::default(),
@@ -482,6 +506,21 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         Controller::for_shared_stream(cronjobs.subscribe(), context.cronjobs.clone())
             .owns_shared_stream(jobs.subscribe());
     let ipam_controller = Controller::for_shared_stream(nodes.subscribe(), context.nodes.clone());
+    let disruption_controller =
+        Controller::for_shared_stream(budgets.subscribe(), context.budgets.clone())
+            .watches_shared_stream(pods.subscribe(), disruption::pod_to_budgets(&context))
+            .watches_shared_stream(
+                replicasets.subscribe(),
+                disruption::workload_to_budgets(&context),
+            )
+            .watches_shared_stream(
+                deployments.subscribe(),
+                disruption::workload_to_budgets(&context),
+            )
+            .watches_shared_stream(
+                statefulsets.subscribe(),
+                disruption::workload_to_budgets(&context),
+            );
 
     let mut tasks = JoinSet::new();
     tasks.spawn(pods.run());
@@ -498,6 +537,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
     tasks.spawn(leases.run());
     tasks.spawn(namespaces.run());
     tasks.spawn(service_accounts.run());
+    tasks.spawn(budgets.run());
 
     // Never act on a partial view.
     let ready = futures::future::join_all([
@@ -515,6 +555,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         context.leases.wait_until_ready().boxed(),
         context.namespaces.wait_until_ready().boxed(),
         context.service_accounts.wait_until_ready().boxed(),
+        context.budgets.wait_until_ready().boxed(),
     ]);
     tokio::select! {
         results = ready => {
@@ -579,6 +620,11 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
     tasks.spawn(drive(
         ipam_controller,
         node_ipam::reconcile,
+        Arc::clone(&context),
+    ));
+    tasks.spawn(drive(
+        disruption_controller,
+        disruption::reconcile,
         Arc::clone(&context),
     ));
     while tasks.join_next().await.is_some() {}
