@@ -118,6 +118,10 @@ struct ControllerArgs {
     /// marked NotReady (Unknown).
     #[arg(long, default_value_t = 40)]
     node_monitor_grace_period: u64,
+
+    /// Seconds between two syncs of each HorizontalPodAutoscaler.
+    #[arg(long, default_value_t = 15)]
+    horizontal_pod_autoscaler_sync_period: u64,
 }
 
 impl ControllerArgs {
@@ -134,6 +138,9 @@ impl ControllerArgs {
             cluster_cidr,
             node_cidr_mask: self.node_cidr_mask_size,
             node_monitor_grace: Duration::from_secs(self.node_monitor_grace_period),
+            autoscaler_sync_period: Duration::from_secs(
+                self.horizontal_pod_autoscaler_sync_period.max(1),
+            ),
         })
     }
 }

@@ -9,9 +9,16 @@
 //! A pod may ask to finish: annotation `sim.wharf.dev/exit-code` (with
 //! `sim.wharf.dev/run-ms`, default 0) makes it Succeeded (0) or Failed
 //! after that long, as a container that exits.
+//!
+//! A pod may claim to be busy: annotation `sim.wharf.dev/usage`
+//! (`cpu=200m,memory=64Mi`, per container) makes its node report that
+//! usage every second as metrics.k8s.io PodMetrics (and the node's sum
+//! as NodeMetrics), as an agent reports measured usage; the annotation
+//! can be changed on a running pod. Pods without it report nothing,
+//! which keeps large benchmarks free of that load.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::Ipv4Addr,
     path::Path,
     sync::{Arc, Mutex},
@@ -24,7 +31,10 @@ use k8s_openapi::{
         coordination::v1::{Lease, LeaseSpec},
         core::v1::{Node, Pod},
     },
-    apimachinery::pkg::apis::meta::v1::{MicroTime, Time},
+    apimachinery::pkg::{
+        api::resource::Quantity,
+        apis::meta::v1::{MicroTime, OwnerReference, Time},
+    },
 };
 use kube::{
     Api, Client, ResourceExt,
@@ -32,9 +42,13 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use serde_json::json;
+use wharf_control::usage::{ContainerMetrics, NodeMetrics, PodMetrics};
 
 pub const EXIT_CODE: &str = "sim.wharf.dev/exit-code";
 pub const RUN_MS: &str = "sim.wharf.dev/run-ms";
+pub const USAGE: &str = "sim.wharf.dev/usage";
+/// How often usage reports are written.
+const USAGE_PERIOD: Duration = Duration::from_secs(1);
 
 /// What every simulated node offers and how often it heartbeats.
 #[derive(Clone, Debug)]
@@ -71,6 +85,20 @@ struct State {
     reported: HashMap<String, (String, u32)>,
     /// Each node's podCIDR base address, once read.
     pod_cidrs: HashMap<String, Ipv4Addr>,
+    /// Pods with a usage annotation: what to report, by pod key.
+    usage: HashMap<String, Busy>,
+}
+
+/// A running pod's claimed usage.
+#[derive(Clone, Debug)]
+struct Busy {
+    node: String,
+    namespace: String,
+    name: String,
+    uid: String,
+    labels: BTreeMap<String, String>,
+    containers: Vec<String>,
+    usage: BTreeMap<String, Quantity>,
 }
 
 /// The simulated nodes; everything stops when dropped.
@@ -123,6 +151,8 @@ impl SimNodes {
         sim.add(&names);
         sim.runtime()
             .spawn(serve_pods(sim.client.clone(), Arc::clone(&sim.state)));
+        sim.runtime()
+            .spawn(report_usage(sim.client.clone(), Arc::clone(&sim.state)));
         sim
     }
 
@@ -270,6 +300,7 @@ async fn serve_pods(client: Client, state: Arc<Mutex<State>>) {
             if !state.alive.contains(&node) {
                 continue;
             }
+            note_usage(&mut state, &key, &node, &pod);
             if pod.metadata.deletion_timestamp.is_some() {
                 if let Some((node, host)) = state.reported.remove(&key) {
                     state.free_hosts.entry(node).or_default().push(host);
@@ -310,6 +341,135 @@ async fn serve_pods(client: Client, state: Arc<Mutex<State>>) {
                 Some(host) => run_pod(&client, &api, &pod, &node, host, &state).await,
             }
         });
+    }
+}
+
+/// Keeps the pod's claimed usage (the annotation may change while it
+/// runs); a pod that is going or finished claims nothing.
+fn note_usage(state: &mut State, key: &str, node: &str, pod: &Pod) {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    let claim = pod
+        .annotations()
+        .get(USAGE)
+        .filter(|_| pod.metadata.deletion_timestamp.is_none())
+        .filter(|_| !matches!(phase, Some("Succeeded" | "Failed")));
+    let Some(claim) = claim else {
+        state.usage.remove(key);
+        return;
+    };
+    let usage = claim
+        .split(',')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(resource, amount)| {
+            (
+                resource.trim().to_owned(),
+                Quantity(amount.trim().to_owned()),
+            )
+        })
+        .collect();
+    state.usage.insert(
+        key.to_owned(),
+        Busy {
+            node: node.to_owned(),
+            namespace: pod.namespace().unwrap_or_default(),
+            name: pod.name_any(),
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+            labels: pod.labels().clone(),
+            containers: pod
+                .spec
+                .iter()
+                .flat_map(|s| &s.containers)
+                .map(|c| c.name.clone())
+                .collect(),
+            usage,
+        },
+    );
+}
+
+/// Writes the usage of busy pods on live nodes, and their nodes' sums,
+/// every `USAGE_PERIOD`. Each report is owned by its pod, so the garbage
+/// collector removes it with the pod.
+async fn report_usage(client: Client, state: Arc<Mutex<State>>) {
+    let apply = PatchParams::apply("wharf-sim").force();
+    loop {
+        tokio::time::sleep(USAGE_PERIOD).await;
+        let busy: Vec<Busy> = {
+            let state = lock(&state);
+            state
+                .usage
+                .iter()
+                .filter(|(key, b)| {
+                    state.alive.contains(&b.node) && state.reported.contains_key(*key)
+                })
+                .map(|(_, b)| b.clone())
+                .collect()
+        };
+        let now = Time(chrono::Utc::now());
+        let window = format!("{}s", USAGE_PERIOD.as_secs());
+        let mut per_node: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+        for pod in &busy {
+            let report = PodMetrics {
+                api_version: "metrics.k8s.io/v1beta1".to_owned(),
+                kind: "PodMetrics".to_owned(),
+                metadata: ObjectMeta {
+                    name: Some(pod.name.clone()),
+                    labels: Some(pod.labels.clone()),
+                    owner_references: Some(vec![OwnerReference {
+                        api_version: "v1".to_owned(),
+                        kind: "Pod".to_owned(),
+                        name: pod.name.clone(),
+                        uid: pod.uid.clone(),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                },
+                timestamp: now.clone(),
+                window: window.clone(),
+                containers: pod
+                    .containers
+                    .iter()
+                    .map(|name| ContainerMetrics {
+                        name: name.clone(),
+                        usage: pod.usage.clone(),
+                    })
+                    .collect(),
+            };
+            let sums = per_node.entry(pod.node.clone()).or_default();
+            for (resource, amount) in &pod.usage {
+                let milli = wharf_control::quantity::milli(amount).unwrap_or(0);
+                *sums.entry(resource.clone()).or_default() +=
+                    milli * i64::try_from(pod.containers.len()).unwrap_or(0);
+            }
+            let _ = Api::<PodMetrics>::namespaced(client.clone(), &pod.namespace)
+                .patch(&pod.name, &apply, &Patch::Apply(&report))
+                .await;
+        }
+        for (node, sums) in per_node {
+            let report = NodeMetrics {
+                api_version: "metrics.k8s.io/v1beta1".to_owned(),
+                kind: "NodeMetrics".to_owned(),
+                metadata: ObjectMeta {
+                    name: Some(node.clone()),
+                    ..Default::default()
+                },
+                timestamp: now.clone(),
+                window: window.clone(),
+                usage: sums
+                    .into_iter()
+                    .map(|(resource, milli)| {
+                        let amount = if resource == "cpu" {
+                            format!("{milli}m")
+                        } else {
+                            (milli / 1000).to_string()
+                        };
+                        (resource, Quantity(amount))
+                    })
+                    .collect(),
+            };
+            let _ = Api::<NodeMetrics>::all(client.clone())
+                .patch(&node, &apply, &Patch::Apply(&report))
+                .await;
+        }
     }
 }
 

@@ -828,3 +828,100 @@ fn a_drain_evicts_no_faster_than_the_disruption_budget_allows() {
     let node = json(&plane, &["get", "node/sim-0"]);
     assert_eq!(node["spec"]["unschedulable"], true, "drain cordons first");
 }
+
+#[test]
+fn an_autoscaler_follows_reported_cpu_usage() {
+    let plane = ControlPlane::cluster(
+        StoreKind::Embedded,
+        &["--horizontal-pod-autoscaler-sync-period=1"],
+    );
+    let _nodes = nodes(&plane, 2);
+    plane.apply(
+        r"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata:
+      labels: {app: web}
+      annotations: {sim.wharf.dev/usage: cpu=200m}
+    spec:
+      containers:
+      - name: web
+        image: registry.local/web:v1
+        resources: {requests: {cpu: 100m}}
+",
+    );
+    plane.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    plane.apply(
+        r"apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {name: web}
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: web}
+  minReplicas: 2
+  maxReplicas: 5
+  metrics:
+  - type: Resource
+    resource: {name: cpu, target: {type: Utilization, averageUtilization: 50}}
+  behavior:
+    scaleDown: {stabilizationWindowSeconds: 0}
+",
+    );
+    // 200% of the request against a 50% target: four times the pods,
+    // capped at maxReplicas.
+    wait_for(Duration::from_secs(60), "a scale-up to 5", || {
+        let hpa = json(&plane, &["get", "hpa/web"]);
+        let utilization =
+            &hpa["status"]["currentMetrics"][0]["resource"]["current"]["averageUtilization"];
+        (hpa["status"]["desiredReplicas"] == 5 && *utilization == 200).then_some(())
+    });
+    plane.kubectl_ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    assert_eq!(live_pods(&plane, "default", "app=web").len(), 5);
+    // kubectl top reads the reports (new pods' come within a second).
+    wait_for(
+        Duration::from_secs(10),
+        "kubectl top showing 5 pods",
+        || {
+            let top = plane.kubectl(&["top", "pods", "-l", "app=web"]);
+            (String::from_utf8_lossy(&top.stdout).matches("200m").count() == 5).then_some(())
+        },
+    );
+
+    // The load drops to 20%: 5 * 0.4 = 2 pods.
+    plane.kubectl_ok(&[
+        "annotate",
+        "pods",
+        "-l",
+        "app=web",
+        "--overwrite",
+        "sim.wharf.dev/usage=cpu=20m",
+    ]);
+    wait_for(Duration::from_secs(60), "a scale-down to 2", || {
+        let deployment = json(&plane, &["get", "deployment/web"]);
+        (deployment["spec"]["replicas"] == 2).then_some(())
+    });
+    let hpa = json(&plane, &["get", "hpa/web"]);
+    let conditions = hpa["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let active = conditions
+        .iter()
+        .find(|c| c["type"] == "ScalingActive")
+        .expect("ScalingActive");
+    assert_eq!(active["reason"], "ValidMetricFound");
+    let described = plane.kubectl_ok(&["describe", "hpa/web"]);
+    assert!(
+        described.contains(
+            "New size: 5; reason: cpu resource utilization (percentage of request) above target"
+        ),
+        "{described}"
+    );
+    assert!(
+        described.contains("New size: 2; reason: All metrics below target"),
+        "{described}"
+    );
+}

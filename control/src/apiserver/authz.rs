@@ -194,6 +194,9 @@ fn node_decision(node: &str, attributes: &Attributes) -> Option<Decision> {
             ("", "pods", Some("status")) if matches!(verb.as_str(), "update" | "patch") => {
                 Decision::AllowIfPodBoundTo(node.to_owned())
             }
+            // Usage reports (see `crate::usage`): its own and its pods'.
+            ("metrics.k8s.io", "nodes", None) if own => Decision::Allow,
+            ("metrics.k8s.io", "pods", None) => Decision::AllowIfPodBoundTo(node.to_owned()),
             // The agent deletes its pods once they have stopped.
             ("", "pods", None) if verb == "delete" => Decision::AllowIfPodBoundTo(node.to_owned()),
             ("", "events", None) | ("events.k8s.io", "events", None)
@@ -493,6 +496,7 @@ pub fn bootstrap_policy() -> Vec<(&'static str, Value)> {
         rule(&read, &["discovery.k8s.io"], &["endpointslices"]),
         rule(&read, &["autoscaling"], &["horizontalpodautoscalers"]),
         rule(&read, &["policy"], &["poddisruptionbudgets"]),
+        rule(&read, &["metrics.k8s.io"], &["pods"]),
     ]);
     let edit_rules = json!([
         rule(&all_write, &[""], &workloads),
@@ -505,6 +509,7 @@ pub fn bootstrap_policy() -> Vec<(&'static str, Value)> {
         rule(&all_write, &["autoscaling"], &["horizontalpodautoscalers"]),
         rule(&all_write, &["policy"], &["poddisruptionbudgets"]),
         rule(&all_write, &["coordination.k8s.io"], &["leases"]),
+        rule(&read, &["metrics.k8s.io"], &["pods"]),
     ]);
     let mut admin_rules = edit_rules.clone();
     if let Some(rules) = admin_rules.as_array_mut() {

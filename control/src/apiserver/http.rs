@@ -416,9 +416,14 @@ async fn authorize<S: Store>(
         Decision::Allow => Ok(()),
         Decision::Deny(reason) => Err(denied(reason)),
         Decision::AllowIfPodBoundTo(node) => {
+            // The pod itself, or the pod a usage report is named after.
+            let pods = app
+                .registry
+                .find("", "v1", "pods")
+                .ok_or_else(|| ApiError::internal("pods are not registered"))?;
             let pod = app
                 .get_object(
-                    rt,
+                    pods,
                     target.namespace.as_deref(),
                     name.as_deref().unwrap_or_default(),
                 )

@@ -9,6 +9,7 @@
 //! type (`informer`), and none starts before every cache has listed once,
 //! so nothing is deleted or recreated on a partial view.
 
+mod autoscaler;
 mod cronjob;
 mod daemonset;
 mod deployment;
@@ -38,6 +39,7 @@ use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet},
+        autoscaling::v2::HorizontalPodAutoscaler,
         batch::v1::{CronJob, Job},
         coordination::v1::Lease,
         core::v1::{Endpoints, Namespace, Node, Pod, Service, ServiceAccount},
@@ -73,6 +75,8 @@ pub struct Options {
     pub node_cidr_mask: u8,
     /// A node whose lease was not renewed for this long is NotReady.
     pub node_monitor_grace: Duration,
+    /// How often each HorizontalPodAutoscaler is evaluated.
+    pub autoscaler_sync_period: Duration,
 }
 
 impl Default for Options {
@@ -81,6 +85,7 @@ impl Default for Options {
             cluster_cidr: (Ipv4Addr::new(10, 244, 0, 0), 16),
             node_cidr_mask: 24,
             node_monitor_grace: Duration::from_secs(40),
+            autoscaler_sync_period: Duration::from_secs(15),
         }
     }
 }
@@ -140,12 +145,16 @@ pub struct Context {
     pub namespaces: Store<Namespace>,
     pub service_accounts: Store<ServiceAccount>,
     pub budgets: Store<PodDisruptionBudget>,
+    pub autoscalers: Store<HorizontalPodAutoscaler>,
     pub expectations: Expectations,
     /// Per node: the last heartbeat seen, and when this process saw it
     /// change (node lifecycle judges silence by its own clock).
     pub heartbeats: std::sync::Mutex<HashMap<String, Heartbeat>>,
     /// Pod CIDRs handed out that the node cache may not show yet.
     pub pod_cidrs: std::sync::Mutex<std::collections::BTreeSet<u32>>,
+    /// Per autoscaler (`namespace/name`): its recent recommendations
+    /// and scale changes.
+    pub autoscaler_history: std::sync::Mutex<HashMap<String, autoscaler::History>>,
     pub options: Options,
 }
 
@@ -435,6 +444,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
     let mut namespaces = informer::<Namespace>(&client);
     let mut service_accounts = informer::<ServiceAccount>(&client);
     let mut budgets = informer::<PodDisruptionBudget>(&client);
+    let mut autoscalers = informer::<HorizontalPodAutoscaler>(&client);
 
     let context = Arc::new(Context {
         client: client.clone(),
@@ -454,9 +464,11 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         namespaces: namespaces.store(),
         service_accounts: service_accounts.store(),
         budgets: budgets.store(),
+        autoscalers: autoscalers.store(),
         expectations: Expectations::default(),
         pod_cidrs: Default::default(),
         heartbeats: Default::default(),
+        autoscaler_history: Default::default(),
         options,
     });
 
@@ -506,6 +518,8 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         Controller::for_shared_stream(cronjobs.subscribe(), context.cronjobs.clone())
             .owns_shared_stream(jobs.subscribe());
     let ipam_controller = Controller::for_shared_stream(nodes.subscribe(), context.nodes.clone());
+    let autoscaler_controller =
+        Controller::for_shared_stream(autoscalers.subscribe(), context.autoscalers.clone());
     let disruption_controller =
         Controller::for_shared_stream(budgets.subscribe(), context.budgets.clone())
             .watches_shared_stream(pods.subscribe(), disruption::pod_to_budgets(&context))
@@ -538,6 +552,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
     tasks.spawn(namespaces.run());
     tasks.spawn(service_accounts.run());
     tasks.spawn(budgets.run());
+    tasks.spawn(autoscalers.run());
 
     // Never act on a partial view.
     let ready = futures::future::join_all([
@@ -556,6 +571,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         context.namespaces.wait_until_ready().boxed(),
         context.service_accounts.wait_until_ready().boxed(),
         context.budgets.wait_until_ready().boxed(),
+        context.autoscalers.wait_until_ready().boxed(),
     ]);
     tokio::select! {
         results = ready => {
@@ -625,6 +641,11 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
     tasks.spawn(drive(
         disruption_controller,
         disruption::reconcile,
+        Arc::clone(&context),
+    ));
+    tasks.spawn(drive(
+        autoscaler_controller,
+        autoscaler::reconcile,
         Arc::clone(&context),
     ));
     while tasks.join_next().await.is_some() {}

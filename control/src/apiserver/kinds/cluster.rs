@@ -1,4 +1,5 @@
-//! discovery, coordination, rbac, autoscaling and policy kinds.
+//! discovery, coordination, rbac, autoscaling, policy, scheduling and
+//! metrics kinds.
 
 use k8s_openapi::{
     api::{
@@ -21,6 +22,7 @@ use crate::apiserver::{
     table::{Column, age},
     validation::{Causes, NameRule, check_port, check_protocol},
 };
+use crate::usage::{NodeMetrics, PodMetrics};
 
 pub(super) fn register_all(types: &mut Vec<ResourceType>) {
     register::<EndpointSlice>(types);
@@ -32,6 +34,8 @@ pub(super) fn register_all(types: &mut Vec<ResourceType>) {
     register::<HorizontalPodAutoscaler>(types);
     register::<PodDisruptionBudget>(types);
     register::<PriorityClass>(types);
+    register::<PodMetrics>(types);
+    register::<NodeMetrics>(types);
 }
 
 /// Priorities above this are reserved for the system classes.
@@ -443,5 +447,31 @@ impl Kind for PodDisruptionBudget {
                     .map_or_else(|| "<none>".to_owned(), selector_string)
             ),
         ]
+    }
+}
+
+impl Kind for PodMetrics {
+    fn columns() -> Vec<Column> {
+        vec![
+            Column::new("Window", "string", 0),
+            Column::new("Age", "string", 0),
+        ]
+    }
+
+    fn cells(&self, now: DateTime<Utc>) -> Vec<Value> {
+        vec![json!(self.window), json!(age(&self.metadata, now))]
+    }
+}
+
+impl Kind for NodeMetrics {
+    fn columns() -> Vec<Column> {
+        vec![
+            Column::new("Window", "string", 0),
+            Column::new("Age", "string", 0),
+        ]
+    }
+
+    fn cells(&self, now: DateTime<Utc>) -> Vec<Value> {
+        vec![json!(self.window), json!(age(&self.metadata, now))]
     }
 }
