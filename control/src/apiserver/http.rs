@@ -845,10 +845,11 @@ async fn watch_collection<S: Store>(
         let index = target.index;
         let include = IncludeObject::parse(call.param("includeObject"));
         let first = std::sync::atomic::AtomicBool::new(true);
-        Box::new(move |kind, object, _| {
+        Box::new(move |kind, payload| {
             if kind == "BOOKMARK" {
-                return json_frame(kind, object, None);
+                return json_frame(kind, payload);
             }
+            let object = payload.object();
             let rt = &app.registry.types[index];
             let columns = if first.swap(false, std::sync::atomic::Ordering::Relaxed) {
                 rt.codec.columns()
@@ -857,7 +858,10 @@ async fn watch_collection<S: Store>(
             };
             let meta = json!({ "resourceVersion": object["metadata"]["resourceVersion"] });
             let row = vec![(rt.codec.cells(object, Utc::now()), object)];
-            json_frame(kind, &table(&columns, row, include, meta), None)
+            json_frame(
+                kind,
+                watch::Payload::Object(&table(&columns, row, include, meta)),
+            )
         })
     } else {
         Box::new(json_frame)

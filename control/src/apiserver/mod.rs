@@ -112,7 +112,7 @@ impl<S: Store> App<S> {
     /// resourceVersion to the revision that wrote it.
     fn decode(&self, kv: &KeyValue, revision: Revision) -> Result<Value, ApiError> {
         let plain;
-        let bytes = if kv.key.starts_with("/registry/core/secrets/") {
+        let bytes = if is_sealed(&kv.key) {
             plain = self.secrets.open(&kv.value).map_err(ApiError::internal)?;
             &plain
         } else {
@@ -133,7 +133,7 @@ impl<S: Store> App<S> {
             metadata.remove("resourceVersion");
         }
         let bytes = serde_json::to_vec(&object).unwrap_or_default();
-        if key.starts_with("/registry/core/secrets/") {
+        if is_sealed(key) {
             self.secrets.seal(&bytes)
         } else {
             bytes
@@ -218,43 +218,65 @@ impl<S: Store> App<S> {
         Ok(())
     }
 
+    /// A stored value as plain JSON bytes (secrets opened).
+    fn plain(&self, kv: KeyValue) -> Result<bytes::Bytes, ApiError> {
+        if is_sealed(&kv.key) {
+            let plain = self.secrets.open(&kv.value).map_err(ApiError::internal)?;
+            Ok(plain.into())
+        } else {
+            Ok(kv.value.into())
+        }
+    }
+
     fn cache_batch(&self, events: Vec<crate::store::Event>) {
         let Some(revision) = events.first().map(|e| e.kv.mod_revision) else {
             return;
         };
-        let mut decoded = Vec::with_capacity(events.len());
+        let mut cached = Vec::with_capacity(events.len());
         for event in events {
-            let prev = event
-                .prev
-                .as_ref()
-                .and_then(|prev| self.decode(prev, prev.mod_revision).ok());
-            if event.kind == EventKind::Delete && event.kv.key.starts_with(authz::RBAC_PREFIX) {
-                // Even without a decodable previous value.
-                self.authz.update(&event.kv.key, None);
-            }
-            let (kind, object) = match (event.kind, prev.clone()) {
-                (EventKind::Put, None) => (EventType::Added, self.decode(&event.kv, revision)),
-                (EventKind::Put, Some(_)) => {
-                    (EventType::Modified, self.decode(&event.kv, revision))
+            let key = event.kv.key.clone();
+            let rbac = key.starts_with(authz::RBAC_PREFIX);
+            let prev = match event.prev.map(|prev| self.plain(prev)) {
+                Some(Ok(prev)) => Some(prev),
+                Some(Err(error)) => {
+                    warn!(%error, key, "watch cache: previous value unreadable");
+                    None
                 }
-                (EventKind::Delete, Some(mut last)) => {
-                    last["metadata"]["resourceVersion"] = Value::String(revision.to_string());
-                    (EventType::Deleted, Ok(last))
-                }
-                (EventKind::Delete, None) => continue,
+                None => None,
             };
-            if kind != EventType::Deleted && event.kv.key.starts_with(authz::RBAC_PREFIX) {
-                self.authz.update(&event.kv.key, object.as_ref().ok());
-            }
-            match object {
-                Ok(object) => {
-                    decoded.push(CachedEvent::new(revision, event.kv.key, kind, object, prev))
+            let (kind, raw, prev) = match (event.kind, prev) {
+                (EventKind::Delete, Some(last)) => (EventType::Deleted, Ok(last), None),
+                (EventKind::Delete, None) => {
+                    if rbac {
+                        // Even without a readable previous value.
+                        self.authz.update(&key, None);
+                    }
+                    continue;
                 }
-                Err(error) => warn!(%error, "watch cache: undecodable object skipped"),
+                (EventKind::Put, None) => (EventType::Added, self.plain(event.kv), None),
+                (EventKind::Put, prev) => (EventType::Modified, self.plain(event.kv), prev),
+            };
+            let raw = match raw {
+                Ok(raw) => raw,
+                Err(error) => {
+                    warn!(%error, key, "watch cache: unreadable object skipped");
+                    continue;
+                }
+            };
+            let event = CachedEvent::new(revision, key, kind, raw, prev);
+            if rbac {
+                let object = (kind != EventType::Deleted).then(|| event.object());
+                self.authz.update(&event.key, object);
             }
+            cached.push(event);
         }
-        self.cache.push(revision, decoded);
+        self.cache.push(revision, cached);
     }
+}
+
+/// Secrets are sealed at rest (see `encryption`).
+fn is_sealed(key: &str) -> bool {
+    key.starts_with("/registry/core/secrets/")
 }
 
 /// Creates the PKI, kubeconfig and keys on first start, then serves until

@@ -53,16 +53,22 @@ impl EventType {
     }
 }
 
-/// One decoded change.
+/// One change, kept as the stored bytes: most watchers need only the
+/// JSON they receive, which is those bytes with `resourceVersion` set,
+/// so the object tree is built only for a watcher that filters (label or
+/// field selector), renders a Table, or indexes it (RBAC).
 #[derive(Debug)]
 pub struct CachedEvent {
     pub revision: Revision,
     pub key: String,
     pub kind: EventType,
-    /// The object after the change; for a delete, its last state with the
-    /// deleting revision as resourceVersion (as upstream sends it).
-    pub object: Value,
-    pub prev: Option<Value>,
+    /// The stored (decrypted) object after the change; for a delete, its
+    /// last state, sent with the deleting revision as upstream does.
+    raw: Bytes,
+    /// The stored object before a modification.
+    prev_raw: Option<Bytes>,
+    object: OnceLock<Value>,
+    prev: OnceLock<Option<Value>>,
     encoded: OnceLock<Bytes>,
 }
 
@@ -71,23 +77,103 @@ impl CachedEvent {
         revision: Revision,
         key: String,
         kind: EventType,
-        object: Value,
-        prev: Option<Value>,
+        raw: Bytes,
+        prev_raw: Option<Bytes>,
     ) -> Self {
         Self {
             revision,
             key,
             kind,
-            object,
-            prev,
+            raw,
+            prev_raw,
+            object: OnceLock::new(),
+            prev: OnceLock::new(),
             encoded: OnceLock::new(),
         }
     }
 
-    /// The object's JSON, encoded on first use.
+    /// The object as watchers see it, decoded on first use.
+    pub fn object(&self) -> &Value {
+        self.object.get_or_init(|| {
+            let mut object = parse_stored(&self.key, &self.raw);
+            if object.is_object() {
+                object["metadata"]["resourceVersion"] = Value::String(self.revision.to_string());
+            }
+            object
+        })
+    }
+
+    /// The object before a modification (for selectors), decoded on
+    /// first use.
+    fn prev(&self) -> Option<&Value> {
+        self.prev
+            .get_or_init(|| {
+                self.prev_raw
+                    .as_ref()
+                    .map(|raw| parse_stored(&self.key, raw))
+            })
+            .as_ref()
+    }
+
+    /// The object's JSON, made on first use: the stored bytes with the
+    /// revision spliced into `metadata`, the same bytes as encoding
+    /// [`Self::object`] (both write keys sorted and compact).
     pub fn encoded(&self) -> &Bytes {
-        self.encoded
-            .get_or_init(|| Bytes::from(serde_json::to_vec(&self.object).unwrap_or_default()))
+        self.encoded.get_or_init(|| {
+            with_resource_version(&self.raw, self.revision)
+                .unwrap_or_else(|| serde_json::to_vec(self.object()).unwrap_or_default())
+                .into()
+        })
+    }
+}
+
+fn parse_stored(key: &str, raw: &[u8]) -> Value {
+    serde_json::from_slice(raw).unwrap_or_else(|error| {
+        tracing::warn!(%error, key, "watch cache: a stored object is not JSON");
+        Value::Null
+    })
+}
+
+/// `raw` with `metadata.resourceVersion` set, re-assembled from the raw
+/// top-level and metadata fields instead of a full object tree (a pod's
+/// spec and status are copied as text). `None` if `raw` is not shaped
+/// for it (then the caller encodes the decoded object).
+fn with_resource_version(raw: &[u8], revision: Revision) -> Option<Vec<u8>> {
+    use std::collections::BTreeMap;
+
+    use serde_json::value::RawValue;
+
+    let mut top: BTreeMap<&str, &RawValue> = serde_json::from_slice(raw).ok()?;
+    let mut metadata: BTreeMap<&str, &RawValue> =
+        serde_json::from_str(top.get("metadata")?.get()).ok()?;
+    let version = RawValue::from_string(format!("\"{revision}\"")).ok()?;
+    metadata.insert("resourceVersion", &version);
+    let metadata = serde_json::value::to_raw_value(&metadata).ok()?;
+    top.insert("metadata", &metadata);
+    serde_json::to_vec(&top).ok()
+}
+
+/// What a watcher encodes: a cached event, or an object made for it
+/// (initial state, bookmarks).
+#[derive(Clone, Copy, Debug)]
+pub enum Payload<'a> {
+    Event(&'a CachedEvent),
+    Object(&'a Value),
+}
+
+impl Payload<'_> {
+    pub fn object(&self) -> &Value {
+        match self {
+            Self::Event(event) => event.object(),
+            Self::Object(object) => object,
+        }
+    }
+
+    fn encoded(&self) -> Bytes {
+        match self {
+            Self::Event(event) => event.encoded().clone(),
+            Self::Object(object) => Bytes::from(serde_json::to_vec(object).unwrap_or_default()),
+        }
     }
 }
 
@@ -183,7 +269,7 @@ impl WatchCache {
 }
 
 /// Turns an event into the bytes one watcher receives (JSON or Table).
-pub type Encoder = Box<dyn Fn(&str, &Value, Option<&Bytes>) -> Bytes + Send>;
+pub type Encoder = Box<dyn Fn(&str, Payload<'_>) -> Bytes + Send>;
 
 /// One client watch.
 pub struct WatchSpec {
@@ -224,8 +310,10 @@ impl WatchSpec {
         if !event.key.starts_with(&self.prefix) {
             return None;
         }
-        let now = self.selects(&event.object);
-        let before = event.prev.as_ref().is_some_and(|prev| self.selects(prev));
+        // Without selectors every object is selected: decode nothing.
+        let filtering = !(self.labels.is_empty() && self.fields.is_empty());
+        let now = !filtering || self.selects(event.object());
+        let before = !filtering || event.prev().is_some_and(|prev| self.selects(prev));
         match event.kind {
             EventType::Added => now.then_some(EventType::Added),
             EventType::Deleted => now.then_some(EventType::Deleted),
@@ -264,13 +352,20 @@ pub fn start(
         tokio::pin!(deadline);
         let mut last = spec.after;
         for object in &spec.initial {
-            if tx.send(Ok(encode("ADDED", object, None))).await.is_err() {
+            if tx
+                .send(Ok(encode("ADDED", Payload::Object(object))))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
         if spec.initial_end_bookmark
             && tx
-                .send(Ok(encode("BOOKMARK", &spec.bookmark(last, true), None)))
+                .send(Ok(encode(
+                    "BOOKMARK",
+                    Payload::Object(&spec.bookmark(last, true)),
+                )))
                 .await
                 .is_err()
         {
@@ -280,11 +375,7 @@ pub fn start(
             if let Some(kind) = spec.view(&event) {
                 last = event.revision;
                 if tx
-                    .send(Ok(encode(
-                        kind.as_str(),
-                        &event.object,
-                        Some(event.encoded()),
-                    )))
+                    .send(Ok(encode(kind.as_str(), Payload::Event(&event))))
                     .await
                     .is_err()
                 {
@@ -313,12 +404,12 @@ pub fn start(
                         seen = seen.max(event.revision);
                         if event.revision > spec.after && let Some(kind) = spec.view(&event) {
                             last = event.revision;
-                            if tx.send(Ok(encode(kind.as_str(), &event.object, Some(event.encoded())))).await.is_err() {
+                            if tx.send(Ok(encode(kind.as_str(), Payload::Event(&event)))).await.is_err() {
                                 return;
                             }
                         }
                     }
-                    if tx.send(Ok(encode("BOOKMARK", &spec.bookmark(seen.max(last), false), None))).await.is_err() {
+                    if tx.send(Ok(encode("BOOKMARK", Payload::Object(&spec.bookmark(seen.max(last), false))))).await.is_err() {
                         return;
                     }
                 }
@@ -339,7 +430,7 @@ pub fn start(
                     }
                     if let Some(kind) = spec.view(&event) {
                         last = event.revision;
-                        if tx.send(Ok(encode(kind.as_str(), &event.object, Some(event.encoded())))).await.is_err() {
+                        if tx.send(Ok(encode(kind.as_str(), Payload::Event(&event)))).await.is_err() {
                             return;
                         }
                     }
@@ -350,13 +441,10 @@ pub fn start(
     Ok(rx)
 }
 
-/// A watch event line: `{"type":..,"object":..}\n`, reusing the object's
-/// cached encoding when there is one.
-pub fn json_frame(kind: &str, object: &Value, encoded: Option<&Bytes>) -> Bytes {
-    let body = match encoded {
-        Some(bytes) => bytes.clone(),
-        None => Bytes::from(serde_json::to_vec(object).unwrap_or_default()),
-    };
+/// A watch event line: `{"type":..,"object":..}\n`, reusing a cached
+/// event's encoding.
+pub fn json_frame(kind: &str, payload: Payload<'_>) -> Bytes {
+    let body = payload.encoded();
     let mut frame = Vec::with_capacity(body.len() + 32);
     frame.extend_from_slice(b"{\"type\":\"");
     frame.extend_from_slice(kind.as_bytes());
@@ -377,13 +465,14 @@ mod tests {
         labels: Value,
         prev: Option<Value>,
     ) -> CachedEvent {
-        let object = json!({"metadata": {"name": name, "labels": labels, "resourceVersion": revision.to_string()}});
+        let object = json!({"metadata": {"name": name, "labels": labels}});
+        let bytes = |v: &Value| Bytes::from(serde_json::to_vec(v).unwrap());
         CachedEvent::new(
             revision,
             format!("/registry/core/pods/ns/{name}"),
             kind,
-            object,
-            prev,
+            bytes(&object),
+            prev.as_ref().map(bytes),
         )
     }
 
@@ -476,6 +565,26 @@ mod tests {
             (got[0]["type"].as_str(), got[1]["type"].as_str()),
             (Some("DELETED"), Some("ADDED"))
         );
+    }
+
+    #[test]
+    fn the_spliced_encoding_is_the_decoded_objects() {
+        let stored = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "a", "namespace": "ns", "uid": "u", "labels": {"z": "1", "a": "\"q\""}},
+            "spec": {"containers": [{"name": "c", "image": "i"}]},
+            "status": {"phase": "Running"},
+        });
+        let event = CachedEvent::new(
+            42,
+            "/registry/core/pods/ns/a".to_owned(),
+            EventType::Modified,
+            Bytes::from(serde_json::to_vec(&stored).unwrap()),
+            None,
+        );
+        let spliced = event.encoded().clone();
+        assert_eq!(spliced, serde_json::to_vec(event.object()).unwrap());
+        assert_eq!(event.object()["metadata"]["resourceVersion"], "42");
     }
 
     #[test]
