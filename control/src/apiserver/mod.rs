@@ -125,14 +125,14 @@ impl<S: Store> App<S> {
         Ok(object)
     }
 
-    /// The stored form: no resourceVersion (the store revision is it), and
-    /// secrets sealed.
-    fn encode(&self, key: &str, object: &Value) -> Vec<u8> {
-        let mut object = object.clone();
+    /// The stored form: no resourceVersion (the store revision is it;
+    /// it is removed from `object`, whose caller sets the new one once
+    /// committed), and secrets sealed.
+    fn encode(&self, key: &str, object: &mut Value) -> Vec<u8> {
         if let Some(metadata) = object["metadata"].as_object_mut() {
             metadata.remove("resourceVersion");
         }
-        let bytes = serde_json::to_vec(&object).unwrap_or_default();
+        let bytes = serde_json::to_vec(object).unwrap_or_default();
         if is_sealed(key) {
             self.secrets.seal(&bytes)
         } else {

@@ -213,6 +213,39 @@ fn decode_continue(token: &str) -> Result<(Revision, String), ApiError> {
     Ok((revision, start.to_owned()))
 }
 
+/// Whether two objects differ at most in `metadata.resourceVersion`
+/// (compared in place: an update's no-op check runs on every write).
+fn same_but_resource_version(a: &Value, b: &Value) -> bool {
+    /// Equal maps but for the entry `skip`, which is compared at the
+    /// level below for "metadata" and ignored for "resourceVersion".
+    fn same(
+        a: &serde_json::Map<String, Value>,
+        b: &serde_json::Map<String, Value>,
+        skip: &str,
+    ) -> bool {
+        let count =
+            |m: &serde_json::Map<String, Value>| m.len() - usize::from(m.contains_key(skip));
+        count(a) == count(b)
+            && a.iter()
+                .filter(|(k, _)| *k != skip)
+                .all(|(k, v)| b.get(k) == Some(v))
+    }
+    match (a.as_object(), b.as_object()) {
+        (Some(a), Some(b)) => {
+            let metadata = (
+                a.get("metadata").and_then(Value::as_object),
+                b.get("metadata").and_then(Value::as_object),
+            );
+            same(a, b, "metadata")
+                && match metadata {
+                    (Some(x), Some(y)) => same(x, y, "resourceVersion"),
+                    _ => a.get("metadata") == b.get("metadata"),
+                }
+        }
+        _ => a == b,
+    }
+}
+
 fn meta_str<'a>(object: &'a Value, field: &str) -> Option<&'a str> {
     object["metadata"][field].as_str().filter(|s| !s.is_empty())
 }
@@ -544,7 +577,7 @@ impl<S: Store> App<S> {
         for _ in 0..UPDATE_ATTEMPTS {
             let mut object = object.clone();
             let extras = self.plan_extras(rt, &name, None, Some(&mut object), &taken)?;
-            let mut txn = Txn::create(&key, self.encode(&key, &object));
+            let mut txn = Txn::create(&key, self.encode(&key, &mut object));
             extras.add_to(&mut txn, &key);
             match self.store.txn(txn).await? {
                 TxnOutcome::Committed { revision } => {
@@ -652,10 +685,7 @@ impl<S: Store> App<S> {
             let (mut next, warnings) = self.admit(rt, &next, options)?;
             let now = now_rfc3339();
             managed::track_update(Some(&current), &mut next, &options.writer(rt, &now, mode));
-            let mut unchanged = next.clone();
-            unchanged["metadata"]["resourceVersion"] =
-                current["metadata"]["resourceVersion"].clone();
-            if unchanged == current {
+            if same_but_resource_version(&next, &current) {
                 // A no-op update writes nothing and keeps resourceVersion.
                 return Ok(Written {
                     object: current,
@@ -685,7 +715,7 @@ impl<S: Store> App<S> {
             } else {
                 let extras = self.plan_extras(rt, name, Some(&current), Some(&mut next), &taken)?;
                 (
-                    Txn::update(&key, kv.mod_revision, self.encode(&key, &next)),
+                    Txn::update(&key, kv.mod_revision, self.encode(&key, &mut next)),
                     extras,
                 )
             };
@@ -868,7 +898,8 @@ impl<S: Store> App<S> {
             if options.dry_run {
                 return Ok(marked.unwrap_or(current));
             }
-            let txn = match &marked {
+            let mut marked = marked;
+            let txn = match &mut marked {
                 Some(next) if *next == current => return Ok(current),
                 Some(next) => Txn::update(&key, kv.mod_revision, self.encode(&key, next)),
                 None => {
@@ -1091,6 +1122,19 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_changed_resource_version_alone_is_no_change() {
+        let a = json!({"metadata": {"name": "x", "resourceVersion": "1"}, "spec": {"n": 1}});
+        let b = json!({"metadata": {"name": "x", "resourceVersion": "2"}, "spec": {"n": 1}});
+        assert!(same_but_resource_version(&a, &b));
+        let c = json!({"metadata": {"name": "x", "resourceVersion": "2"}, "spec": {"n": 2}});
+        assert!(!same_but_resource_version(&a, &c));
+        let d = json!({"metadata": {"name": "y", "resourceVersion": "1"}, "spec": {"n": 1}});
+        assert!(!same_but_resource_version(&a, &d));
+        let e = json!({"metadata": {"name": "x"}, "spec": {"n": 1}, "status": {}});
+        assert!(!same_but_resource_version(&a, &e));
+    }
 
     #[test]
     fn uids_look_like_version_4_uuids() {
