@@ -523,7 +523,8 @@ spec:
         )
     };
     plane.apply(&job("batch", 0, "completions: 4\n  parallelism: 2"));
-    plane.apply(&job("broken", 1, "backoffLimit: 2"));
+    plane.apply(&job("broken", 1, "backoffLimit: 1"));
+    plane.apply(&job("later", 0, "suspend: true"));
     plane.kubectl_ok(&[
         "wait",
         "--for=condition=complete",
@@ -543,11 +544,49 @@ spec:
     ]);
     let broken = json(&plane, &["get", "job", "broken"]);
     assert_eq!(
-        broken["status"]["failed"], 3,
-        "backoffLimit 2: three attempts"
+        broken["status"]["failed"], 2,
+        "backoffLimit 1: two attempts"
     );
     let described = plane.kubectl_ok(&["describe", "job", "broken"]);
     assert!(described.contains("BackoffLimitExceeded"), "{described}");
+    // The second attempt waited out the 10 s back-off after the first
+    // failed (200 ms after it started).
+    let mut created: Vec<chrono::DateTime<chrono::Utc>> =
+        items(&plane, &["get", "pods", "-l", "job-name=broken"])
+            .iter()
+            .map(|p| {
+                p["metadata"]["creationTimestamp"]
+                    .as_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+    created.sort_unstable();
+    assert!(
+        created[1] - created[0] >= chrono::Duration::seconds(10),
+        "replaced too soon: {created:?}"
+    );
+
+    // A suspended Job runs nothing until resumed.
+    let later = json(&plane, &["get", "job", "later"]);
+    assert_eq!(later["status"]["conditions"][0]["type"], "Suspended");
+    assert!(items(&plane, &["get", "pods", "-l", "job-name=later"]).is_empty());
+    plane.kubectl_ok(&[
+        "patch",
+        "job/later",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"suspend":false}}"#,
+    ]);
+    plane.kubectl_ok(&[
+        "wait",
+        "--for=condition=complete",
+        "job/later",
+        "--timeout=60s",
+    ]);
+    let described = plane.kubectl_ok(&["describe", "job", "later"]);
+    assert!(described.contains("Job resumed"), "{described}");
 }
 
 #[test]

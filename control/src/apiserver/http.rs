@@ -877,15 +877,9 @@ async fn watch_collection<S: Store>(
 }
 
 fn scale_of(object: &Value) -> Value {
-    let selector = &object["spec"]["selector"];
-    let selector = match selector.get("matchLabels").and_then(Value::as_object) {
-        Some(labels) => labels
-            .iter()
-            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-            .collect::<Vec<_>>()
-            .join(","),
-        None => String::new(),
-    };
+    let selector = serde_json::from_value(object["spec"]["selector"].clone())
+        .map(|selector| super::kinds::selector_query(&selector))
+        .unwrap_or_default();
     let metadata = &object["metadata"];
     json!({
         "kind": "Scale",
@@ -1096,6 +1090,7 @@ async fn evict<S: Store>(
         dry_run: options.dry_run,
         ..call.write_options()?
     };
+    let caller_uid = options.uid.clone();
     let mut decided = false;
     for _ in 0..UPDATE_ATTEMPTS {
         let pod: k8s_openapi::api::core::v1::Pod =
@@ -1107,8 +1102,9 @@ async fn evict<S: Store>(
             .into_iter()
             .map(typed)
             .collect::<Result<Vec<_>, _>>()?;
-        // The pod judged is the pod deleted, not a namesake created since.
-        options.uid = pod.metadata.uid.clone();
+        // The pod judged is the pod deleted, not a namesake created since
+        // (unless the caller named a uid itself).
+        options.uid = caller_uid.clone().or_else(|| pod.metadata.uid.clone());
         match eviction::judge(&pod, &budgets, Utc::now())? {
             eviction::Verdict::Delete => {}
             eviction::Verdict::Spend {

@@ -265,7 +265,8 @@ impl<S: Store> App<S> {
             };
             let event = CachedEvent::new(revision, key, kind, raw, prev);
             if rbac {
-                let object = (kind != EventType::Deleted).then(|| event.object());
+                let object =
+                    Some(event.object()).filter(|o| kind != EventType::Deleted && o.is_object());
                 self.authz.update(&event.key, object);
             }
             cached.push(event);

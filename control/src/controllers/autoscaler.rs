@@ -86,15 +86,17 @@ fn go_duration_seconds(text: &str) -> Option<i64> {
         }
         let value: i64 = number.parse().ok()?;
         number.clear();
-        total += value
-            * match c {
-                'h' => 3600,
-                'm' => 60,
-                's' => 1,
-                _ => return None,
-            };
+        let unit = match c {
+            'h' => 3600,
+            'm' => 60,
+            's' => 1,
+            _ => return None,
+        };
+        // A window is whatever a node wrote: overflow is a bad report.
+        total = value.checked_mul(unit)?.checked_add(total)?;
     }
-    number.is_empty().then_some(total)
+    // Days are far beyond any window; they also keep `Duration` in range.
+    number.is_empty().then_some(total).filter(|t| *t < 86_400)
 }
 
 /// Upstream's `groupPods`: pods whose sample counts, and the rest.
@@ -270,7 +272,14 @@ pub(super) fn resource_replicas(
         return Ok(proposal(ceil_replicas(first_ratio * ready_count)));
     }
     let mut usage = groups.usage.clone();
-    for pod in &groups.missing {
+    // (At exactly the target, upstream leaves silent pods out of a
+    // utilization, and counts them idle for an average value.)
+    let exact = (first_ratio - 1.0).abs() < f64::EPSILON;
+    for pod in groups
+        .missing
+        .iter()
+        .filter(|_| !(exact && utilization.is_some()))
+    {
         let assumed = if first_ratio < 1.0 {
             match utilization {
                 Some(target) => requests.get(pod).copied().unwrap_or(0) * target.max(100) / 100,
@@ -310,6 +319,9 @@ fn ceil_replicas(value: f64) -> i32 {
 /// memory as upstream does (a restarted controller starts afresh).
 #[derive(Debug, Default)]
 pub struct History {
+    /// When the autoscaler was last evaluated: its own status writes
+    /// wake it, but it evaluates once per sync period, as upstream's.
+    evaluated: Option<DateTime<Utc>>,
     recommendations: Vec<(DateTime<Utc>, i32)>,
     /// Replica changes made: positive up, negative down.
     changes: Vec<(DateTime<Utc>, i32)>,
@@ -371,6 +383,11 @@ pub(super) fn normalize(
 ) -> Normalized {
     let up = rules(spec, true);
     let down = rules(spec, false);
+    // Upstream's initial recommendation: a new (or restarted) autoscaler
+    // does not scale down before a window's worth of recommendations.
+    if history.recommendations.is_empty() {
+        history.recommendations.push((now, current));
+    }
     let window = |rules: &HPAScalingRules| {
         chrono::Duration::seconds(rules.stabilization_window_seconds.unwrap_or(0).into())
     };
@@ -559,6 +576,23 @@ pub(super) async fn reconcile(
     let spec = hpa.spec.clone().unwrap_or_default();
     let previous = hpa.status.as_ref();
     let now = Utc::now();
+    {
+        let mut histories = ctx
+            .autoscaler_history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let history = histories.entry(key.clone()).or_default();
+        let seen = previous.and_then(|s| s.observed_generation) == hpa.metadata.generation;
+        let next = history
+            .evaluated
+            .map(|at| at + ctx.options.autoscaler_sync_period);
+        // A changed spec is evaluated at once; anything else (its own
+        // status write, most often) waits for the period.
+        if let Some(next) = next.filter(|next| seen && *next > now) {
+            return Ok(Action::requeue((next - now).to_std().unwrap_or_default()));
+        }
+        history.evaluated = Some(now);
+    }
     let target = &spec.scale_target_ref;
     let (group, version) = target
         .api_version
@@ -593,7 +627,7 @@ pub(super) async fn reconcile(
                     now,
                 )],
             );
-            write_status(&ctx, &*hpa, previous, &status).await?;
+            write_status(&ctx, &*hpa, previous, &status, None).await?;
             return Ok(period);
         }
     };
@@ -624,10 +658,11 @@ pub(super) async fn reconcile(
                 ),
             ],
         );
-        write_status(&ctx, &*hpa, previous, &status).await?;
+        write_status(&ctx, &*hpa, previous, &status, None).await?;
         return Ok(period);
     }
     let mut conditions = vec![able];
+    let out_of_range = current > spec.max_replicas || current < min;
     let (proposed, reason) = if current > spec.max_replicas {
         (
             spec.max_replicas,
@@ -644,6 +679,22 @@ pub(super) async fn reconcile(
             .as_ref()
             .and_then(|s| s.selector.clone())
             .unwrap_or_default();
+        if selector.is_empty() {
+            // An empty selector would take the whole namespace's pods.
+            let message = "the HPA target's scale is missing a selector";
+            ctx.recorder
+                .record(&*hpa, EventType::Warning, "SelectorRequired", message);
+            set_conditions(
+                &mut status,
+                previous,
+                vec![
+                    conditions.remove(0),
+                    condition("ScalingActive", false, "InvalidSelector", message, now),
+                ],
+            );
+            write_status(&ctx, &*hpa, previous, &status, None).await?;
+            return Ok(period);
+        }
         let pods = Api::<Pod>::namespaced(ctx.client.clone(), &namespace)
             .list(&ListParams::default().labels(&selector))
             .await
@@ -733,7 +784,13 @@ pub(super) async fn reconcile(
             }
         }
     };
-    let normalized = {
+    let normalized = if out_of_range {
+        // Back into [min, max] at once, as upstream: no window or rate.
+        Normalized {
+            replicas: proposed,
+            limited: None,
+        }
+    } else {
         let mut histories = ctx
             .autoscaler_history
             .lock()
@@ -797,7 +854,7 @@ pub(super) async fn reconcile(
         }
     }
     set_conditions(&mut status, previous, conditions);
-    write_status(&ctx, &*hpa, previous, &status).await?;
+    write_status(&ctx, &*hpa, previous, &status, None).await?;
     Ok(period)
 }
 
@@ -1011,5 +1068,7 @@ mod tests {
         assert_eq!((cpu.milli, cpu.window.num_seconds()), (1250, 90));
         assert_eq!(sample(&report, "memory").unwrap().milli, 2 * 1_048_576_000);
         assert_eq!(sample(&report, "gpu"), None);
+        assert_eq!(go_duration_seconds("99999999999999999h"), None);
+        assert_eq!(go_duration_seconds("15s"), Some(15));
     }
 }

@@ -243,7 +243,7 @@ pub(super) async fn reconcile(cronjob: Arc<CronJob>, ctx: Arc<Context>) -> Resul
         ctx.recorder
             .record(&*cronjob, EventType::Warning, reason, message.clone());
     }
-    write_status(&ctx, &*cronjob, cronjob.status.as_ref(), &plan.status).await?;
+    write_status(&ctx, &*cronjob, cronjob.status.as_ref(), &plan.status, None).await?;
     Ok(plan
         .requeue
         .map_or_else(Action::await_change, Action::requeue))

@@ -318,7 +318,7 @@ pub(super) async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<A
             }
         }
     }
-    write_status(&ctx, &*ds, ds.status.as_ref(), &plan.status).await?;
+    write_status(&ctx, &*ds, ds.status.as_ref(), &plan.status, None).await?;
     Ok(requeue_for_min_ready(
         ds.spec.as_ref().and_then(|s| s.min_ready_seconds),
     ))

@@ -779,7 +779,7 @@ async fn report(
     progressed: bool,
 ) -> Result<Action, Error> {
     let next = status(d, all, new_rs, progressed, Utc::now());
-    write_status(ctx, d, d.status.as_ref(), &next).await?;
+    write_status(ctx, d, d.status.as_ref(), &next, None).await?;
     let done =
         next.conditions.iter().flatten().any(|c| {
             c.type_ == "Progressing" && c.reason.as_deref() == Some("NewReplicaSetAvailable")

@@ -183,7 +183,16 @@ pub(super) async fn reconcile(
         },
         now,
     );
-    write_status(&ctx, budget.as_ref(), budget.status.as_ref(), &plan.status).await?;
+    // Pinned: evictions spend `disruptionsAllowed` in between, and a
+    // status computed before one must not give the disruption back.
+    write_status(
+        &ctx,
+        budget.as_ref(),
+        budget.status.as_ref(),
+        &plan.status,
+        budget.metadata.resource_version.as_deref(),
+    )
+    .await?;
     Ok(match plan.recheck_at {
         Some(at) => Action::requeue((at - now).to_std().unwrap_or_default()),
         None => Action::await_change(),

@@ -1,6 +1,8 @@
 //! Job: runs pods until `completions` succeed, `parallelism` at a time,
 //! giving up after `backoffLimit` failures or `activeDeadlineSeconds`,
-//! as upstream's job controller. A Job without `completions` is a work
+//! as upstream's job controller. A failed pod is replaced after a back-off
+//! that doubles with each failure (10 s, 20 s, ... up to 10 minutes); a
+//! suspended Job (`spec.suspend`) stops its pods and its deadline clock. A Job without `completions` is a work
 //! queue: it completes once any pod succeeded and none is left running.
 //! Finished pods are kept (they are the Job's record); a finished Job
 //! deletes the pods still running.
@@ -32,6 +34,50 @@ pub(super) struct Plan {
     pub status: JobStatus,
     /// The job has just finished (for the event).
     pub finished: Option<(&'static str, String)>,
+    /// It was just suspended (`true`) or resumed (`false`), for the event.
+    pub suspension: Option<bool>,
+    /// A replacement waits out the failure back-off until then.
+    pub retry_at: Option<DateTime<Utc>>,
+}
+
+/// Back-off before replacing the first failed pod, doubling per failure
+/// up to [`BACKOFF_MAX`] (upstream's `DefaultJobPodFailureBackOff` and
+/// `MaxJobPodFailureBackOff`).
+const BACKOFF_BASE: chrono::Duration = chrono::Duration::seconds(10);
+const BACKOFF_MAX: chrono::Duration = chrono::Duration::minutes(10);
+
+/// When a finished pod finished: its containers' latest termination,
+/// else when it stopped being ready, else its creation.
+fn finished_at(pod: &Pod) -> Option<DateTime<Utc>> {
+    let status = pod.status.as_ref();
+    let terminated = status
+        .and_then(|s| s.container_statuses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.state.as_ref()?.terminated.as_ref()?.finished_at.as_ref())
+        .map(|t| t.0)
+        .max();
+    let unready = || {
+        status?
+            .conditions
+            .as_ref()?
+            .iter()
+            .find(|c| c.type_ == "Ready")?
+            .last_transition_time
+            .as_ref()
+            .map(|t| t.0)
+    };
+    terminated
+        .or_else(unready)
+        .or_else(|| pod.metadata.creation_timestamp.as_ref().map(|t| t.0))
+}
+
+/// The back-off after `failures` failed pods.
+fn backoff(failures: i32) -> chrono::Duration {
+    let doublings = u32::try_from(failures.saturating_sub(1))
+        .unwrap_or(0)
+        .min(16);
+    (BACKOFF_BASE * 2_i32.pow(doublings)).min(BACKOFF_MAX)
 }
 
 fn phase(pod: &Pod) -> &str {
@@ -67,6 +113,14 @@ pub(super) fn plan(
         i32::try_from(owned.iter().filter(|p| phase(p) == "Failed").count()).unwrap_or(i32::MAX);
     let parallelism = spec.parallelism.unwrap_or(1).max(0);
     let backoff_limit = spec.backoff_limit.unwrap_or(6);
+    let suspended = spec.suspend == Some(true);
+    let was_suspended = previous
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Suspended" && c.status == "True");
+    // The deadline clock runs only while the Job is not suspended: a
+    // resumed Job starts it afresh.
     let start = previous.start_time.as_ref().map_or(now, |t| t.0);
     let already = previous
         .conditions
@@ -80,7 +134,7 @@ pub(super) fn plan(
         ready: Some(
             i32::try_from(active.iter().filter(|p| pods::is_ready(p)).count()).unwrap_or(i32::MAX),
         ),
-        start_time: Some(Time(start)),
+        start_time: (!suspended).then_some(Time(start)),
         ..previous.clone()
     };
     let mut plan = Plan {
@@ -88,10 +142,13 @@ pub(super) fn plan(
         delete: Vec::new(),
         status: JobStatus::default(),
         finished: None,
+        suspension: None,
+        retry_at: None,
     };
-    let deadline = spec
-        .active_deadline_seconds
-        .is_some_and(|s| start + chrono::Duration::seconds(s) <= now);
+    let deadline = !suspended
+        && spec
+            .active_deadline_seconds
+            .is_some_and(|s| start + chrono::Duration::seconds(s) <= now);
     let complete = match spec.completions {
         Some(completions) => succeeded >= completions,
         None => succeeded > 0 && active.is_empty(),
@@ -124,6 +181,26 @@ pub(super) fn plan(
         status.conditions = Some(conditions);
         plan.delete = active.into_iter().cloned().collect();
         plan.finished = Some((reason, message.to_owned()));
+    } else if suspended || was_suspended {
+        // Entering or leaving suspension; a suspended Job runs nothing.
+        if suspended != was_suspended {
+            let mut conditions = previous.conditions.clone().unwrap_or_default();
+            conditions.retain(|c| c.type_ != "Suspended");
+            let (reason, message) = if suspended {
+                ("JobSuspended", "Job suspended")
+            } else {
+                ("JobResumed", "Job resumed")
+            };
+            let mut suspension = condition("Suspended", reason, message, now);
+            suspension.status = if suspended { "True" } else { "False" }.to_owned();
+            conditions.push(suspension);
+            status.conditions = Some(conditions);
+            plan.suspension = Some(suspended);
+        }
+        if suspended {
+            plan.delete = active.into_iter().cloned().collect();
+            status.active = Some(0);
+        }
     } else if expectations_met && !(spec.completions.is_none() && succeeded > 0) {
         // (A work queue whose first pod succeeded lets the others finish
         // and starts no more.)
@@ -131,7 +208,15 @@ pub(super) fn plan(
             .completions
             .map_or(parallelism, |c| (c - succeeded).max(0));
         let wanted = usize::try_from(parallelism.min(remaining)).unwrap_or(0);
-        if active.len() < wanted {
+        let retry_at = owned
+            .iter()
+            .filter(|p| phase(p) == "Failed")
+            .filter_map(|p| finished_at(p))
+            .max()
+            .map(|last| last + backoff(failed));
+        if active.len() < wanted && retry_at.is_some_and(|at| at > now) {
+            plan.retry_at = retry_at;
+        } else if active.len() < wanted {
             plan.create = wanted - active.len();
         } else if active.len() > wanted {
             // Parallelism went down: the newest go.
@@ -230,7 +315,7 @@ pub(super) async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action
             }
         }
     }
-    write_status(&ctx, &*job, job.status.as_ref(), &plan.status).await?;
+    write_status(&ctx, &*job, job.status.as_ref(), &plan.status, None).await?;
     if let Some((reason, message)) = plan.finished {
         let kind = if reason == "Completed" {
             EventType::Normal
@@ -239,12 +324,29 @@ pub(super) async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action
         };
         ctx.recorder.record(&*job, kind, reason, message);
     }
-    // The active deadline needs a look when it passes.
-    let requeue = job
+    match plan.suspension {
+        Some(true) => ctx
+            .recorder
+            .record(&*job, EventType::Normal, "Suspended", "Job suspended"),
+        Some(false) => ctx
+            .recorder
+            .record(&*job, EventType::Normal, "Resumed", "Job resumed"),
+        None => {}
+    }
+    // The active deadline and the failure back-off need a look when
+    // they pass.
+    let deadline = job
         .spec
         .as_ref()
         .and_then(|s| s.active_deadline_seconds)
         .map(|s| Duration::from_secs(u64::try_from(s).unwrap_or(0)).min(Duration::from_secs(60)));
+    let retry = plan
+        .retry_at
+        .map(|at| (at - Utc::now()).to_std().unwrap_or_default());
+    let requeue = match (deadline, retry) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     Ok(requeue.map_or_else(Action::await_change, Action::requeue))
 }
 
@@ -312,6 +414,79 @@ mod tests {
             (condition.type_.as_str(), condition.reason.as_deref()),
             ("Failed", Some("BackoffLimitExceeded"))
         );
+    }
+
+    #[test]
+    fn a_failed_pod_is_replaced_after_a_doubling_back_off() {
+        // Whole seconds: times travel as RFC 3339 seconds.
+        let failed_at = DateTime::from_timestamp(Utc::now().timestamp(), 0).unwrap();
+        let failed = |name: &str| {
+            Arc::new(
+                serde_json::from_value::<Pod>(json!({"metadata": {"name": name}, "status": {
+                    "phase": "Failed",
+                    "conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": Time(failed_at)}],
+                }}))
+                .unwrap(),
+            )
+        };
+        let spec = json!({"backoffLimit": 6, "template": template()});
+        let soon = plan(
+            &job(spec.clone()),
+            &[failed("a")],
+            true,
+            failed_at + chrono::Duration::seconds(5),
+        );
+        assert_eq!(soon.create, 0);
+        assert_eq!(
+            soon.retry_at,
+            Some(failed_at + chrono::Duration::seconds(10))
+        );
+        let later = plan(
+            &job(spec.clone()),
+            &[failed("a")],
+            true,
+            failed_at + chrono::Duration::seconds(10),
+        );
+        assert_eq!(later.create, 1);
+        let twice = plan(
+            &job(spec),
+            &[failed("a"), failed("b")],
+            true,
+            failed_at + chrono::Duration::seconds(15),
+        );
+        assert_eq!(
+            twice.retry_at,
+            Some(failed_at + chrono::Duration::seconds(20))
+        );
+        assert_eq!(backoff(12), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn a_suspended_job_stops_its_pods_and_resumes() {
+        let now = Utc::now();
+        let spec = json!({"suspend": true, "parallelism": 2, "template": template()});
+        let suspended = plan(&job(spec), &[pod("a", "Running")], true, now);
+        assert_eq!((suspended.create, suspended.delete.len()), (0, 1));
+        assert_eq!(suspended.suspension, Some(true));
+        assert_eq!(suspended.status.start_time, None);
+        let condition = &suspended.status.conditions.clone().unwrap()[0];
+        assert_eq!(
+            (condition.type_.as_str(), condition.status.as_str()),
+            ("Suspended", "True")
+        );
+        let mut resumed_job =
+            job(json!({"suspend": false, "parallelism": 2, "template": template()}));
+        resumed_job.status = Some(suspended.status);
+        let resumed = plan(&resumed_job, &[], true, now);
+        assert_eq!(resumed.suspension, Some(false));
+        let condition = &resumed.status.conditions.clone().unwrap()[0];
+        assert_eq!(
+            (condition.status.as_str(), condition.reason.as_deref()),
+            ("False", Some("JobResumed"))
+        );
+        // The next sync starts pods.
+        resumed_job.status = Some(resumed.status);
+        assert_eq!(plan(&resumed_job, &[], true, now).create, 2);
     }
 
     #[test]

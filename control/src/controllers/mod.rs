@@ -334,13 +334,44 @@ where
     .await
 }
 
+/// An RFC 7386 merge patch that turns `old` into `new`: changed members
+/// as in `new`, members `new` lacks as null (a plain merge of `new` would
+/// leave them, e.g. a map entry or an optional field that went away).
+fn merge_diff(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match (old, new) {
+        (Value::Object(old), Value::Object(new)) => {
+            let mut patch = serde_json::Map::new();
+            for (key, value) in new {
+                match old.get(key) {
+                    Some(before) if before == value => {}
+                    Some(before) => {
+                        patch.insert(key.clone(), merge_diff(before, value));
+                    }
+                    None => {
+                        patch.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+            for key in old.keys().filter(|key| !new.contains_key(*key)) {
+                patch.insert(key.clone(), Value::Null);
+            }
+            Value::Object(patch)
+        }
+        _ => new.clone(),
+    }
+}
+
 /// Writes `next` as the object's status unless it is what is stored
-/// (every write triggers another reconcile).
+/// (every write triggers another reconcile). With `pinned`, the write
+/// fails with a conflict unless the object is still at that
+/// resourceVersion (for statuses others write too).
 pub async fn write_status<K, S>(
     ctx: &Context,
     object: &K,
     current: Option<&S>,
     next: &S,
+    pinned: Option<&str>,
 ) -> Result<(), Error>
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
@@ -353,6 +384,18 @@ where
         return Ok(());
     }
     let meta = object.meta();
+    let encoded = current
+        .map(serde_json::to_value)
+        .transpose()
+        .and_then(|before| Ok((before.unwrap_or_default(), serde_json::to_value(next)?)));
+    let (before, after) = encoded.map_err(|source| Error::Encode {
+        object: crate::pods::key(meta),
+        source,
+    })?;
+    let mut patch = serde_json::json!({ "status": merge_diff(&before, &after) });
+    if let Some(version) = pinned {
+        patch["metadata"] = serde_json::json!({ "resourceVersion": version });
+    }
     Api::<K>::namespaced(
         ctx.client.clone(),
         meta.namespace.as_deref().unwrap_or_default(),
@@ -360,7 +403,7 @@ where
     .patch_status(
         meta.name.as_deref().unwrap_or_default(),
         &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({ "status": next })),
+        &Patch::Merge(patch),
     )
     .await
     .map(drop)
@@ -649,4 +692,38 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         Arc::clone(&context),
     ));
     while tasks.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_merge_diff_nulls_what_went_away_and_keeps_what_stayed() {
+        let old =
+            json!({"disruptedPods": {"a": "t1", "b": "t2"}, "currentHealthy": 3, "x": {"y": 1}});
+        let new = json!({"disruptedPods": {"b": "t2"}, "currentHealthy": 2, "x": {"y": 1}});
+        assert_eq!(
+            merge_diff(&old, &new),
+            json!({"disruptedPods": {"a": null}, "currentHealthy": 2})
+        );
+        assert_eq!(merge_diff(&json!(null), &new), new);
+        let mut patched = old.clone();
+        json_patch::merge(&mut patched, &merge_diff(&old, &new));
+        assert_eq!(patched, new);
+    }
+
+    #[test]
+    fn int_or_percent_scales_with_rounding() {
+        let percent = IntOrString::String("25%".to_owned());
+        assert_eq!(scaled_value(&percent, 10, true), Some(3));
+        assert_eq!(scaled_value(&percent, 10, false), Some(2));
+        assert_eq!(scaled_value(&IntOrString::Int(4), 10, true), Some(4));
+        assert_eq!(
+            scaled_value(&IntOrString::String("x".to_owned()), 10, true),
+            None
+        );
+    }
 }

@@ -160,7 +160,7 @@ pub(super) async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Context>) -> Result<
             }
         }
     }
-    write_status(&ctx, &*rs, rs.status.as_ref(), &plan.status).await?;
+    write_status(&ctx, &*rs, rs.status.as_ref(), &plan.status, None).await?;
     Ok(plan
         .requeue
         .map_or_else(Action::await_change, Action::requeue))

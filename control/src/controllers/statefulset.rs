@@ -244,7 +244,7 @@ pub(super) async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Resul
             Err(error) => return Err(Error::api("deleting", pod.name_any())(error)),
         }
     }
-    write_status(&ctx, &*sts, sts.status.as_ref(), &plan.status).await?;
+    write_status(&ctx, &*sts, sts.status.as_ref(), &plan.status, None).await?;
     Ok(super::daemonset::requeue_for_min_ready(
         sts.spec.as_ref().and_then(|s| s.min_ready_seconds),
     ))

@@ -8,6 +8,8 @@ mod cluster;
 mod core;
 mod workloads;
 
+pub use self::workloads::selector_query;
+
 use std::{any::TypeId, collections::BTreeSet, marker::PhantomData};
 
 use k8s_openapi::{

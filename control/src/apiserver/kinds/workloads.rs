@@ -111,6 +111,14 @@ fn containers_and_images(template: &PodTemplateSpec) -> (String, String) {
 
 /// A label selector as `kubectl get -o wide` prints it.
 pub(super) fn selector_string(selector: &LabelSelector) -> String {
+    match selector_query(selector) {
+        none if none.is_empty() => "<none>".to_owned(),
+        query => query,
+    }
+}
+
+/// The selector as a `labelSelector` query (empty for none).
+pub fn selector_query(selector: &LabelSelector) -> String {
     let mut parts: Vec<String> = selector
         .match_labels
         .iter()
@@ -126,11 +134,7 @@ pub(super) fn selector_string(selector: &LabelSelector) -> String {
             _ => format!("!{}", expression.key),
         });
     }
-    if parts.is_empty() {
-        "<none>".to_owned()
-    } else {
-        parts.join(",")
-    }
+    parts.join(",")
 }
 
 impl Kind for Deployment {
