@@ -230,6 +230,48 @@ fn a_silent_node_is_drained_and_its_pods_recreated_elsewhere() {
     );
     let events = plane.kubectl_ok(&["get", "events", "-A"]);
     assert!(events.contains("TaintManagerEviction"), "{events}");
+
+    // Every node silent: the zone is fully disrupted, and nothing more is
+    // evicted however long the tolerations have run out.
+    let names = |pods: Vec<Value>| {
+        let mut names: Vec<String> = pods
+            .iter()
+            .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
+            .collect();
+        names.sort();
+        names
+    };
+    let before = names(live_pods(&plane, "default", "app=web"));
+    for name in sim.names() {
+        sim.kill(&name);
+    }
+    wait_for(Duration::from_secs(30), "every node Unknown", || {
+        let nodes = items(&plane, &["get", "nodes"]);
+        nodes
+            .iter()
+            .all(|n| {
+                n["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "Unknown")
+                })
+            })
+            .then_some(())
+    });
+    // Grace (3 s) and toleration (2 s) are long past after 8 s.
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(
+        names(live_pods(&plane, "default", "app=web")),
+        before,
+        "no eviction in a full disruption"
+    );
+    for node in items(&plane, &["get", "nodes"]) {
+        let no_execute = node["spec"]["taints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|t| t["effect"] == "NoExecute");
+        assert!(!no_execute, "{}", node["metadata"]["name"]);
+    }
 }
 
 #[test]

@@ -10,7 +10,13 @@
 //! - pods on a node with NoExecute taints they do not tolerate are
 //!   deleted, at once or when their `tolerationSeconds` (300 s by default,
 //!   added by the API server's admission) run out from the taint's
-//!   `timeAdded`.
+//!   `timeAdded`;
+//! - when every node of a zone (`topology.kubernetes.io/zone`; a cluster
+//!   without zones is one) is not ready, the fault more likely lies
+//!   between the control plane and the nodes than in all of them: as
+//!   upstream's full-disruption mode, no NoExecute taints are added and
+//!   none are kept there, so nothing is evicted until a node of the zone
+//!   is Ready again.
 
 use std::{
     sync::Arc,
@@ -36,6 +42,7 @@ use crate::{events::EventType, pods};
 
 pub const NOT_READY: &str = "node.kubernetes.io/not-ready";
 pub const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
+const ZONE: &str = "topology.kubernetes.io/zone";
 
 /// What one look at a node decides.
 #[derive(Debug)]
@@ -87,6 +94,7 @@ pub(super) fn decide(
     silent_for: Duration,
     pods_on_node: impl FnOnce() -> Vec<Arc<Pod>>,
     grace: Duration,
+    rest_of_zone_down: bool,
     now: DateTime<Utc>,
 ) -> Decision {
     let stale = silent_for > grace;
@@ -115,8 +123,12 @@ pub(super) fn decide(
         .filter(|t| t.key != NOT_READY && t.key != UNREACHABLE)
         .cloned()
         .collect();
+    let zone_down = rest_of_zone_down && condition_key.is_some();
     if let Some(key) = condition_key {
         for effect in ["NoSchedule", "NoExecute"] {
+            if zone_down && effect == "NoExecute" {
+                continue;
+            }
             let existing = current.iter().find(|t| t.key == key && t.effect == effect);
             taints.push(existing.cloned().unwrap_or_else(|| Taint {
                 key: key.to_owned(),
@@ -197,11 +209,19 @@ pub(super) async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Acti
             .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str()))
             .collect()
     };
+    let zone = |n: &Node| n.labels().get(ZONE).cloned().unwrap_or_default();
+    let rest_of_zone_down = ctx
+        .nodes
+        .state()
+        .iter()
+        .filter(|n| n.name_any() != name && zone(n) == zone(&node))
+        .all(|n| ready_status(n) != Some("True"));
     let decision = decide(
         &node,
         silent_for,
         on_node,
         ctx.options.node_monitor_grace,
+        rest_of_zone_down,
         Utc::now(),
     );
     let nodes: Api<Node> = Api::all(ctx.client.clone());
@@ -323,11 +343,11 @@ mod tests {
     fn a_silent_node_becomes_unknown_and_tainted() {
         let now = Utc::now();
         let ready = node("True", now, json!([]));
-        let fresh = decide(&ready, Duration::from_secs(10), Vec::new, GRACE, now);
+        let fresh = decide(&ready, Duration::from_secs(10), Vec::new, GRACE, false, now);
         assert!(!fresh.mark_unknown && fresh.taints.is_none());
         assert_eq!(fresh.requeue, Duration::from_secs(31));
 
-        let silent = decide(&ready, Duration::from_secs(50), Vec::new, GRACE, now);
+        let silent = decide(&ready, Duration::from_secs(50), Vec::new, GRACE, false, now);
         assert!(silent.mark_unknown);
         let taints = silent.taints.unwrap();
         let keys: Vec<(&str, &str)> = taints
@@ -345,7 +365,7 @@ mod tests {
             now,
             json!([{"key": UNREACHABLE, "effect": "NoExecute"}, {"key": "gpu", "effect": "NoSchedule"}]),
         );
-        let recovered = decide(&tainted, Duration::ZERO, Vec::new, GRACE, now);
+        let recovered = decide(&tainted, Duration::ZERO, Vec::new, GRACE, false, now);
         let keys: Vec<String> = recovered
             .taints
             .unwrap()
@@ -401,11 +421,47 @@ mod tests {
             ),
             pod("forever", json!([{"operator": "Exists"}])),
         ];
-        let decision = decide(&down, Duration::from_secs(100), || pods.clone(), GRACE, now);
+        let decision = decide(
+            &down,
+            Duration::from_secs(100),
+            || pods.clone(),
+            GRACE,
+            false,
+            now,
+        );
         assert!(!decision.mark_unknown, "already Unknown");
         assert!(decision.taints.is_none(), "unchanged");
         let evicted: Vec<String> = decision.evict.iter().map(|p| p.name_any()).collect();
         assert_eq!(evicted, ["intolerant", "ten-seconds"]);
         assert!(decision.requeue <= Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_whole_zone_down_evicts_nothing() {
+        let now = Utc::now();
+        let down = node(
+            "Unknown",
+            now - chrono::Duration::seconds(100),
+            json!([
+                {"key": UNREACHABLE, "effect": "NoSchedule"},
+                {"key": UNREACHABLE, "effect": "NoExecute", "timeAdded": Time(now)},
+            ]),
+        );
+        let pods = vec![pod("intolerant", json!([]))];
+        let decision = decide(
+            &down,
+            Duration::from_secs(100),
+            || pods.clone(),
+            GRACE,
+            true,
+            now,
+        );
+        assert!(decision.evict.is_empty());
+        let taints = decision.taints.expect("the NoExecute taint goes");
+        assert_eq!(taints.len(), 1);
+        assert_eq!(
+            (taints[0].key.as_str(), taints[0].effect.as_str()),
+            (UNREACHABLE, "NoSchedule")
+        );
     }
 }
