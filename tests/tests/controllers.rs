@@ -364,7 +364,11 @@ spec:
             .clone();
         condition["message"].as_str().map(str::to_owned)
     });
-    assert_eq!(message, "0/2 nodes are available: 2 Insufficient cpu.");
+    assert_eq!(
+        message,
+        "0/2 nodes are available: 2 Insufficient cpu. preemption: 0/2 nodes are available: \
+         2 No preemption victims found for incoming pod."
+    );
     let described = plane.kubectl_ok(&["describe", "pod", "big"]);
     assert!(described.contains("FailedScheduling"), "{described}");
 

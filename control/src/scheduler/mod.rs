@@ -378,19 +378,22 @@ impl Scheduler {
                 )))
             }
             Err(fit) => {
-                if let Some((node, victims)) = preempt::plan(&self.cache, pod, &fit) {
-                    info!(pod = key, node, victims = victims.len(), "preempting");
-                    self.queue.failed(key, true);
-                    return Some(Box::pin(preempt(
-                        self.client.clone(),
-                        self.recorder.clone(),
-                        Arc::clone(pod),
-                        node,
-                        victims,
-                    )));
-                }
+                let why_not = match preempt::plan(&self.cache, pod, &fit) {
+                    Ok((node, victims)) => {
+                        info!(pod = key, node, victims = victims.len(), "preempting");
+                        self.queue.failed(key, true);
+                        return Some(Box::pin(preempt(
+                            self.client.clone(),
+                            self.recorder.clone(),
+                            Arc::clone(pod),
+                            node,
+                            victims,
+                        )));
+                    }
+                    Err(why_not) => why_not,
+                };
                 self.queue.failed(key, true);
-                let message = fit.message();
+                let message = format!("{} preemption: {why_not}", fit.message());
                 let condition_current = pod
                     .status
                     .as_ref()

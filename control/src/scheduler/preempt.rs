@@ -12,7 +12,9 @@
 //!
 //! A pod with `preemptionPolicy: Never` never preempts, and a pod whose
 //! earlier victims are still terminating waits for them instead of
-//! choosing more.
+//! choosing more. When nothing can be preempted, the reason per node
+//! follows the FitError as upstream's does ("preemption: 0/3 nodes are
+//! available: 3 No preemption victims found for incoming pod.").
 
 use std::sync::Arc;
 
@@ -29,14 +31,31 @@ fn priority(pod: &Pod) -> i32 {
     pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0)
 }
 
-/// The node and the pods to evict from it, or `None`.
-pub fn plan(cache: &Cache, pod: &Pod, fit: &FitError) -> Option<(String, Vec<Arc<Pod>>)> {
-    let spec = pod.spec.as_ref()?;
-    if spec.preemption_policy.as_deref() == Some("Never") {
-        return None;
+const NOT_HELPFUL: &str = "Preemption is not helpful for scheduling";
+const NO_VICTIMS: &str = "No preemption victims found for incoming pod";
+
+/// The node and the pods to evict from it, or why there is none (the
+/// text after "preemption: " in the unschedulable message).
+pub fn plan(cache: &Cache, pod: &Pod, fit: &FitError) -> Result<(String, Vec<Arc<Pod>>), String> {
+    let per_node = |not_helpful: usize, no_victims: usize| {
+        let mut parts = Vec::new();
+        if not_helpful > 0 {
+            parts.push(format!("{not_helpful} {NOT_HELPFUL}"));
+        }
+        if no_victims > 0 {
+            parts.push(format!("{no_victims} {NO_VICTIMS}"));
+        }
+        format!("0/{} nodes are available: {}.", fit.nodes, parts.join(", "))
+    };
+    let policy = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.preemption_policy.as_deref());
+    if policy == Some("Never") {
+        return Err("not eligible due to preemptionPolicy=Never.".to_owned());
     }
     if !fit.reasons.keys().any(|r| r.resolvable_by_preemption()) {
-        return None;
+        return Err(per_node(fit.nodes, 0));
     }
     let own = priority(pod);
     let nominated = pod
@@ -49,12 +68,13 @@ pub fn plan(cache: &Cache, pod: &Pod, fit: &FitError) -> Option<(String, Vec<Arc
             .iter()
             .any(|p| pods::is_deleting(&p.metadata) && priority(p) < own)
     {
-        return None;
+        return Err("not eligible due to a terminating pod on the nominated node.".to_owned());
     }
     let context = PodContext::new(cache, pod);
     // (highest victim priority, sum of priorities, victims), node, victims
     type Candidate = ((i32, i64, usize), String, Vec<Arc<Pod>>);
     let mut best: Option<Candidate> = None;
+    let (mut not_helpful, mut no_victims) = (0, 0);
     for info in cache.infos() {
         if info.node.is_none() {
             continue;
@@ -64,9 +84,11 @@ pub fn plan(cache: &Cache, pod: &Pod, fit: &FitError) -> Option<(String, Vec<Arc
             continue;
         };
         if !reasons.iter().all(|r| r.resolvable_by_preemption()) {
+            not_helpful += 1;
             continue;
         }
         let Some(victims) = victims_on(&context, info, own) else {
+            no_victims += 1;
             continue;
         };
         let rank = (
@@ -83,6 +105,7 @@ pub fn plan(cache: &Cache, pod: &Pod, fit: &FitError) -> Option<(String, Vec<Arc
         }
     }
     best.map(|(_, node, victims)| (node, victims))
+        .ok_or_else(|| per_node(not_helpful, no_victims))
 }
 
 /// The fewest least important lower-priority pods whose removal lets the

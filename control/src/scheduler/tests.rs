@@ -334,12 +334,24 @@ fn preemption_evicts_the_fewest_least_important_pods() {
 
     let mut never = urgent.clone();
     never.spec.as_mut().unwrap().preemption_policy = Some("Never".to_owned());
-    assert!(preempt::plan(&cache, &never, &fit).is_none());
+    assert_eq!(
+        preempt::plan(&cache, &never, &fit).unwrap_err(),
+        "not eligible due to preemptionPolicy=Never."
+    );
     let equal = prioritized("equal", "2", 5);
     let fit = select_node(&cache, &equal, &mut 0, &mut rng()).unwrap_err();
-    assert!(
-        preempt::plan(&cache, &equal, &fit).is_none(),
+    assert_eq!(
+        preempt::plan(&cache, &equal, &fit).unwrap_err(),
+        "0/2 nodes are available: 2 No preemption victims found for incoming pod.",
         "only strictly lower priorities are victims"
+    );
+    let mut picky = prioritized("picky", "1", 1000);
+    picky.spec.as_mut().unwrap().node_selector =
+        Some([("disk".to_owned(), "ssd".to_owned())].into());
+    let fit = select_node(&cache, &picky, &mut 0, &mut rng()).unwrap_err();
+    assert_eq!(
+        preempt::plan(&cache, &picky, &fit).unwrap_err(),
+        "0/2 nodes are available: 2 Preemption is not helpful for scheduling."
     );
 }
 
