@@ -155,6 +155,8 @@ pub struct Context {
     /// Per autoscaler (`namespace/name`): its recent recommendations
     /// and scale changes.
     pub autoscaler_history: std::sync::Mutex<HashMap<String, autoscaler::History>>,
+    /// The namespace controller's last discovery, and when it ran.
+    pub discovery: std::sync::Mutex<Option<(Instant, namespace::NamespacedResources)>>,
     pub options: Options,
 }
 
@@ -512,6 +514,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         pod_cidrs: Default::default(),
         heartbeats: Default::default(),
         autoscaler_history: Default::default(),
+        discovery: Default::default(),
         options,
     });
 

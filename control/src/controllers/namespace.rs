@@ -5,12 +5,15 @@
 //! the `kubernetes` finalizer through `/finalize`, which lets the API
 //! server delete the namespace.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams},
+    api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams},
     discovery::{Discovery, Scope, verbs},
     runtime::controller::Action,
 };
@@ -30,6 +33,90 @@ pub(super) fn remaining_message(counts: &[(String, usize)]) -> String {
     format!("Some resources are remaining: {}", parts.join(", "))
 }
 
+/// How long a discovery serves the 1 s retries of a namespace that is
+/// emptying (a discovery is about a dozen reads).
+const DISCOVERY_TTL: Duration = Duration::from_secs(30);
+
+/// Discovered resources a namespace deletion empties.
+pub type NamespacedResources = Arc<Vec<ApiResource>>;
+
+/// The namespaced resources that can be listed and deleted as a
+/// collection, and whether they come from a cached discovery.
+async fn namespaced_resources(
+    ctx: &Context,
+    fresh: bool,
+) -> Result<(NamespacedResources, bool), kube::Error> {
+    let lock = || {
+        ctx.discovery
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    if !fresh
+        && let Some((at, resources)) = lock().as_ref()
+        && at.elapsed() < DISCOVERY_TTL
+    {
+        return Ok((Arc::clone(resources), true));
+    }
+    let discovery = Discovery::new(ctx.client.clone()).run().await?;
+    let resources: NamespacedResources = Arc::new(
+        discovery
+            .groups()
+            .flat_map(|group| group.recommended_resources())
+            .filter(|(_, capabilities)| {
+                capabilities.scope == Scope::Namespaced
+                    && capabilities.supports_operation(verbs::LIST)
+                    && capabilities.supports_operation(verbs::DELETE_COLLECTION)
+            })
+            .map(|(resource, _)| resource)
+            .collect(),
+    );
+    *lock() = Some((Instant::now(), Arc::clone(&resources)));
+    Ok((resources, false))
+}
+
+/// Deletes what is left of each resource in the namespace; returns the
+/// resources (`plural.group`) that still have objects, with counts.
+async fn sweep(
+    ctx: &Context,
+    name: &str,
+    resources: &[ApiResource],
+) -> Result<Vec<(String, usize)>, Error> {
+    let mut remaining = Vec::new();
+    for resource in resources {
+        let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), name, resource);
+        let left = api
+            .list_metadata(&ListParams::default())
+            .await
+            .map_err(Error::api(
+                "listing",
+                format!("{} in {name}", resource.plural),
+            ))?;
+        if left.items.is_empty() {
+            continue;
+        }
+        let live = left
+            .items
+            .iter()
+            .filter(|o| !pods::is_deleting(&o.metadata))
+            .count();
+        if live > 0 {
+            api.delete_collection(&DeleteParams::background(), &ListParams::default())
+                .await
+                .map_err(Error::api(
+                    "deleting",
+                    format!("{} in {name}", resource.plural),
+                ))?;
+        }
+        let plural = if resource.group.is_empty() {
+            resource.plural.clone()
+        } else {
+            format!("{}.{}", resource.plural, resource.group)
+        };
+        remaining.push((plural, left.items.len()));
+    }
+    Ok(remaining)
+}
+
 pub(super) async fn reconcile(
     namespace: Arc<Namespace>,
     ctx: Arc<Context>,
@@ -43,54 +130,19 @@ pub(super) async fn reconcile(
     if !pods::is_deleting(&namespace.metadata) || !pending {
         return Ok(Action::await_change());
     }
-    let discovery = Discovery::new(ctx.client.clone())
-        .run()
-        .await
-        .map_err(Error::api(
+    let (resources, cached) = namespaced_resources(&ctx, false).await.map_err(Error::api(
+        "discovering resources for deleting namespace",
+        &name,
+    ))?;
+    let mut remaining = sweep(&ctx, &name, &resources).await?;
+    if remaining.is_empty() && cached {
+        // Finalize only on a fresh view: a resource served since the
+        // cached discovery must be emptied too.
+        let (resources, _) = namespaced_resources(&ctx, true).await.map_err(Error::api(
             "discovering resources for deleting namespace",
             &name,
         ))?;
-    let mut remaining = Vec::new();
-    for group in discovery.groups() {
-        for (resource, capabilities) in group.recommended_resources() {
-            if capabilities.scope != Scope::Namespaced
-                || !capabilities.supports_operation(verbs::LIST)
-                || !capabilities.supports_operation(verbs::DELETE_COLLECTION)
-            {
-                continue;
-            }
-            let api: Api<DynamicObject> =
-                Api::namespaced_with(ctx.client.clone(), &name, &resource);
-            let left = api
-                .list_metadata(&ListParams::default())
-                .await
-                .map_err(Error::api(
-                    "listing",
-                    format!("{} in {name}", resource.plural),
-                ))?;
-            if left.items.is_empty() {
-                continue;
-            }
-            let live = left
-                .items
-                .iter()
-                .filter(|o| !pods::is_deleting(&o.metadata))
-                .count();
-            if live > 0 {
-                api.delete_collection(&DeleteParams::background(), &ListParams::default())
-                    .await
-                    .map_err(Error::api(
-                        "deleting",
-                        format!("{} in {name}", resource.plural),
-                    ))?;
-            }
-            let plural = if resource.group.is_empty() {
-                resource.plural.clone()
-            } else {
-                format!("{}.{}", resource.plural, resource.group)
-            };
-            remaining.push((plural, left.items.len()));
-        }
+        remaining = sweep(&ctx, &name, &resources).await?;
     }
     let api: Api<Namespace> = Api::all(ctx.client.clone());
     if !remaining.is_empty() {
