@@ -1054,6 +1054,12 @@ async fn server_side_apply<S: Store>(
     }
 }
 
+/// The `Status` a subresource create (binding, eviction) answers with.
+fn success_created() -> Response {
+    let status = json!({ "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201 });
+    json_response(StatusCode::CREATED, &status, &[])
+}
+
 fn typed<T: serde::de::DeserializeOwned>(object: Value) -> Result<T, ApiError> {
     serde_json::from_value(object).map_err(|e| ApiError::internal(format!("stored object: {e}")))
 }
@@ -1146,8 +1152,7 @@ async fn evict<S: Store>(
         });
     }
     app.delete_object(rt, namespace, name, &options).await?;
-    let status = json!({ "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201 });
-    Ok(json_response(StatusCode::CREATED, &status, &[]))
+    Ok(success_created())
 }
 
 async fn bind<S: Store>(
@@ -1211,6 +1216,5 @@ async fn bind<S: Store>(
         },
     )
     .await?;
-    let status = json!({ "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201 });
-    Ok(json_response(StatusCode::CREATED, &status, &[]))
+    Ok(success_created())
 }

@@ -450,28 +450,23 @@ impl Kind for PodDisruptionBudget {
     }
 }
 
-impl Kind for PodMetrics {
-    fn columns() -> Vec<Column> {
-        vec![
-            Column::new("Window", "string", 0),
-            Column::new("Age", "string", 0),
-        ]
-    }
+/// Usage reports show the window they cover.
+macro_rules! usage_kind {
+    ($kind:ty) => {
+        impl Kind for $kind {
+            fn columns() -> Vec<Column> {
+                vec![
+                    Column::new("Window", "string", 0),
+                    Column::new("Age", "string", 0),
+                ]
+            }
 
-    fn cells(&self, now: DateTime<Utc>) -> Vec<Value> {
-        vec![json!(self.window), json!(age(&self.metadata, now))]
-    }
+            fn cells(&self, now: DateTime<Utc>) -> Vec<Value> {
+                vec![json!(self.window), json!(age(&self.metadata, now))]
+            }
+        }
+    };
 }
 
-impl Kind for NodeMetrics {
-    fn columns() -> Vec<Column> {
-        vec![
-            Column::new("Window", "string", 0),
-            Column::new("Age", "string", 0),
-        ]
-    }
-
-    fn cells(&self, now: DateTime<Utc>) -> Vec<Value> {
-        vec![json!(self.window), json!(age(&self.metadata, now))]
-    }
-}
+usage_kind!(PodMetrics);
+usage_kind!(NodeMetrics);
