@@ -703,8 +703,9 @@ pub(super) async fn reconcile(
             .into_iter()
             .map(Arc::new)
             .collect::<Vec<_>>();
+        // Reports carry their pod's labels (as metrics-server's do).
         let reports = Api::<PodMetrics>::namespaced(ctx.client.clone(), &namespace)
-            .list(&ListParams::default())
+            .list(&ListParams::default().labels(&selector))
             .await
             .map_err(Error::api("listing pod metrics for", &key))?
             .items;

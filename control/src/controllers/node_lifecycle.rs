@@ -94,7 +94,7 @@ pub(super) fn decide(
     silent_for: Duration,
     pods_on_node: impl FnOnce() -> Vec<Arc<Pod>>,
     grace: Duration,
-    rest_of_zone_down: bool,
+    rest_of_zone_down: impl FnOnce() -> bool,
     now: DateTime<Utc>,
 ) -> Decision {
     let stale = silent_for > grace;
@@ -123,7 +123,8 @@ pub(super) fn decide(
         .filter(|t| t.key != NOT_READY && t.key != UNREACHABLE)
         .cloned()
         .collect();
-    let zone_down = rest_of_zone_down && condition_key.is_some();
+    // Asked only of a node that is not ready: it scans every node.
+    let zone_down = condition_key.is_some() && rest_of_zone_down();
     if let Some(key) = condition_key {
         for effect in ["NoSchedule", "NoExecute"] {
             if zone_down && effect == "NoExecute" {
@@ -210,12 +211,13 @@ pub(super) async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Acti
             .collect()
     };
     let zone = |n: &Node| n.labels().get(ZONE).cloned().unwrap_or_default();
-    let rest_of_zone_down = ctx
-        .nodes
-        .state()
-        .iter()
-        .filter(|n| n.name_any() != name && zone(n) == zone(&node))
-        .all(|n| ready_status(n) != Some("True"));
+    let rest_of_zone_down = || {
+        ctx.nodes
+            .state()
+            .iter()
+            .filter(|n| n.name_any() != name && zone(n) == zone(&node))
+            .all(|n| ready_status(n) != Some("True"))
+    };
     let decision = decide(
         &node,
         silent_for,
@@ -343,11 +345,25 @@ mod tests {
     fn a_silent_node_becomes_unknown_and_tainted() {
         let now = Utc::now();
         let ready = node("True", now, json!([]));
-        let fresh = decide(&ready, Duration::from_secs(10), Vec::new, GRACE, false, now);
+        let fresh = decide(
+            &ready,
+            Duration::from_secs(10),
+            Vec::new,
+            GRACE,
+            || false,
+            now,
+        );
         assert!(!fresh.mark_unknown && fresh.taints.is_none());
         assert_eq!(fresh.requeue, Duration::from_secs(31));
 
-        let silent = decide(&ready, Duration::from_secs(50), Vec::new, GRACE, false, now);
+        let silent = decide(
+            &ready,
+            Duration::from_secs(50),
+            Vec::new,
+            GRACE,
+            || false,
+            now,
+        );
         assert!(silent.mark_unknown);
         let taints = silent.taints.unwrap();
         let keys: Vec<(&str, &str)> = taints
@@ -365,7 +381,7 @@ mod tests {
             now,
             json!([{"key": UNREACHABLE, "effect": "NoExecute"}, {"key": "gpu", "effect": "NoSchedule"}]),
         );
-        let recovered = decide(&tainted, Duration::ZERO, Vec::new, GRACE, false, now);
+        let recovered = decide(&tainted, Duration::ZERO, Vec::new, GRACE, || false, now);
         let keys: Vec<String> = recovered
             .taints
             .unwrap()
@@ -426,7 +442,7 @@ mod tests {
             Duration::from_secs(100),
             || pods.clone(),
             GRACE,
-            false,
+            || false,
             now,
         );
         assert!(!decision.mark_unknown, "already Unknown");
@@ -453,7 +469,7 @@ mod tests {
             Duration::from_secs(100),
             || pods.clone(),
             GRACE,
-            true,
+            || true,
             now,
         );
         assert!(decision.evict.is_empty());
