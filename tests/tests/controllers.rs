@@ -676,6 +676,28 @@ spec:
         pods.iter()
             .all(|p| p["spec"]["containers"][0]["image"] == "agent:v2")
     );
+
+    // Each template is a ControllerRevision; undo goes back to the first,
+    // which comes back as revision 3.
+    let history = plane.kubectl_ok(&["rollout", "history", "daemonset/agent"]);
+    assert!(
+        history.contains("1 ") && history.contains("2 "),
+        "{history}"
+    );
+    plane.kubectl_ok(&["rollout", "undo", "daemonset/agent"]);
+    plane.kubectl_ok(&["rollout", "status", "daemonset/agent", "--timeout=60s"]);
+    wait_for(Duration::from_secs(30), "every daemon back on v1", || {
+        let pods = live_pods(&plane, "default", "app=agent");
+        (pods.len() == 3
+            && pods
+                .iter()
+                .all(|p| p["spec"]["containers"][0]["image"] == "agent:v1"))
+        .then_some(())
+    });
+    let third = plane.kubectl_ok(&["rollout", "history", "daemonset/agent", "--revision=3"]);
+    assert!(third.contains("agent:v1"), "{third}");
+    let revisions = plane.kubectl_ok(&["get", "controllerrevisions"]);
+    assert!(revisions.contains("daemonset.apps/agent"), "{revisions}");
 }
 
 #[test]
@@ -715,6 +737,24 @@ spec:
         pods.iter()
             .all(|p| p["spec"]["containers"][0]["image"] == "db:v2")
     );
+    let set = json(&plane, &["get", "statefulset/db"]);
+    let revision = &set["status"]["updateRevision"];
+    assert!(
+        pods.iter()
+            .all(|p| &p["metadata"]["labels"]["controller-revision-hash"] == revision),
+        "pods carry the revision's name {revision}"
+    );
+
+    plane.kubectl_ok(&["rollout", "undo", "statefulset/db"]);
+    plane.kubectl_ok(&["rollout", "status", "statefulset/db", "--timeout=60s"]);
+    wait_for(Duration::from_secs(30), "every pod back on v1", || {
+        let pods = live_pods(&plane, "default", "app=db");
+        (pods.len() == 3
+            && pods
+                .iter()
+                .all(|p| p["spec"]["containers"][0]["image"] == "db:v1"))
+        .then_some(())
+    });
 
     plane.kubectl_ok(&["scale", "statefulset/db", "--replicas=1"]);
     wait_for(Duration::from_secs(30), "db-1 and db-2 to go", || {

@@ -10,9 +10,14 @@
 //!   deleted;
 //! - RollingUpdate replaces pods whose `controller-revision-hash` is old,
 //!   at most `maxUnavailable` (default 1) at a time; OnDelete waits for
-//!   someone else to delete them.
+//!   someone else to delete them;
+//! - each template is kept as a ControllerRevision (`history`), so
+//!   `kubectl rollout undo daemonset` can go back.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+};
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::{
@@ -31,7 +36,7 @@ use kube::{
     runtime::controller::Action,
 };
 
-use super::{Context, Error, claim_selected, deployment::template_hash, new_pod, write_status};
+use super::{Context, Error, claim_selected, history::History, new_pod, write_status};
 use crate::{events::EventType, pods, scheduler::node_affinity_matches};
 
 pub const REVISION_HASH: &str = "controller-revision-hash";
@@ -165,7 +170,7 @@ pub(super) fn plan(
     };
     // Nodes where a pod is still terminating get no new one yet (it
     // would fight the old one for host ports).
-    let mut terminating = std::collections::HashSet::new();
+    let mut terminating = HashSet::new();
     for pod in owned {
         let Some(node) = target_node(pod) else {
             continue;
@@ -281,7 +286,27 @@ pub(super) async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<A
         .as_ref()
         .map(|s| s.template.clone())
         .unwrap_or_default();
-    let hash = template_hash(&template, None);
+    let live: HashSet<String> = owned
+        .iter()
+        .filter_map(|p| p.labels().get(REVISION_HASH))
+        .map(|hash| format!("{}-{hash}", ds.name_any()))
+        .collect();
+    let history = History {
+        owner: &*ds,
+        template: &template,
+        collisions: ds.status.as_ref().and_then(|s| s.collision_count),
+        hash_label: REVISION_HASH,
+        live: &live,
+        limit: ds
+            .spec
+            .as_ref()
+            .and_then(|s| s.revision_history_limit)
+            .unwrap_or(10),
+    };
+    if !history.sync(&ctx, &selector).await? {
+        return Ok(Action::await_change());
+    }
+    let hash = history.hash();
     let met = ctx
         .expectations
         .satisfied(&owner, |name| ctx.pod_live(&namespace, name));

@@ -17,6 +17,7 @@ mod disruption;
 mod endpoints;
 mod expectations;
 mod gc;
+mod history;
 mod job;
 mod namespace;
 mod node_ipam;
@@ -38,7 +39,7 @@ use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::{
     api::{
-        apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet},
+        apps::v1::{ControllerRevision, DaemonSet, Deployment, ReplicaSet, StatefulSet},
         autoscaling::v2::HorizontalPodAutoscaler,
         batch::v1::{CronJob, Job},
         coordination::v1::Lease,
@@ -135,6 +136,7 @@ pub struct Context {
     pub deployments: Store<Deployment>,
     pub daemonsets: Store<DaemonSet>,
     pub statefulsets: Store<StatefulSet>,
+    pub revisions: Store<ControllerRevision>,
     pub jobs: Store<Job>,
     pub cronjobs: Store<CronJob>,
     pub services: Store<Service>,
@@ -476,6 +478,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
     let mut deployments = informer::<Deployment>(&client);
     let mut daemonsets = informer::<DaemonSet>(&client);
     let mut statefulsets = informer::<StatefulSet>(&client);
+    let mut revisions = informer::<ControllerRevision>(&client);
     let mut jobs = informer::<Job>(&client);
     let mut cronjobs = informer::<CronJob>(&client);
     let mut services = informer::<Service>(&client);
@@ -499,6 +502,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         deployments: deployments.store(),
         daemonsets: daemonsets.store(),
         statefulsets: statefulsets.store(),
+        revisions: revisions.store(),
         jobs: jobs.store(),
         cronjobs: cronjobs.store(),
         services: services.store(),
@@ -545,6 +549,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
     let daemonset_controller =
         Controller::for_shared_stream(daemonsets.subscribe(), context.daemonsets.clone())
             .owns_shared_stream(pods.subscribe())
+            .owns_shared_stream(revisions.subscribe())
             .watches_shared_stream(nodes.subscribe(), {
                 let daemonsets = context.daemonsets.clone();
                 move |_: Arc<Node>| {
@@ -557,7 +562,8 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
             });
     let statefulset_controller =
         Controller::for_shared_stream(statefulsets.subscribe(), context.statefulsets.clone())
-            .owns_shared_stream(pods.subscribe());
+            .owns_shared_stream(pods.subscribe())
+            .owns_shared_stream(revisions.subscribe());
     let job_controller = Controller::for_shared_stream(jobs.subscribe(), context.jobs.clone())
         .owns_shared_stream(pods.subscribe());
     let cronjob_controller =
@@ -588,6 +594,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
     tasks.spawn(deployments.run());
     tasks.spawn(daemonsets.run());
     tasks.spawn(statefulsets.run());
+    tasks.spawn(revisions.run());
     tasks.spawn(jobs.run());
     tasks.spawn(cronjobs.run());
     tasks.spawn(services.run());
@@ -607,6 +614,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         context.deployments.wait_until_ready().boxed(),
         context.daemonsets.wait_until_ready().boxed(),
         context.statefulsets.wait_until_ready().boxed(),
+        context.revisions.wait_until_ready().boxed(),
         context.jobs.wait_until_ready().boxed(),
         context.cronjobs.wait_until_ready().boxed(),
         context.services.wait_until_ready().boxed(),

@@ -8,11 +8,17 @@
 //! - RollingUpdate replaces pods of an old revision from the highest
 //!   ordinal down to `partition`, one at a time, each once the rest are
 //!   Ready; OnDelete waits for someone else to delete them;
-//! - a finished (Succeeded or Failed) pod is deleted so it comes back.
+//! - a finished (Succeeded or Failed) pod is deleted so it comes back;
+//! - each template is kept as a ControllerRevision `<set>-<hash>`
+//!   (`history`), whose name the pods carry in `controller-revision-hash`
+//!   and the status in `currentRevision`/`updateRevision`.
 //!
 //! Storage (volumeClaimTemplates) is out of scope.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+};
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::{
@@ -26,13 +32,15 @@ use kube::{
 };
 
 use super::{
-    Context, Error, claim_selected, daemonset::REVISION_HASH, deployment::template_hash, new_pod,
+    Context, Error, claim_selected, daemonset::REVISION_HASH, history::History, new_pod,
     write_status,
 };
 use crate::{events::EventType, pods};
 
 const POD_NAME: &str = "statefulset.kubernetes.io/pod-name";
 const POD_INDEX: &str = "apps.kubernetes.io/pod-index";
+/// The hash label on a StatefulSet's revisions (pods carry the name).
+const HASH_LABEL: &str = "controller.kubernetes.io/hash";
 
 /// The ordinal in `<set>-<ordinal>`, for pods of this set.
 fn ordinal(set: &str, pod: &Pod) -> Option<i32> {
@@ -54,6 +62,7 @@ pub(super) struct Plan {
     pub status: StatefulSetStatus,
 }
 
+/// `revision` is the name of the template's ControllerRevision.
 pub(super) fn plan(
     sts: &StatefulSet,
     owned: &[Arc<Pod>],
@@ -135,28 +144,23 @@ pub(super) fn plan(
     };
     let updated = count(&|p| revision_of(p) == revision);
     let previous = sts.status.clone().unwrap_or_default();
-    let update_revision = format!("{name}-{revision}");
     let current_revision =
         if updated == replicas && i32::try_from(active.len()).unwrap_or(0) == replicas {
-            update_revision.clone()
+            revision.to_owned()
         } else {
             previous
                 .current_revision
                 .clone()
-                .unwrap_or_else(|| update_revision.clone())
+                .unwrap_or_else(|| revision.to_owned())
         };
-    let current_hash = current_revision
-        .strip_prefix(&format!("{name}-"))
-        .unwrap_or_default()
-        .to_owned();
     plan.status = StatefulSetStatus {
         replicas: count(&|_| true),
         ready_replicas: Some(count(&pods::is_ready)),
         available_replicas: Some(count(&|p| pods::is_available(p, min_ready, now))),
-        current_replicas: Some(count(&|p| revision_of(p) == current_hash)),
+        current_replicas: Some(count(&|p| revision_of(p) == current_revision)),
         updated_replicas: Some(updated),
         current_revision: Some(current_revision),
-        update_revision: Some(update_revision),
+        update_revision: Some(revision.to_owned()),
         observed_generation: sts.metadata.generation,
         collision_count: previous.collision_count,
         conditions: previous.conditions,
@@ -205,7 +209,26 @@ pub(super) async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Resul
         .as_ref()
         .map(|s| s.template.clone())
         .unwrap_or_default();
-    let revision = template_hash(&template, None);
+    let live: HashSet<String> = owned
+        .iter()
+        .filter_map(|p| p.labels().get(REVISION_HASH).cloned())
+        .collect();
+    let history = History {
+        owner: &*sts,
+        template: &template,
+        collisions: sts.status.as_ref().and_then(|s| s.collision_count),
+        hash_label: HASH_LABEL,
+        live: &live,
+        limit: sts
+            .spec
+            .as_ref()
+            .and_then(|s| s.revision_history_limit)
+            .unwrap_or(10),
+    };
+    if !history.sync(&ctx, &selector).await? {
+        return Ok(Action::await_change());
+    }
+    let revision = history.name();
     let plan = plan(&sts, &owned, &revision, Utc::now());
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     for ordinal in &plan.create {
@@ -317,6 +340,6 @@ mod tests {
         let done = plan(&sts, &rolled, "r2", now);
         assert!(done.delete.is_empty(), "db-0 is below the partition");
         assert_eq!(done.status.updated_replicas, Some(2));
-        assert_eq!(done.status.update_revision.as_deref(), Some("db-r2"));
+        assert_eq!(done.status.update_revision.as_deref(), Some("r2"));
     }
 }

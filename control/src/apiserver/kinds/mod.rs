@@ -333,6 +333,7 @@ mod tests {
             ("apps", "v1", "replicasets"),
             ("apps", "v1", "daemonsets"),
             ("apps", "v1", "statefulsets"),
+            ("apps", "v1", "controllerrevisions"),
             ("batch", "v1", "jobs"),
             ("batch", "v1", "cronjobs"),
             ("discovery.k8s.io", "v1", "endpointslices"),

@@ -2,7 +2,7 @@
 
 use k8s_openapi::{
     api::{
-        apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet},
+        apps::v1::{ControllerRevision, DaemonSet, Deployment, ReplicaSet, StatefulSet},
         batch::v1::{CronJob, Job},
         core::v1::PodTemplateSpec,
     },
@@ -29,6 +29,7 @@ pub(super) fn register_all(types: &mut Vec<ResourceType>) {
     register::<StatefulSet>(types);
     register::<Job>(types);
     register::<CronJob>(types);
+    register::<ControllerRevision>(types);
 }
 
 const ALL: &[&str] = &["all"];
@@ -379,6 +380,57 @@ impl Kind for StatefulSet {
             json!(age(&self.metadata, now)),
             json!(containers),
             json!(images),
+        ]
+    }
+}
+
+/// The template history of DaemonSets and StatefulSets, which `kubectl
+/// rollout history|undo` reads.
+impl Kind for ControllerRevision {
+    fn validate(&self, causes: &mut Causes) {
+        if self.data.is_none() {
+            causes.push(Cause::required("data"));
+        }
+        if self.revision < 0 {
+            causes.push(Cause::invalid(
+                "revision",
+                &json!(self.revision),
+                "must be greater than or equal to 0",
+            ));
+        }
+    }
+
+    fn columns() -> Vec<Column> {
+        vec![
+            Column::new("Controller", "string", 0),
+            Column::new("Revision", "integer", 0),
+            Column::new("Age", "string", 0),
+        ]
+    }
+
+    /// The controller as upstream prints it: `daemonset.apps/agent`.
+    fn cells(&self, now: DateTime<Utc>) -> Vec<Value> {
+        let controller = self
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|r| r.controller == Some(true))
+            .map_or_else(
+                || "<none>".to_owned(),
+                |owner| {
+                    let group = owner.api_version.split_once('/').map_or("", |(g, _)| g);
+                    let kind = owner.kind.to_lowercase();
+                    match group {
+                        "" => format!("{kind}/{}", owner.name),
+                        group => format!("{kind}.{group}/{}", owner.name),
+                    }
+                },
+            );
+        vec![
+            json!(controller),
+            json!(self.revision),
+            json!(age(&self.metadata, now)),
         ]
     }
 }
