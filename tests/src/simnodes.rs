@@ -22,7 +22,7 @@ use std::{
     net::Ipv4Addr,
     path::Path,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::StreamExt as _;
@@ -49,6 +49,8 @@ pub const RUN_MS: &str = "sim.wharf.dev/run-ms";
 pub const USAGE: &str = "sim.wharf.dev/usage";
 /// How often usage reports are written.
 const USAGE_PERIOD: Duration = Duration::from_secs(1);
+/// Where pod addresses come from on a node without a podCIDR.
+const UNASSIGNED: Ipv4Addr = Ipv4Addr::new(10, 255, 0, 0);
 
 /// What every simulated node offers and how often it heartbeats.
 #[derive(Clone, Debug)]
@@ -83,8 +85,10 @@ struct State {
     /// Pods already reported (with their node and host number), so watch
     /// events about them are skipped.
     reported: HashMap<String, (String, u32)>,
-    /// Each node's podCIDR base address, once read.
-    pod_cidrs: HashMap<String, Ipv4Addr>,
+    /// Each node's podCIDR base address once read, or when it was last
+    /// found missing (no IPAM runs in the benchmarks: reading the node
+    /// for every pod would double the simulator's requests).
+    pod_cidrs: HashMap<String, Result<Ipv4Addr, Instant>>,
     /// Pods with a usage annotation: what to report, by pod key.
     usage: HashMap<String, Busy>,
 }
@@ -484,8 +488,9 @@ async fn run_pod(
 ) {
     let known = lock(state).pod_cidrs.get(node).copied();
     let base = match known {
-        Some(base) => base,
-        None => {
+        Some(Ok(base)) => base,
+        Some(Err(missed)) if missed.elapsed() < Duration::from_secs(1) => UNASSIGNED,
+        _ => {
             // Read once per node: IPAM assigns it at registration.
             let cidr = Api::<Node>::all(client.clone())
                 .get(node)
@@ -493,10 +498,10 @@ async fn run_pod(
                 .ok()
                 .and_then(|n| n.spec?.pod_cidr);
             let base = cidr.and_then(|c| c.split('/').next()?.parse::<Ipv4Addr>().ok());
-            if let Some(base) = base {
-                lock(state).pod_cidrs.insert(node.to_owned(), base);
-            }
-            base.unwrap_or(Ipv4Addr::new(10, 255, 0, 0))
+            lock(state)
+                .pod_cidrs
+                .insert(node.to_owned(), base.ok_or_else(Instant::now));
+            base.unwrap_or(UNASSIGNED)
         }
     };
     let ip = Ipv4Addr::from(u32::from(base) + host);

@@ -1,6 +1,6 @@
 //! core/v1 kinds.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::{
     api::core::v1::{
@@ -107,6 +107,49 @@ pub(super) fn default_pod_spec(spec: &mut PodSpec) {
     }
 }
 
+/// Upstream's `GetPodQOS`: BestEffort without cpu or memory requests
+/// and limits, Guaranteed when every container limits both and the
+/// totals of requests and limits agree, else Burstable.
+fn qos_class(spec: &PodSpec) -> &'static str {
+    let mut requests: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut limits: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut guaranteed = true;
+    let containers = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers);
+    for container in containers {
+        let resources = container.resources.clone().unwrap_or_default();
+        let mut limited = 0;
+        for (list, totals, limit) in [
+            (&resources.requests, &mut requests, false),
+            (&resources.limits, &mut limits, true),
+        ] {
+            for name in ["cpu", "memory"] {
+                let amount = list
+                    .as_ref()
+                    .and_then(|l| l.get(name))
+                    .and_then(crate::quantity::milli)
+                    .filter(|m| *m > 0);
+                if let Some(amount) = amount {
+                    *totals.entry(name).or_default() += amount;
+                    limited += usize::from(limit);
+                }
+            }
+        }
+        guaranteed &= limited == 2;
+    }
+    match (
+        requests.is_empty() && limits.is_empty(),
+        guaranteed && requests == limits,
+    ) {
+        (true, _) => "BestEffort",
+        (false, true) => "Guaranteed",
+        (false, false) => "Burstable",
+    }
+}
+
 pub(super) fn validate_pod_spec(field: &str, spec: &PodSpec, causes: &mut Causes) {
     if spec.containers.is_empty() {
         causes.push(Cause::required(format!("{field}.containers")));
@@ -189,11 +232,30 @@ impl Kind for Pod {
         default_pod_spec(spec);
         spec.service_account_name
             .get_or_insert_with(|| "default".to_owned());
+        // Pods only (not templates): a limit without a request requests
+        // the limit.
+        for container in spec
+            .init_containers
+            .iter_mut()
+            .flatten()
+            .chain(spec.containers.iter_mut())
+        {
+            let Some(resources) = container.resources.as_mut() else {
+                continue;
+            };
+            if let Some(limits) = &resources.limits {
+                let requests = resources.requests.get_or_insert_with(Default::default);
+                for (name, limit) in limits {
+                    requests
+                        .entry(name.clone())
+                        .or_insert_with(|| limit.clone());
+                }
+            }
+        }
+        let qos = qos_class(spec);
         let status = self.status.get_or_insert_with(Default::default);
         status.phase.get_or_insert_with(|| "Pending".to_owned());
-        status
-            .qos_class
-            .get_or_insert_with(|| "BestEffort".to_owned());
+        status.qos_class.get_or_insert_with(|| qos.to_owned());
     }
 
     fn validate(&self, causes: &mut Causes) {
@@ -700,5 +762,61 @@ impl Kind for Event {
             json!(object),
             json!(self.message.clone().unwrap_or_default()),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(resources: &[Value]) -> PodSpec {
+        let containers: Vec<Value> = resources
+            .iter()
+            .enumerate()
+            .map(|(i, r)| json!({"name": format!("c{i}"), "resources": r}))
+            .collect();
+        serde_json::from_value(json!({ "containers": containers })).unwrap()
+    }
+
+    #[test]
+    fn qos_classes_follow_requests_and_limits() {
+        let both = json!({"cpu": "1", "memory": "1Gi"});
+        assert_eq!(qos_class(&spec(&[json!({})])), "BestEffort");
+        assert_eq!(
+            qos_class(&spec(&[json!({"requests": {"cpu": "100m"}})])),
+            "Burstable"
+        );
+        assert_eq!(
+            qos_class(&spec(&[json!({"requests": both, "limits": both})])),
+            "Guaranteed"
+        );
+        assert_eq!(
+            qos_class(&spec(&[
+                json!({"requests": both, "limits": both}),
+                json!({})
+            ])),
+            "Burstable",
+            "a container without limits"
+        );
+        // Limits alone: requests default to them, as upstream.
+        let mut pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "c", "resources": {"limits": both}}]},
+        }))
+        .unwrap();
+        pod.default_fields();
+        let container = &pod.spec.as_ref().unwrap().containers[0];
+        assert_eq!(
+            container
+                .resources
+                .as_ref()
+                .unwrap()
+                .requests
+                .as_ref()
+                .unwrap()["cpu"]
+                .0,
+            "1"
+        );
+        assert_eq!(pod.status.unwrap().qos_class.as_deref(), Some("Guaranteed"));
     }
 }
