@@ -160,13 +160,11 @@ impl Call {
     }
 }
 
+/// Encoded with `to_vec`, not `Display`, which goes through
+/// `fmt::Write` a piece at a time.
 fn json_response(code: StatusCode, value: &Value, warnings: &[String]) -> Response {
-    let mut response = (
-        code,
-        [(header::CONTENT_TYPE, "application/json")],
-        value.to_string(),
-    )
-        .into_response();
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut response = (code, [(header::CONTENT_TYPE, "application/json")], body).into_response();
     for warning in warnings {
         let escaped = warning.replace('"', "\\\"");
         if let Ok(value) = HeaderValue::from_str(&format!("299 - \"{escaped}\"")) {

@@ -94,8 +94,17 @@ pub struct Normalized {
 struct Typed<K>(PhantomData<fn() -> K>);
 
 impl<K: Kind> Typed<K> {
-    fn decode(object: &Value) -> Result<K, ApiError> {
-        K::deserialize(object).map_err(|error| {
+    /// Decodes `object`, noting the paths of fields the type does not have
+    /// (but not of unknown fields that are null: nothing is lost).
+    fn decode(object: &Value, unknown: &mut Vec<String>) -> Result<K, ApiError> {
+        serde_ignored::deserialize(object, |path| {
+            let mut steps = Vec::new();
+            path_steps(&path, &mut steps);
+            if !lookup(object, &steps).is_some_and(Value::is_null) {
+                unknown.push(render_steps(&steps));
+            }
+        })
+        .map_err(|error| {
             ApiError::bad_request(format!(
                 "{} in version \"{}\" cannot be handled as a {}: {error}",
                 K::KIND,
@@ -108,12 +117,8 @@ impl<K: Kind> Typed<K> {
 
 impl<K: Kind> Codec for Typed<K> {
     fn normalize(&self, object: &Value) -> Result<Normalized, ApiError> {
-        let mut typed = Self::decode(object)?;
-        // Unknown fields are judged before defaulting, which may move
-        // fields (a Secret's stringData into data).
-        let decoded = serde_json::to_value(&typed).map_err(ApiError::internal)?;
         let mut unknown = Vec::new();
-        unknown_fields(object, &decoded, "", &mut unknown);
+        let mut typed = Self::decode(object, &mut unknown)?;
         typed.default_fields();
         let mut causes = Causes::default();
         check_metadata(typed.metadata(), K::NAME_RULE, &mut causes);
@@ -151,30 +156,53 @@ impl<K: Kind> Codec for Typed<K> {
     }
 }
 
-/// Paths of fields in `input` that did not survive the typed round trip.
-fn unknown_fields(input: &Value, output: &Value, path: &str, unknown: &mut Vec<String>) {
-    match (input, output) {
-        (Value::Object(input), Value::Object(output)) => {
-            for (key, value) in input {
-                let at = if path.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{path}.{key}")
-                };
-                match output.get(key) {
-                    Some(kept) => unknown_fields(value, kept, &at, unknown),
-                    None if value.is_null() => {}
-                    None => unknown.push(at),
-                }
-            }
+/// One step of a path into a JSON document.
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+fn path_steps(path: &serde_ignored::Path<'_>, steps: &mut Vec<Step>) {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => {}
+        Path::Seq { parent, index } => {
+            path_steps(parent, steps);
+            steps.push(Step::Index(*index));
         }
-        (Value::Array(input), Value::Array(output)) => {
-            for (i, (value, kept)) in input.iter().zip(output).enumerate() {
-                unknown_fields(value, kept, &format!("{path}[{i}]"), unknown);
-            }
+        Path::Map { parent, key } => {
+            path_steps(parent, steps);
+            steps.push(Step::Key(key.clone()));
         }
-        _ => {}
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => {
+            path_steps(parent, steps);
+        }
     }
+}
+
+fn lookup<'a>(value: &'a Value, steps: &[Step]) -> Option<&'a Value> {
+    steps.iter().try_fold(value, |at, step| match step {
+        Step::Key(key) => at.get(key),
+        Step::Index(index) => at.get(index),
+    })
+}
+
+/// Upstream's rendering: `spec.containers[0].bogus`.
+fn render_steps(steps: &[Step]) -> String {
+    let mut out = String::new();
+    for step in steps {
+        match step {
+            Step::Key(key) if out.is_empty() => out.push_str(key),
+            Step::Key(key) => {
+                out.push('.');
+                out.push_str(key);
+            }
+            Step::Index(index) => out.push_str(&format!("[{index}]")),
+        }
+    }
+    out
 }
 
 /// A resource the server serves.
@@ -365,12 +393,23 @@ mod tests {
         let registry = Registry::new();
         let config_maps = registry.find("", "v1", "configmaps").unwrap();
         let input = json!({
-            "metadata": {"name": "c", "bogus": 1},
+            "metadata": {"name": "c", "bogus": 1, "ownerReferences": [
+                {"apiVersion": "v1", "kind": "Pod", "name": "p", "uid": "u", "extra": true},
+            ]},
             "data": {"a": "b"},
             "spec": {"x": 1},
+            "status": null,
         });
         let normalized = config_maps.codec.normalize(&input).unwrap();
-        assert_eq!(normalized.unknown, ["metadata.bogus", "spec"]);
+        assert_eq!(
+            normalized.unknown,
+            [
+                "metadata.bogus",
+                "metadata.ownerReferences[0].extra",
+                "spec"
+            ],
+            "a null unknown field loses nothing"
+        );
         assert_eq!(normalized.object["kind"], "ConfigMap");
         assert_eq!(normalized.object["data"]["a"], "b");
         assert!(normalized.causes.is_empty());
