@@ -213,9 +213,9 @@ fn collect(value: &Value, path: &mut Path, set: &mut FieldSet) {
 /// Walks the field sets of an old and a new object side by side with
 /// their values: fields of `after` whose value changed go to the first
 /// list, fields of `before` that `after` lacks to the second. A subtree
-/// whose value is equal in both is skipped whole (its fields are the
-/// same and unchanged), so an update costs in proportion to what it
-/// changed: a binding looks at `spec.nodeName`, not at every field.
+/// whose value and fields are equal in both is skipped whole, so an
+/// update costs in proportion to what it changed: a binding looks at
+/// `spec.nodeName`, not at every field.
 fn diff(
     before: Option<&FieldSet>,
     after: Option<&FieldSet>,
@@ -223,13 +223,17 @@ fn diff(
     path: &mut Path,
     (changed, removed): (&mut Vec<Path>, &mut Vec<Path>),
 ) {
-    if old == new {
+    // Equal values mostly mean equal field sets, but not always: a list
+    // can turn atomic, and duplicate merge keys hide items from `get`.
+    if old == new && before == after {
         return;
     }
     let owned_after = after.is_some_and(|s| s.member);
     if !path.is_empty() {
         if owned_after {
-            changed.push(path.clone());
+            if old != new {
+                changed.push(path.clone());
+            }
         } else if before.is_some_and(|s| s.member) {
             removed.push(path.clone());
         }

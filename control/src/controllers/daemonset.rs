@@ -303,10 +303,10 @@ pub(super) async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<A
             .and_then(|s| s.revision_history_limit)
             .unwrap_or(10),
     };
-    if !history.sync(&ctx, &selector).await? {
+    let Some(current) = history.sync(&ctx, &selector).await? else {
         return Ok(Action::await_change());
-    }
-    let hash = history.hash();
+    };
+    let hash = current.hash;
     let met = ctx
         .expectations
         .satisfied(&owner, |name| ctx.pod_live(&namespace, name));

@@ -29,7 +29,9 @@ use kube::{
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use super::{Context, Error, claim_selected, controller_reference, deployment::template_hash};
+use super::{
+    Context, Error, claim_selected, controlled_by, controller_reference, deployment::template_hash,
+};
 
 /// The strategic merge patch that restores `template`.
 fn restoring_patch(template: &PodTemplateSpec) -> Value {
@@ -47,9 +49,19 @@ pub(super) struct Plan {
     /// A revision whose template is current again, and its new number.
     pub renumber: Option<(String, i64)>,
     pub delete: Vec<String>,
-    /// `<owner>-<hash>` holds another template: nothing is created until
-    /// the owner's collision count (and so the hash) changes.
-    pub collided: bool,
+    /// The current template's revision: its name and hash. A revision
+    /// made before keeps the hash it was made with, whatever the
+    /// collision count is now. `None` when `<owner>-<hash>` holds another
+    /// template: nothing is created until the collision count (and so
+    /// the hash) changes.
+    pub current: Option<Current>,
+}
+
+/// A revision's name, and the hash its pods carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Current {
+    pub name: String,
+    pub hash: String,
 }
 
 /// Where an owner's history stands.
@@ -66,13 +78,13 @@ pub(super) struct History<'a, O> {
 }
 
 impl<O: Resource<DynamicType = ()>> History<'_, O> {
-    /// The template's hash: pods' `controller-revision-hash` label.
-    pub fn hash(&self) -> String {
+    /// The template's hash with the current collision count.
+    fn hash(&self) -> String {
         template_hash(self.template, self.collisions)
     }
 
-    /// The revision name for the current template.
-    pub fn name(&self) -> String {
+    /// The name a new revision of the template gets.
+    fn name(&self) -> String {
         format!(
             "{}-{}",
             self.owner.meta().name.as_deref().unwrap_or(""),
@@ -91,12 +103,27 @@ impl<O: Resource<DynamicType = ()>> History<'_, O> {
             .filter(|r| holds_template(r))
             .max_by_key(|r| r.revision);
         match current {
-            Some(current) if current.revision < newest => {
-                plan.renumber = Some((current.name_any(), newest + 1));
+            Some(current) => {
+                if current.revision < newest {
+                    plan.renumber = Some((current.name_any(), newest + 1));
+                }
+                plan.current = Some(Current {
+                    name: current.name_any(),
+                    hash: current
+                        .labels()
+                        .get(self.hash_label)
+                        .cloned()
+                        .unwrap_or_else(|| self.hash()),
+                });
             }
-            Some(_) => {}
-            None if owned.iter().any(|r| r.name_any() == name) => plan.collided = true,
-            None => plan.create = Some(self.revision(name.clone(), data, newest + 1)),
+            None if owned.iter().any(|r| r.name_any() == name) => {}
+            None => {
+                plan.create = Some(self.revision(name.clone(), data, newest + 1));
+                plan.current = Some(Current {
+                    name: name.clone(),
+                    hash: self.hash(),
+                });
+            }
         }
         let current_name = current.map_or(name, |r| r.name_any());
         let mut old: Vec<&Arc<ControllerRevision>> = owned
@@ -142,10 +169,15 @@ impl<O: Resource<DynamicType = ()>> History<'_, O> {
     }
 
     /// Claims the owner's revisions (by `selector`), then creates,
-    /// renumbers and prunes them as [`History::plan`] says. On a hash
-    /// collision it bumps the owner's collision count instead and returns
-    /// `false`: the owner must not act on this hash.
-    pub async fn sync(&self, ctx: &Context, selector: &LabelSelector) -> Result<bool, Error>
+    /// renumbers and prunes them as [`History::plan`] says, and returns
+    /// the current revision. On a hash collision it bumps the owner's
+    /// collision count instead and returns `None`: the owner must not act
+    /// on this hash.
+    pub async fn sync(
+        &self,
+        ctx: &Context,
+        selector: &LabelSelector,
+    ) -> Result<Option<Current>, Error>
     where
         O: Resource<Scope = NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
     {
@@ -153,27 +185,26 @@ impl<O: Resource<DynamicType = ()>> History<'_, O> {
         let plan = self.plan(&owned);
         let meta = self.owner.meta();
         let namespace = meta.namespace.as_deref().unwrap_or_default();
-        if plan.collided {
-            let bumped =
-                json!({ "status": { "collisionCount": self.collisions.unwrap_or(0) + 1 } });
-            Api::<O>::namespaced(ctx.client.clone(), namespace)
-                .patch_status(
-                    meta.name.as_deref().unwrap_or_default(),
-                    &PatchParams::default(),
-                    &Patch::Merge(bumped),
-                )
-                .await
-                .map_err(Error::api(
-                    "counting a hash collision of",
-                    crate::pods::key(meta),
-                ))?;
-            return Ok(false);
-        }
         let api: Api<ControllerRevision> = Api::namespaced(ctx.client.clone(), namespace);
+        let Some(current) = plan.current else {
+            return self.count_collision(ctx).await;
+        };
         if let Some(revision) = &plan.create {
             match api.create(&PostParams::default(), revision).await {
-                // Created by an earlier sync the cache does not show yet.
-                Ok(_) | Err(kube::Error::Api(kube::core::ErrorResponse { code: 409, .. })) => {}
+                Ok(_) => {}
+                // Ours from an earlier sync the cache does not show yet,
+                // or someone else's: a collision.
+                Err(kube::Error::Api(kube::core::ErrorResponse { code: 409, .. })) => {
+                    let existing = api
+                        .get(&revision.name_any())
+                        .await
+                        .map_err(Error::api("reading revision", revision.name_any()))?;
+                    if !controlled_by(&existing.metadata, meta.uid.as_deref())
+                        || existing.data != revision.data
+                    {
+                        return self.count_collision(ctx).await;
+                    }
+                }
                 Err(error) => {
                     return Err(Error::api("creating revision", revision.name_any())(error));
                 }
@@ -194,7 +225,31 @@ impl<O: Resource<DynamicType = ()>> History<'_, O> {
                 Err(error) => return Err(Error::api("deleting revision", name.clone())(error)),
             }
         }
-        Ok(true)
+        Ok(Some(current))
+    }
+
+    /// Bumps the owner's `status.collisionCount`, which changes the hash.
+    async fn count_collision(&self, ctx: &Context) -> Result<Option<Current>, Error>
+    where
+        O: Resource<Scope = NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
+    {
+        let meta = self.owner.meta();
+        let bumped = json!({ "status": { "collisionCount": self.collisions.unwrap_or(0) + 1 } });
+        Api::<O>::namespaced(
+            ctx.client.clone(),
+            meta.namespace.as_deref().unwrap_or_default(),
+        )
+        .patch_status(
+            meta.name.as_deref().unwrap_or_default(),
+            &PatchParams::default(),
+            &Patch::Merge(bumped),
+        )
+        .await
+        .map_err(Error::api(
+            "counting a hash collision of",
+            crate::pods::key(meta),
+        ))?;
+        Ok(None)
     }
 }
 
@@ -250,6 +305,13 @@ mod tests {
         let created = plan.create.unwrap();
         let hash = template_hash(&template("v2"), None);
         assert_eq!(created.name_any(), format!("agent-{hash}"));
+        assert_eq!(
+            plan.current,
+            Some(Current {
+                name: created.name_any(),
+                hash: hash.clone()
+            })
+        );
         assert_eq!(created.revision, 2);
         assert_eq!(created.labels()["app"], "agent");
         assert_eq!(created.labels()["controller-revision-hash"], hash);
@@ -267,7 +329,7 @@ mod tests {
                 "$patch": "replace",
             }}})
         );
-        assert!(plan.renumber.is_none() && plan.delete.is_empty() && !plan.collided);
+        assert!(plan.renumber.is_none() && plan.delete.is_empty());
     }
 
     #[test]
@@ -278,6 +340,7 @@ mod tests {
         assert_eq!(renumbered.renumber, Some((old.name_any(), 3)));
         let newest = plan("v1", &[], &[stored("v1", 3), stored("v2", 2)]);
         assert!(newest.create.is_none() && newest.renumber.is_none());
+        assert_eq!(newest.current.unwrap().name, old.name_any());
     }
 
     #[test]
@@ -292,10 +355,29 @@ mod tests {
     }
 
     #[test]
+    fn a_template_seen_before_keeps_the_hash_it_was_made_with() {
+        let old = stored("v1", 1);
+        let ds = daemonset();
+        let template = template("v1");
+        let live = HashSet::new();
+        let after_a_collision = History {
+            owner: &ds,
+            template: &template,
+            collisions: Some(1),
+            hash_label: "controller-revision-hash",
+            live: &live,
+            limit: 2,
+        };
+        let current = after_a_collision.plan(&[Arc::clone(&old)]).current.unwrap();
+        assert_eq!(current.name, old.name_any());
+        assert_eq!(current.hash, old.labels()["controller-revision-hash"]);
+    }
+
+    #[test]
     fn a_name_taken_by_another_template_is_a_collision() {
         let mut impostor = (*stored("v1", 1)).clone();
         impostor.metadata.name = stored("v2", 1).metadata.name.clone();
         let plan = plan("v2", &[], &[Arc::new(impostor)]);
-        assert!(plan.collided && plan.create.is_none());
+        assert!(plan.current.is_none() && plan.create.is_none());
     }
 }

@@ -79,7 +79,12 @@ pub(super) fn plan(
         .filter_map(|p| ordinal(&name, p).map(|o| (o, p)))
         .collect();
     let healthy = |p: &Pod| pods::is_active(p) && pods::is_ready(p);
-    let revision_of = |p: &Pod| p.labels().get(REVISION_HASH).cloned().unwrap_or_default();
+    // Pods made before revisions were kept carry the bare hash.
+    let runs = |p: &Pod, revision: &str| {
+        p.labels().get(REVISION_HASH).is_some_and(|label| {
+            label == revision || revision.strip_prefix(&format!("{name}-")) == Some(label)
+        })
+    };
     let mut plan = Plan {
         create: Vec::new(),
         delete: Vec::new(),
@@ -135,14 +140,14 @@ pub(super) fn plan(
         let outdated = (partition..replicas)
             .rev()
             .filter_map(|o| by_ordinal.get(&o))
-            .find(|p| revision_of(p) != revision);
+            .find(|p| !runs(p, revision));
         plan.delete.extend(outdated.map(|p| Arc::clone(p)));
     }
     let active: Vec<&&Arc<Pod>> = by_ordinal.values().filter(|p| pods::is_active(p)).collect();
     let count = |f: &dyn Fn(&Pod) -> bool| {
         i32::try_from(active.iter().filter(|p| f(p)).count()).unwrap_or(i32::MAX)
     };
-    let updated = count(&|p| revision_of(p) == revision);
+    let updated = count(&|p| runs(p, revision));
     let previous = sts.status.clone().unwrap_or_default();
     let current_revision =
         if updated == replicas && i32::try_from(active.len()).unwrap_or(0) == replicas {
@@ -157,7 +162,7 @@ pub(super) fn plan(
         replicas: count(&|_| true),
         ready_replicas: Some(count(&pods::is_ready)),
         available_replicas: Some(count(&|p| pods::is_available(p, min_ready, now))),
-        current_replicas: Some(count(&|p| revision_of(p) == current_revision)),
+        current_replicas: Some(count(&|p| runs(p, &current_revision))),
         updated_replicas: Some(updated),
         current_revision: Some(current_revision),
         update_revision: Some(revision.to_owned()),
@@ -225,10 +230,10 @@ pub(super) async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Resul
             .and_then(|s| s.revision_history_limit)
             .unwrap_or(10),
     };
-    if !history.sync(&ctx, &selector).await? {
+    let Some(current) = history.sync(&ctx, &selector).await? else {
         return Ok(Action::await_change());
-    }
-    let revision = history.name();
+    };
+    let revision = current.name;
     let plan = plan(&sts, &owned, &revision, Utc::now());
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     for ordinal in &plan.create {

@@ -73,7 +73,13 @@ impl Committer {
                 while let Ok(first) = requests.recv() {
                     let mut group = vec![first];
                     group.extend(requests.try_iter());
-                    inner.commit_group(group);
+                    // A panic fails this group (its replies are dropped,
+                    // which its writers see as a failed commit), not
+                    // every later write.
+                    let commit = std::panic::AssertUnwindSafe(|| inner.commit_group(group));
+                    if std::panic::catch_unwind(commit).is_err() {
+                        tracing::error!(path = %inner.path.display(), "a group commit panicked");
+                    }
                 }
             })
             .map_err(|error| embedded_error(&path, redb::Error::Io(error)))?;
@@ -506,7 +512,7 @@ impl Store for EmbeddedStore {
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
         let stopped = || StoreError::CommitFailed {
             path: self.inner.path.clone(),
-            reason: "the committing thread stopped".to_owned(),
+            reason: "the committer stopped or its group panicked".to_owned(),
         };
         let (reply, outcome) = oneshot::channel();
         let queue = self.committer.queue.as_ref().ok_or_else(stopped)?;

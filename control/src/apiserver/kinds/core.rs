@@ -133,7 +133,8 @@ fn qos_class(spec: &PodSpec) -> &'static str {
                     .and_then(crate::quantity::milli)
                     .filter(|m| *m > 0);
                 if let Some(amount) = amount {
-                    *totals.entry(name).or_default() += amount;
+                    let total = totals.entry(name).or_default();
+                    *total = total.saturating_add(amount);
                     limited += usize::from(limit);
                 }
             }
