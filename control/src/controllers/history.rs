@@ -31,6 +31,7 @@ use serde_json::{Value, json};
 
 use super::{
     Context, Error, claim_selected, controlled_by, controller_reference, deployment::template_hash,
+    merge_status,
 };
 
 /// The strategic merge patch that restores `template`.
@@ -233,22 +234,8 @@ impl<O: Resource<DynamicType = ()>> History<'_, O> {
     where
         O: Resource<Scope = NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
     {
-        let meta = self.owner.meta();
         let bumped = json!({ "status": { "collisionCount": self.collisions.unwrap_or(0) + 1 } });
-        Api::<O>::namespaced(
-            ctx.client.clone(),
-            meta.namespace.as_deref().unwrap_or_default(),
-        )
-        .patch_status(
-            meta.name.as_deref().unwrap_or_default(),
-            &PatchParams::default(),
-            &Patch::Merge(bumped),
-        )
-        .await
-        .map_err(Error::api(
-            "counting a hash collision of",
-            crate::pods::key(meta),
-        ))?;
+        merge_status(ctx, self.owner, bumped, "counting a hash collision of").await?;
         Ok(None)
     }
 }

@@ -400,6 +400,23 @@ where
     if let Some(version) = pinned {
         patch["metadata"] = serde_json::json!({ "resourceVersion": version });
     }
+    merge_status(ctx, object, patch, "updating status of").await
+}
+
+/// Sends a JSON merge patch to the object's `/status`.
+pub async fn merge_status<K>(
+    ctx: &Context,
+    object: &K,
+    patch: serde_json::Value,
+    action: &'static str,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let meta = object.meta();
     Api::<K>::namespaced(
         ctx.client.clone(),
         meta.namespace.as_deref().unwrap_or_default(),
@@ -411,7 +428,7 @@ where
     )
     .await
     .map(drop)
-    .map_err(Error::api("updating status of", crate::pods::key(meta)))
+    .map_err(Error::api(action, crate::pods::key(meta)))
 }
 
 impl Context {
