@@ -30,6 +30,7 @@ use super::{
     protobuf,
     selectors::{FieldSelector, LabelSelector},
     status::{ApiError, Subject},
+    stored::Listed,
     table::{IncludeObject, table},
     tls::PeerIdentity,
     watch::{self, WatchSpec, json_frame},
@@ -704,7 +705,7 @@ async fn list<S: Store>(
     namespace: Option<&str>,
 ) -> Result<Response, ApiError> {
     let params = list_params(call, rt)?;
-    let page = app.list_objects(rt, namespace, &params).await?;
+    let page = app.list_stored(rt, namespace, &params).await?;
     let mut meta = json!({ "resourceVersion": page.revision.to_string() });
     if let Some(token) = &page.continue_token {
         meta["continue"] = json!(token);
@@ -712,8 +713,12 @@ async fn list<S: Store>(
     if call.wants_table() {
         let include = IncludeObject::parse(call.param("includeObject"));
         let now = Utc::now();
-        let rows = page
+        let objects = page
             .items
+            .into_iter()
+            .map(Listed::into_object)
+            .collect::<Result<Vec<_>, _>>()?;
+        let rows = objects
             .iter()
             .map(|object| (rt.codec.cells(object, now), object))
             .collect();
@@ -723,13 +728,29 @@ async fn list<S: Store>(
             &[],
         ));
     }
-    let list = json!({
-        "kind": format!("{}List", rt.kind),
-        "apiVersion": rt.api_version,
-        "metadata": meta,
-        "items": page.items,
-    });
-    Ok(json_response(StatusCode::OK, &list, &[]))
+    // The list's own fields around the items' stored JSON, keys sorted
+    // as `json_response` writes them.
+    let text = |value: &Value| serde_json::to_vec(value).unwrap_or_default();
+    let mut body = b"{\"apiVersion\":".to_vec();
+    body.extend(text(&json!(rt.api_version)));
+    body.extend_from_slice(b",\"items\":[");
+    for (i, item) in page.items.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        item.write_json(&mut body)?;
+    }
+    body.extend_from_slice(b"],\"kind\":");
+    body.extend(text(&json!(format!("{}List", rt.kind))));
+    body.extend_from_slice(b",\"metadata\":");
+    body.extend(text(&meta));
+    body.push(b'}');
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
 }
 
 fn delete_options(call: &Call) -> Result<DeleteOptions, ApiError> {

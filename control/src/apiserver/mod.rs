@@ -20,6 +20,7 @@ mod patch;
 mod protobuf;
 mod selectors;
 mod status;
+mod stored;
 mod table;
 pub mod tls;
 mod validation;
@@ -118,11 +119,8 @@ impl<S: Store> App<S> {
         } else {
             &kv.value
         };
-        let mut object: Value = serde_json::from_slice(bytes).map_err(|e| {
-            ApiError::internal(format!("stored object {} is not JSON: {e}", kv.key))
-        })?;
-        object["metadata"]["resourceVersion"] = Value::String(revision.to_string());
-        Ok(object)
+        stored::decode(bytes, revision)
+            .map_err(|e| ApiError::internal(format!("stored object {} is not JSON: {e}", kv.key)))
     }
 
     /// The stored form: no resourceVersion (the store revision is it;

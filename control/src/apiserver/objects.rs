@@ -20,6 +20,7 @@ use super::{
     managed::{self, Writer},
     selectors::{FieldSelector, LabelSelector},
     status::{ApiError, Cause},
+    stored::Listed,
 };
 use crate::store::{Check, KeyValue, Op, RangeRequest, Revision, Store, Txn, TxnOutcome};
 
@@ -144,8 +145,8 @@ pub struct ListParams {
 
 /// One page of a list.
 #[derive(Debug)]
-pub struct ListPage {
-    pub items: Vec<Value>,
+pub struct ListPage<T = Value> {
+    pub items: Vec<T>,
     pub revision: Revision,
     pub continue_token: Option<String>,
 }
@@ -286,6 +287,26 @@ impl<S: Store> App<S> {
         namespace: Option<&str>,
         params: &ListParams,
     ) -> Result<ListPage, ApiError> {
+        let page = self.list_stored(rt, namespace, params).await?;
+        Ok(ListPage {
+            items: page
+                .items
+                .into_iter()
+                .map(Listed::into_object)
+                .collect::<Result<_, _>>()?,
+            revision: page.revision,
+            continue_token: page.continue_token,
+        })
+    }
+
+    /// [`Self::list_objects`] as stored: objects are decoded only to
+    /// match a selector.
+    pub async fn list_stored(
+        &self,
+        rt: &ResourceType,
+        namespace: Option<&str>,
+        params: &ListParams,
+    ) -> Result<ListPage<Listed>, ApiError> {
         let prefix = self.collection_prefix(rt, namespace);
         let (mut revision, mut start) = match &params.continue_token {
             Some(token) => {
@@ -326,18 +347,26 @@ impl<S: Store> App<S> {
                     (error, _) => error.into(),
                 })?;
             revision = range.revision;
+            let read = range.kvs.len();
+            let mut consumed = 0;
             let mut last_key = None;
-            for kv in &range.kvs {
-                last_key = Some(kv.key.clone());
-                let object = self.decode(kv, kv.mod_revision)?;
-                if params.labels.matches(&object) && params.fields.matches(&object) {
-                    items.push(object);
-                    if params.limit > 0 && items.len() == params.limit {
-                        break;
+            for kv in range.kvs {
+                consumed += 1;
+                let (key, written) = (kv.key.clone(), kv.mod_revision);
+                last_key = Some(key.clone());
+                let mut item = Listed::new(key, self.plain(kv)?, written);
+                if filtering {
+                    let object = item.object()?;
+                    if !(params.labels.matches(object) && params.fields.matches(object)) {
+                        continue;
                     }
                 }
+                items.push(item);
+                if params.limit > 0 && items.len() == params.limit {
+                    break;
+                }
             }
-            let consumed_all = last_key.as_ref() == range.kvs.last().map(|kv| &kv.key);
+            let consumed_all = consumed == read;
             let more = range.more || !consumed_all;
             let full = params.limit > 0 && items.len() == params.limit;
             match (more, last_key) {

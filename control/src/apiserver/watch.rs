@@ -22,6 +22,7 @@ use tokio::sync::{broadcast, mpsc};
 use super::{
     selectors::{FieldSelector, LabelSelector},
     status::ApiError,
+    stored,
 };
 use crate::store::Revision;
 
@@ -95,11 +96,7 @@ impl CachedEvent {
     /// The object as watchers see it, decoded on first use.
     pub fn object(&self) -> &Value {
         self.object.get_or_init(|| {
-            let mut object = parse_stored(&self.key, &self.raw);
-            if object.is_object() {
-                object["metadata"]["resourceVersion"] = Value::String(self.revision.to_string());
-            }
-            object
+            stored::decode(&self.raw, self.revision).unwrap_or_else(|error| self.not_json(&error))
         })
     }
 
@@ -108,49 +105,31 @@ impl CachedEvent {
     fn prev(&self) -> Option<&Value> {
         self.prev
             .get_or_init(|| {
-                self.prev_raw
-                    .as_ref()
-                    .map(|raw| parse_stored(&self.key, raw))
+                self.prev_raw.as_ref().map(|raw| {
+                    serde_json::from_slice(raw).unwrap_or_else(|error| self.not_json(&error))
+                })
             })
             .as_ref()
     }
 
-    /// The object's JSON, made on first use: the stored bytes with the
-    /// revision spliced into `metadata`, the same bytes as encoding
-    /// [`Self::object`] (both write keys sorted and compact).
+    /// The object's JSON, made on first use without decoding it
+    /// ([`stored::encode`]).
     pub fn encoded(&self) -> &Bytes {
         self.encoded.get_or_init(|| {
-            with_resource_version(&self.raw, self.revision)
-                .unwrap_or_else(|| serde_json::to_vec(self.object()).unwrap_or_default())
+            stored::encode(&self.raw, self.revision)
+                .unwrap_or_else(|error| {
+                    self.not_json(&error);
+                    b"null".to_vec()
+                })
                 .into()
         })
     }
-}
 
-fn parse_stored(key: &str, raw: &[u8]) -> Value {
-    serde_json::from_slice(raw).unwrap_or_else(|error| {
-        tracing::warn!(%error, key, "watch cache: a stored object is not JSON");
+    /// Logs a damaged stored object, which watchers then see as null.
+    fn not_json(&self, error: &serde_json::Error) -> Value {
+        tracing::warn!(%error, key = self.key, "watch cache: a stored object is not JSON");
         Value::Null
-    })
-}
-
-/// `raw` with `metadata.resourceVersion` set, re-assembled from the raw
-/// top-level and metadata fields instead of a full object tree (a pod's
-/// spec and status are copied as text). `None` if `raw` is not shaped
-/// for it (then the caller encodes the decoded object).
-fn with_resource_version(raw: &[u8], revision: Revision) -> Option<Vec<u8>> {
-    use std::collections::BTreeMap;
-
-    use serde_json::value::RawValue;
-
-    let mut top: BTreeMap<&str, &RawValue> = serde_json::from_slice(raw).ok()?;
-    let mut metadata: BTreeMap<&str, &RawValue> =
-        serde_json::from_str(top.get("metadata")?.get()).ok()?;
-    let version = RawValue::from_string(format!("\"{revision}\"")).ok()?;
-    metadata.insert("resourceVersion", &version);
-    let metadata = serde_json::value::to_raw_value(&metadata).ok()?;
-    top.insert("metadata", &metadata);
-    serde_json::to_vec(&top).ok()
+    }
 }
 
 /// What a watcher encodes: a cached event, or an object made for it
@@ -565,26 +544,6 @@ mod tests {
             (got[0]["type"].as_str(), got[1]["type"].as_str()),
             (Some("DELETED"), Some("ADDED"))
         );
-    }
-
-    #[test]
-    fn the_spliced_encoding_is_the_decoded_objects() {
-        let stored = json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "a", "namespace": "ns", "uid": "u", "labels": {"z": "1", "a": "\"q\""}},
-            "spec": {"containers": [{"name": "c", "image": "i"}]},
-            "status": {"phase": "Running"},
-        });
-        let event = CachedEvent::new(
-            42,
-            "/registry/core/pods/ns/a".to_owned(),
-            EventType::Modified,
-            Bytes::from(serde_json::to_vec(&stored).unwrap()),
-            None,
-        );
-        let spliced = event.encoded().clone();
-        assert_eq!(spliced, serde_json::to_vec(event.object()).unwrap());
-        assert_eq!(event.object()["metadata"]["resourceVersion"], "42");
     }
 
     #[test]
