@@ -52,10 +52,15 @@ pub const USAGE: &str = "sim.wharf.dev/usage";
 const USAGE_PERIOD: Duration = Duration::from_secs(1);
 /// Pod writes (status, deletion) in flight at once. Each needs its own
 /// HTTP/1.1 connection; unbounded, a burst of bindings opened hundreds of
-/// connections, each a TLS handshake on both ends.
-const WRITES_IN_FLIGHT: usize = 32;
-/// Where pod addresses come from on a node without a podCIDR.
-const UNASSIGNED: Ipv4Addr = Ipv4Addr::new(10, 255, 0, 0);
+/// connections, each a TLS handshake on both ends. As many as the
+/// scheduler's binders, so neither side's writes queue behind the other's.
+const WRITES_IN_FLIGHT: usize = 64;
+/// Where pod addresses come from on a node without a podCIDR (no IPAM in
+/// the benchmarks, or not yet): a /24 of 100.64.0.0/10 per node, in the
+/// order nodes first need one, so addresses stay unique across nodes
+/// (beyond 16,384 such nodes the /24s are reused).
+const UNASSIGNED: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 0);
+const UNASSIGNED_BLOCKS: usize = 1 << 14;
 
 /// What every simulated node offers and how often it heartbeats.
 #[derive(Clone, Debug)]
@@ -94,21 +99,26 @@ struct State {
     /// (no IPAM runs in the benchmarks: reading the node for every pod
     /// was a third of the simulator's requests there).
     pod_cidrs: HashMap<String, Ipv4Addr>,
+    /// The /24 of `UNASSIGNED` each node without a podCIDR uses.
+    unassigned: HashMap<String, Ipv4Addr>,
     /// Pods with a usage annotation: what to report, by pod key.
     usage: HashMap<String, Busy>,
     /// Every pod started so far, for benchmarks.
     started: Started,
 }
 
-/// When the simulated nodes first saw pods bound to them: what a
-/// benchmark times scheduling by, without a watch of its own (a second
-/// watch of every pod cost as much CPU as the simulator's).
+/// When the simulated nodes saw pods bound to them and reported them
+/// Running: what a benchmark times scheduling by, without a watch of its
+/// own (a second watch of every pod cost as much CPU as the simulator's).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Started {
-    /// Pods seen bound and started, counting each pod once.
+    /// Pods seen bound (a pod deleted and created again counts again).
     pub count: usize,
     pub first: Option<Instant>,
     pub last: Option<Instant>,
+    /// Pods whose Running status was written, and when the last one was.
+    pub running: usize,
+    pub last_running: Option<Instant>,
 }
 
 /// A running pod's claimed usage.
@@ -536,11 +546,19 @@ async fn run_pod(
     host: u32,
     state: &Mutex<State>,
 ) {
-    let base = lock(state)
-        .pod_cidrs
-        .get(node)
-        .copied()
-        .unwrap_or(UNASSIGNED);
+    let base = {
+        let mut state = lock(state);
+        match state.pod_cidrs.get(node) {
+            Some(base) => *base,
+            None => {
+                let block = u32::try_from(state.unassigned.len() % UNASSIGNED_BLOCKS).unwrap_or(0);
+                *state
+                    .unassigned
+                    .entry(node.to_owned())
+                    .or_insert_with(|| Ipv4Addr::from(u32::from(UNASSIGNED) + (block << 8)))
+            }
+        }
+    };
     let ip = Ipv4Addr::from(u32::from(base) + host);
     let now = Time(chrono::Utc::now());
     let containers: Vec<serde_json::Value> = pod
@@ -564,6 +582,11 @@ async fn run_pod(
     }});
     if patch_status(client, writes, pod, &status).await.is_err() {
         return;
+    }
+    {
+        let started = &mut lock(state).started;
+        started.running += 1;
+        started.last_running = Some(Instant::now());
     }
     let Some(code) = pod
         .annotations()
