@@ -24,14 +24,12 @@ use k8s_openapi::{
 use kube::{
     Api, Resource, ResourceExt,
     api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
-    core::NamespaceResourceScope,
 };
-use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::{
-    Context, Error, claim_selected, controlled_by, controller_reference, deployment::template_hash,
-    merge_status,
+    Context, Error, Namespaced, claim_selected, controlled_by, controller_reference,
+    deployment::template_hash, merge_status,
 };
 
 /// The strategic merge patch that restores `template`.
@@ -180,7 +178,7 @@ impl<O: Resource<DynamicType = ()>> History<'_, O> {
         selector: &LabelSelector,
     ) -> Result<Option<Current>, Error>
     where
-        O: Resource<Scope = NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
+        O: Namespaced,
     {
         let owned = claim_selected(ctx, self.owner, &ctx.revisions, selector).await?;
         let plan = self.plan(&owned);
@@ -232,7 +230,7 @@ impl<O: Resource<DynamicType = ()>> History<'_, O> {
     /// Bumps the owner's `status.collisionCount`, which changes the hash.
     async fn count_collision(&self, ctx: &Context) -> Result<Option<Current>, Error>
     where
-        O: Resource<Scope = NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
+        O: Namespaced,
     {
         let bumped = json!({ "status": { "collisionCount": self.collisions.unwrap_or(0) + 1 } });
         merge_status(ctx, self.owner, bumped, "counting a hash collision of").await?;

@@ -241,6 +241,24 @@ pub fn new_pod<O: Resource<DynamicType = ()>>(
     }
 }
 
+/// A namespaced kind the controllers read through the API and write
+/// back: what their shared helpers need of it.
+pub trait Namespaced:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + DeserializeOwned
+    + std::fmt::Debug
+{
+}
+
+impl<K> Namespaced for K where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+{
+}
+
 /// Upstream's `ClaimObjects`: of `candidates`, the ones `owner`
 /// controls. Orphans the selector matches are adopted (unless the owner
 /// is being deleted); controlled objects it no longer matches are
@@ -253,11 +271,7 @@ pub async fn claim<O, K>(
 ) -> Result<Vec<Arc<K>>, Error>
 where
     O: Resource<DynamicType = ()>,
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + serde::Serialize
-        + std::fmt::Debug,
+    K: Namespaced + serde::Serialize,
 {
     let uid = owner.meta().uid.as_deref();
     let mut owned = Vec::new();
@@ -315,12 +329,7 @@ pub async fn claim_selected<O, K>(
 ) -> Result<Vec<Arc<K>>, Error>
 where
     O: Resource<DynamicType = ()>,
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + serde::Serialize
-        + std::fmt::Debug
-        + 'static,
+    K: Namespaced + serde::Serialize + 'static,
 {
     let namespace = owner.meta().namespace.clone().unwrap_or_default();
     let empty = std::collections::BTreeMap::new();
@@ -378,10 +387,7 @@ pub async fn write_status<K, S>(
     pinned: Option<&str>,
 ) -> Result<(), Error>
 where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug,
+    K: Namespaced,
     S: PartialEq + serde::Serialize,
 {
     if current == Some(next) {
@@ -411,10 +417,7 @@ pub async fn merge_status<K>(
     action: &'static str,
 ) -> Result<(), Error>
 where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug,
+    K: Namespaced,
 {
     let meta = object.meta();
     Api::<K>::namespaced(
