@@ -1,7 +1,8 @@
 //! wharf-agent: the node agent. Today: the service proxy in four modes
-//! (eBPF, iptables, nftables, IPVS), driven by manifests in standalone
-//! mode.
+//! (eBPF, iptables, nftables, IPVS), driven by an API server's Services
+//! and EndpointSlices or, in standalone mode, by manifests.
 
+pub mod cluster;
 pub mod conntrack;
 pub mod ebpf;
 pub mod host;
@@ -14,3 +15,5 @@ pub mod netlink;
 pub mod nftables;
 pub mod proxy;
 pub mod standalone;
+pub mod sync;
+pub mod telemetry;

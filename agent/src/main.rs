@@ -1,11 +1,16 @@
 //! wharf-agent command line.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use tracing::info;
 use wharf_agent::{
+    cluster::{self, Cluster},
     ebpf::{Dataplane, Reconciler, read_counters},
     host::System,
     iptables::{Flavor, IptablesProxy},
@@ -14,7 +19,9 @@ use wharf_agent::{
     netdev,
     nftables::NftablesProxy,
     proxy::ServiceProxy,
-    standalone,
+    standalone::Manifests,
+    sync,
+    telemetry::{self, Telemetry},
 };
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -43,6 +50,11 @@ struct Args {
     /// How services are forwarded.
     #[arg(long, value_enum, default_value = "ebpf")]
     proxy_mode: ProxyMode,
+
+    /// The API server to follow Services, EndpointSlices and this node's
+    /// Node on (wharf-control's or any kube-apiserver's).
+    #[arg(long, required_unless_present_any = ["standalone", "teardown", "counters"], conflicts_with = "standalone")]
+    kubeconfig: Option<PathBuf>,
 
     /// Take services from manifests instead of an API server.
     #[arg(long, requires = "services_from")]
@@ -77,18 +89,27 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     node_ip: Vec<Ipv4Addr>,
 
+    /// Where `/metrics` is served (kube-proxy's default port).
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: SocketAddr,
+
+    /// Where the kube-proxy-style `/healthz` for external load balancers is
+    /// served: 200 while no change waits over 60 s to be programmed.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: SocketAddr,
+
     /// Where bpffs is (mounted there if it is not).
     #[arg(long, default_value = "/sys/fs/bpf")]
     bpffs: PathBuf,
 
     /// Remove this node's programs, maps and rules (every mode's), then
     /// exit.
-    #[arg(long, conflicts_with_all = ["standalone", "counters"])]
+    #[arg(long, conflicts_with_all = ["standalone", "kubeconfig", "counters"])]
     teardown: bool,
 
     /// Print this node's datapath counters (packets and bytes by reason),
     /// then exit.
-    #[arg(long, conflicts_with = "standalone")]
+    #[arg(long, conflicts_with_all = ["standalone", "kubeconfig"])]
     counters: bool,
 }
 
@@ -140,11 +161,15 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let (true, Some(services_from)) = (args.standalone, args.services_from.clone()) else {
-        bail!(
-            "wharf-agent needs --standalone --services-from PATH (the API-server mode is not built yet)"
-        );
-    };
+    let telemetry = Arc::new(Telemetry::new());
+    tokio::spawn(
+        telemetry::serve(
+            Arc::clone(&telemetry),
+            args.metrics_bind_address,
+            args.healthz_bind_address,
+        )
+        .await?,
+    );
     let (mode, reason) = match args.proxy_mode {
         ProxyMode::Ebpf => (Mode::Ebpf, "chosen by flag".to_string()),
         ProxyMode::Nftables => (Mode::Nftables, "chosen by flag".to_string()),
@@ -168,49 +193,52 @@ async fn main() -> anyhow::Result<()> {
     match mode {
         Mode::Ebpf => {
             let mut reconciler = load_ebpf(&args, &node_addresses)?;
-            serve(&mut reconciler, services_from, &args.node_name).await?;
+            serve(&mut reconciler, &args, &telemetry).await?;
             // Programs and maps stay pinned: forwarding continues while
             // the agent is away, and the next start picks up where this
             // one stopped.
             info!("shutting down; dataplane left in place");
         }
         Mode::Iptables(flavor) => {
-            serve(
-                &mut IptablesProxy::new(System, flavor),
-                services_from,
-                &args.node_name,
-            )
-            .await?;
+            serve(&mut IptablesProxy::new(System, flavor), &args, &telemetry).await?;
             info!("shutting down; rules left in place");
         }
         Mode::Nftables => {
-            serve(
-                &mut NftablesProxy::new(System),
-                services_from,
-                &args.node_name,
-            )
-            .await?;
+            serve(&mut NftablesProxy::new(System), &args, &telemetry).await?;
             info!("shutting down; rules left in place");
         }
         Mode::Ipvs => {
             let mut proxy = IpvsProxy::open(node_addresses, args.ipvs_scheduler.clone())
                 .context("opening IPVS")?;
-            serve(&mut proxy, services_from, &args.node_name).await?;
+            serve(&mut proxy, &args, &telemetry).await?;
             info!("shutting down; virtual servers left in place");
         }
     }
     Ok(())
 }
 
+/// Programs `proxy` from the API server or the manifests, as the flags
+/// say, until SIGTERM or SIGINT.
 async fn serve<P: ServiceProxy>(
     proxy: &mut P,
-    services_from: PathBuf,
-    node: &str,
+    args: &Args,
+    telemetry: &Telemetry,
 ) -> anyhow::Result<()> {
-    standalone::run(proxy, services_from, node, shutdown_signal()).await?;
+    match (&args.kubeconfig, &args.services_from) {
+        (Some(kubeconfig), _) => {
+            let client = cluster::client(kubeconfig).await?;
+            let mut source = Cluster::watch(client, &args.node_name);
+            sync::run(proxy, &mut source, telemetry, shutdown_signal()).await;
+        }
+        (None, Some(services_from)) => {
+            let mut source = Manifests::watch(services_from.clone(), &args.node_name)?;
+            sync::run(proxy, &mut source, telemetry, shutdown_signal()).await;
+        }
+        // clap requires one of them.
+        (None, None) => anyhow::bail!("--kubeconfig or --standalone --services-from is needed"),
+    }
     Ok(())
 }
-
 /// The addresses NodePort frontends answer on: `--node-ip` and those of
 /// the external devices.
 fn node_addresses(args: &Args) -> anyhow::Result<Vec<Ipv4Addr>> {

@@ -41,13 +41,14 @@ pub struct ControlPlane {
     etcd: Option<EtcdProcess>,
     runtime: tokio::runtime::Runtime,
     dir: tempfile::TempDir,
+    address: Ipv4Addr,
     port: u16,
     store: StoreKind,
     args: Vec<String>,
 }
 
-fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a free port");
+fn free_port(address: Ipv4Addr) -> u16 {
+    let listener = TcpListener::bind((address, 0)).expect("bind a free port");
     listener.local_addr().expect("local address").port()
 }
 
@@ -68,6 +69,13 @@ impl ControlPlane {
     /// wharf-control as it runs by default (API server, scheduler and
     /// controllers), with extra flags.
     pub fn cluster(store: StoreKind, args: &[&str]) -> Self {
+        Self::listening_on(Ipv4Addr::LOCALHOST, store, args)
+    }
+
+    /// wharf-control on one of this host's addresses other than loopback,
+    /// so processes in network namespaces can reach it (see
+    /// `Lab::uplink`), with extra flags.
+    pub fn listening_on(address: Ipv4Addr, store: StoreKind, args: &[&str]) -> Self {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -90,7 +98,8 @@ impl ControlPlane {
             etcd,
             runtime,
             dir,
-            port: free_port(),
+            address,
+            port: free_port(address),
             store,
             args: args.iter().map(|a| (*a).to_owned()).collect(),
         };
@@ -107,7 +116,7 @@ impl ControlPlane {
     }
 
     pub fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        format!("https://{}:{}", self.address, self.port)
     }
 
     /// Starts the server process and waits until it answers /readyz.
@@ -117,7 +126,7 @@ impl ControlPlane {
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(format!("{}:{}", self.address, self.port))
             .args(&self.args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null());

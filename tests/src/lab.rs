@@ -8,9 +8,11 @@
 
 use std::{
     fs,
+    net::Ipv4Addr,
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -80,6 +82,31 @@ impl Lab {
         );
         self.ip(ns_a, &format!("link set {name_a} up"));
         self.ip(ns_b, &format!("link set {name_b} up"));
+    }
+
+    /// A veth from the host (root namespace) into `ns`, named `uplink` on
+    /// the namespace side, with a /30 of 172.30.0.0/16 unique to this
+    /// test process; returns (host address, namespace address). Processes
+    /// in `ns` reach host services (an API server) by the host address.
+    /// The host end goes when the namespace is deleted.
+    pub fn uplink(&self, ns: &str) -> (Ipv4Addr, Ipv4Addr) {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) % 64;
+        let pid = std::process::id();
+        let base = u32::from(Ipv4Addr::new(172, 30, 0, 0)) + ((pid % 256) * 64 + n) * 4;
+        let (host, inside) = (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2));
+        let name = format!("wu{:x}-{n}", pid & 0xff_ffff);
+        command(
+            "ip",
+            &[
+                "link", "add", &name, "type", "veth", "peer", "name", "uplink", "netns", ns,
+            ],
+        );
+        command("ip", &["addr", "add", &format!("{host}/30"), "dev", &name]);
+        command("ip", &["link", "set", &name, "up"]);
+        self.ip(ns, &format!("addr add {inside}/30 dev uplink"));
+        self.ip(ns, "link set uplink up");
+        (host, inside)
     }
 
     /// Writes a sysctl inside a namespace.

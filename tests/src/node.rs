@@ -8,6 +8,11 @@
 //!  b2 (10.244.0.12) ─ p-b2 ┘         [or ext0 in bridge br0]
 //! ```
 //!
+//! The agent follows the services either in manifest files (standalone
+//! mode) or on a wharf-control API server (`Node::on_api`), which it
+//! reaches over a veth from the host. Either way a test edits the same
+//! manifests: in API mode they are applied with kubectl.
+//!
 //! Services (namespace `demo`):
 //! - `web`: ClusterIP 10.96.0.10 (80/TCP, 53/UDP), NodePorts 30080 and
 //!   30053, backends b1 and b2 (`publish` changes which).
@@ -26,7 +31,10 @@ use std::{collections::BTreeMap, fs, path::PathBuf, time::Duration};
 
 use dataplane_common::counters::Reason;
 
-use crate::lab::{Lab, agent_binary, counter};
+use crate::{
+    control::{ControlPlane, StoreKind},
+    lab::{Lab, agent_binary, counter},
+};
 
 pub const VIP: &str = "10.96.0.10";
 pub const NODE_IP: &str = "192.168.77.1";
@@ -44,9 +52,10 @@ pub struct Node {
     pub ext_ns: String,
     pub node_name: String,
     pub manifests: PathBuf,
+    /// The API server the agent follows, when not in standalone mode.
+    pub api: Option<ControlPlane>,
     agent: Option<usize>,
     agent_starts: usize,
-    syncs: usize,
     pub probe: PathBuf,
     /// How long to wait for one agent sync (benchmarks at 10k services
     /// in iptables mode need minutes).
@@ -69,6 +78,17 @@ impl Node {
     }
 
     pub fn with(test: &str, mode: &'static str, external: External) -> Self {
+        Self::build(test, mode, external, false)
+    }
+
+    /// A node whose agent follows a wharf-control API server (on the
+    /// embedded store, with the controllers but no scheduler) instead of
+    /// manifest files.
+    pub fn on_api(test: &str, mode: &'static str) -> Self {
+        Self::build(test, mode, External::Veth, true)
+    }
+
+    fn build(test: &str, mode: &'static str, external: External, api: bool) -> Self {
         let mut lab = Lab::new(test);
         let node_ns = lab.netns("node");
         let client_ns = lab.netns("c1");
@@ -145,6 +165,20 @@ impl Node {
         let node_name = lab.node("node");
         let manifests = lab.dir.join("manifests");
         fs::create_dir_all(&manifests).unwrap();
+        let api = api.then(|| {
+            let (host, _) = lab.uplink(&node_ns);
+            let api =
+                ControlPlane::listening_on(host, StoreKind::Embedded, &["--without=scheduler"]);
+            api.kubectl_ok(&["create", "namespace", "demo"]);
+            // The API server's own `kubernetes` Service is part of what the
+            // agent forwards: recorded (not applied) beside the test's
+            // manifests, so the expected state includes it.
+            let own = ["service", "endpointslice"].map(|kind| {
+                api.kubectl_ok(&["get", "-n", "default", kind, "kubernetes", "-o", "yaml"])
+            });
+            fs::write(manifests.join("kubernetes.yaml"), own.join("---\n")).unwrap();
+            api
+        });
         let mut node = Self {
             lab,
             mode,
@@ -154,9 +188,9 @@ impl Node {
             ext_ns,
             node_name,
             manifests,
+            api,
             agent: None,
             agent_starts: 0,
-            syncs: 0,
             probe,
             sync_timeout: Duration::from_secs(20),
         };
@@ -166,29 +200,52 @@ impl Node {
     }
 
     /// Replaces (or adds) a manifest file atomically, as deployment tools
-    /// do, and waits for the agent's sync if it runs.
+    /// do (in API mode, applies it too), and waits for the agent to
+    /// program it if it runs.
     pub fn write_manifest(&mut self, name: &str, yaml: &str) {
         let tmp = self.lab.dir.join(format!("{name}.tmp"));
         fs::write(&tmp, yaml).unwrap();
-        fs::rename(&tmp, self.manifests.join(name)).unwrap();
+        let path = self.manifests.join(name);
+        fs::rename(&tmp, &path).unwrap();
+        if let Some(api) = &self.api {
+            api.kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
+        }
         self.await_sync();
     }
 
-    /// Removes a manifest file and waits for the agent's sync.
+    /// Removes a manifest file (in API mode, deletes its objects too) and
+    /// waits for the agent to program that.
     pub fn remove_manifest(&mut self, name: &str) {
-        fs::remove_file(self.manifests.join(name)).unwrap();
+        let path = self.manifests.join(name);
+        if let Some(api) = &self.api {
+            api.kubectl_ok(&["delete", "-f", path.to_str().unwrap()]);
+        }
+        fs::remove_file(path).unwrap();
         self.await_sync();
     }
 
-    fn await_sync(&mut self) {
-        if self.agent.is_some() {
-            self.syncs += 1;
-            self.lab.wait_for_log_within(
-                &self.agent_log(),
-                "synced",
-                self.syncs,
-                self.sync_timeout,
+    /// Waits until the agent's last sync programmed what the manifests
+    /// say: its log names each programmed state by fingerprint.
+    pub fn await_sync(&mut self) {
+        if self.agent.is_none() {
+            return;
+        }
+        let expected = wharf_agent::manifest::load_path(&self.manifests, &self.node_name)
+            .expect("the test's manifests are valid")
+            .fingerprint();
+        let needle = format!("state={expected:016x}");
+        let deadline = std::time::Instant::now() + self.sync_timeout;
+        loop {
+            let log = self.lab.log(&self.agent_log());
+            let last = log.lines().rfind(|l| l.contains(" synced "));
+            if last.is_some_and(|l| l.contains(&needle)) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent never programmed {needle}:\n{log}"
             );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -271,17 +328,28 @@ impl Node {
         format!("agent-{}.log", self.agent_starts)
     }
 
+    /// Starts the agent and waits for it to program the manifests.
     pub fn start_agent(&mut self) {
+        self.spawn_agent();
+        self.await_sync();
+    }
+
+    /// Starts the agent without waiting for anything.
+    pub fn spawn_agent(&mut self) {
         self.agent_starts += 1;
-        self.syncs = 1;
         let cgroup = self.lab.cgroup();
-        let manifests = self.manifests.to_str().unwrap().to_string();
+        let source = match &self.api {
+            Some(api) => ["--kubeconfig".to_string(), path_string(&api.kubeconfig())],
+            None => [
+                "--standalone".to_string(),
+                format!("--services-from={}", path_string(&self.manifests)),
+            ],
+        };
         let args = [
             "--proxy-mode",
             self.mode,
-            "--standalone",
-            "--services-from",
-            &manifests,
+            &source[0],
+            &source[1],
             "--node-name",
             &self.node_name,
             "--devices",
@@ -293,8 +361,6 @@ impl Node {
         ];
         let (ns, log) = (self.node_ns.clone(), self.agent_log());
         self.agent = Some(self.lab.spawn(&ns, false, &agent_binary(), &args, &log));
-        self.lab
-            .wait_for_log_within(&log, "synced", 1, self.sync_timeout);
     }
 
     pub fn stop_agent(&mut self) {
@@ -317,6 +383,10 @@ impl Node {
     pub fn counter(&self, reason: Reason) -> u64 {
         counter(&self.node_name, reason)
     }
+}
+
+fn path_string(path: &std::path::Path) -> String {
+    path.to_str().expect("UTF-8 path").to_string()
 }
 
 /// Responses by backend, checking every peer address is `peer`.

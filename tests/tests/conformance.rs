@@ -1,7 +1,9 @@
 //! One behaviour, every proxy mode: the same Services on the same
 //! network-namespace node (`wharf_tests::node`), checked only through what
-//! clients and backends observe. Each case runs once per mode that has it;
-//! the table at the bottom says which.
+//! clients and backends observe. Each case runs once per mode that has it,
+//! with the services in manifest files (`files::`), and again for the
+//! eBPF and iptables modes with the agent following an API server
+//! (`api::`); the tables at the bottom say which.
 
 use std::{fs, process::Command, thread, time::Duration};
 
@@ -21,16 +23,32 @@ fn backends(lines: &[String]) -> Vec<String> {
     seen
 }
 
-fn started(case: &str, mode: &'static str) -> Node {
-    let mut node = Node::new(&format!("{}-{case}", &mode[..3]), mode);
+/// A proxy mode, and where the agent reads services from.
+#[derive(Clone, Copy, Debug)]
+struct Setup {
+    mode: &'static str,
+    api: bool,
+}
+
+fn started(case: &str, setup: Setup) -> Node {
+    let name = format!(
+        "{}{}-{case}",
+        if setup.api { "a" } else { "" },
+        &setup.mode[..3]
+    );
+    let mut node = if setup.api {
+        Node::on_api(&name, setup.mode)
+    } else {
+        Node::new(&name, setup.mode)
+    };
     node.start_agent();
     node
 }
 
 /// ClusterIP and NodePort, TCP and UDP, from a pod and from outside: every
 /// request answered, spread over both backends.
-fn spread(mode: &'static str) {
-    let mut node = started("spread", mode);
+fn spread(setup: Setup) {
+    let mut node = started("spread", setup);
     both(&tally(
         &node.client(true, &["get", "10.96.0.10:80", "--count", "40"]),
         "10.96.0.10:80",
@@ -55,8 +73,8 @@ fn spread(mode: &'static str) {
 
 /// sessionAffinity ClientIP: every new connection from one client goes to
 /// the backend its first one went to.
-fn affinity(mode: &'static str) {
-    let mut node = started("affinity", mode);
+fn affinity(setup: Setup) {
+    let mut node = started("affinity", setup);
     let seen = backends(&node.client(true, &["get", "10.96.0.20:80", "--count", "30"]));
     assert_eq!(seen.len(), 1, "one client, one backend: {seen:?}");
     // The web service has no affinity: the same client spreads.
@@ -68,8 +86,8 @@ fn affinity(mode: &'static str) {
 
 /// externalTrafficPolicy Local: NodePort traffic goes only to this node's
 /// endpoint, and the backend sees the client's own address.
-fn local_policy(mode: &'static str) {
-    let mut node = started("local", mode);
+fn local_policy(setup: Setup) {
+    let mut node = started("local", setup);
     let lines = node.external(&["get", "192.168.77.1:30090", "--count", "20", "--client"]);
     for line in &lines {
         let words: Vec<&str> = line.split(' ').collect();
@@ -88,8 +106,8 @@ fn local_policy(mode: &'static str) {
 
 /// A service without endpoints is refused at once (ICMP port unreachable
 /// or RST), never left to time out.
-fn no_endpoints(mode: &'static str) {
-    let mut node = started("empty", mode);
+fn no_endpoints(setup: Setup) {
+    let mut node = started("empty", setup);
     let (client, external, probe) = (
         node.client_ns.clone(),
         node.ext_ns.clone(),
@@ -115,8 +133,8 @@ fn no_endpoints(mode: &'static str) {
 /// Endpoints come and go while clients connect: new connections follow the
 /// latest endpoints at once, open connections to a terminating backend
 /// carry on, and an invalid manifest changes nothing.
-fn churn(mode: &'static str) {
-    let mut node = started("churn", mode);
+fn churn(setup: Setup) {
+    let mut node = started("churn", setup);
     node.publish(&["b1"]);
     let only = backends(&node.client(true, &["get", "10.96.0.10:80", "--count", "20"]));
     assert_eq!(only, ["b1"]);
@@ -148,6 +166,10 @@ fn churn(mode: &'static str) {
     let after = backends(&node.client(true, &["get", "10.96.0.10:80", "--count", "20"]));
     assert_eq!(after, ["b2"], "nothing reaches a removed backend");
 
+    if setup.api {
+        // The API server refuses invalid objects itself.
+        return;
+    }
     // An invalid manifest is reported and the last good state stays.
     fs::write(
         node.manifests.join("broken.yaml"),
@@ -167,8 +189,8 @@ fn churn(mode: &'static str) {
 
 /// One UDP 5-tuple across backend removal, scale to zero and back: it is
 /// never stuck on a backend that is gone.
-fn udp_scale(mode: &'static str) {
-    let mut node = started("udp", mode);
+fn udp_scale(setup: Setup) {
+    let mut node = started("udp", setup);
     let udp = ["udp", "10.96.0.10:53", "--bind", "40053"];
     let first = backends(&node.client(true, &udp))[0].clone();
     let other = if first == "b1" { "b2" } else { "b1" };
@@ -186,8 +208,8 @@ fn udp_scale(mode: &'static str) {
 }
 
 /// A deleted service stops answering; the others carry on.
-fn deletion(mode: &'static str) {
-    let mut node = started("delete", mode);
+fn deletion(setup: Setup) {
+    let mut node = started("delete", setup);
     assert_eq!(
         node.client(true, &["get", "10.96.0.20:80"]).len(),
         1,
@@ -210,30 +232,43 @@ fn deletion(mode: &'static str) {
 }
 
 macro_rules! conformance {
-    ($($(#[$attribute:meta])* $mode:ident: [$($case:ident),* $(,)?];)*) => {
+    ($api:literal; $($(#[$attribute:meta])* $mode:ident: [$($case:ident),* $(,)?];)*) => {
         $(mod $mode {
-            conformance!(@cases $mode [$(#[$attribute])*] $($case)*);
+            conformance!(@cases $api $mode [$(#[$attribute])*] $($case)*);
         })*
     };
-    (@cases $mode:ident $attributes:tt $($case:ident)*) => {
-        $(conformance!(@case $mode $attributes $case);)*
+    (@cases $api:literal $mode:ident $attributes:tt $($case:ident)*) => {
+        $(conformance!(@case $api $mode $attributes $case);)*
     };
-    (@case $mode:ident [$(#[$attribute:meta])*] $case:ident) => {
+    (@case $api:literal $mode:ident [$(#[$attribute:meta])*] $case:ident) => {
         #[test]
         $(#[$attribute])*
         fn $case() {
-            super::$case(stringify!($mode));
+            super::super::$case(super::super::Setup { mode: stringify!($mode), api: $api });
         }
     };
 }
 
-conformance! {
-    ebpf: [spread, affinity, local_policy, no_endpoints, churn, udp_scale, deletion];
-    iptables: [spread, affinity, local_policy, no_endpoints, churn, udp_scale, deletion];
-    nftables: [spread, affinity, local_policy, no_endpoints, churn, udp_scale, deletion];
-    // This host's kernel has no IPVS: `ipvs_in_a_vm` runs these there.
-    #[ignore = "needs a kernel with IPVS; ipvs_in_a_vm runs them in a VM"]
-    ipvs: [spread, affinity, local_policy, no_endpoints, churn, udp_scale, deletion];
+mod files {
+    conformance! {
+        false;
+        ebpf: [spread, affinity, local_policy, no_endpoints, churn, udp_scale, deletion];
+        iptables: [spread, affinity, local_policy, no_endpoints, churn, udp_scale, deletion];
+        nftables: [spread, affinity, local_policy, no_endpoints, churn, udp_scale, deletion];
+        // This host's kernel has no IPVS: `ipvs_in_a_vm` runs these there.
+        #[ignore = "needs a kernel with IPVS; ipvs_in_a_vm runs them in a VM"]
+        ipvs: [spread, affinity, local_policy, no_endpoints, churn, udp_scale, deletion];
+    }
+}
+
+/// The kube-proxy replacement: the same cases, the agent following an API
+/// server.
+mod api {
+    conformance! {
+        true;
+        ebpf: [spread, affinity, local_policy, no_endpoints, churn, udp_scale, deletion];
+        iptables: [spread, local_policy, churn, deletion];
+    }
 }
 
 /// Runs a rule-listing tool inside the node's network namespace.

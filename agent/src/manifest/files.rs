@@ -10,7 +10,7 @@ use std::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize as _;
 
-use super::translate::{TranslateError, desired_state};
+use super::translate::{Locality, TranslateError, desired_state};
 use crate::proxy::DesiredState;
 
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +92,7 @@ pub fn load_path(path: &Path, node: &str) -> Result<DesiredState, ManifestError>
             }
         }
     }
-    desired_state(&services, &slices, node).map_err(|error| {
+    desired_state(&services, &slices, &Locality::node(node)).map_err(|error| {
         let TranslateError::Invalid {
             object,
             field,

@@ -6,4 +6,6 @@ mod files;
 mod translate;
 
 pub use files::{ManifestError, load_path};
-pub use translate::{TranslateError, desired_state};
+pub use translate::{
+    Locality, SERVICE_NAME_LABEL, TranslateError, Translation, ZONE_LABEL, desired_state, translate,
+};

@@ -111,7 +111,7 @@ pub enum TrafficPolicy {
     Local,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Frontend {
     pub kind: FrontendKind,
     pub service: ServicePortName,
@@ -143,7 +143,7 @@ impl Frontend {
 }
 
 /// Everything the node should forward.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DesiredState {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
 }
@@ -155,6 +155,15 @@ pub struct DesiredState {
 pub type Forwarding = BTreeMap<FrontendKey, BTreeSet<SocketAddrV4>>;
 
 impl DesiredState {
+    /// A short digest of the whole state, logged with every sync so an
+    /// operator (or a test) can tell which state is programmed without
+    /// dumping it. Stable within one build of wharf: it hashes with
+    /// std's fixed-key SipHash.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
+        BuildHasherDefault::<DefaultHasher>::default().hash_one(self)
+    }
+
     /// The forwarding this state asks for, to compare with a dump.
     pub fn forwarding(&self) -> Forwarding {
         self.frontends

@@ -96,8 +96,9 @@ pub struct App<S> {
     metrics: metrics::Metrics,
     openapi: openapi::OpenApi,
     ranges: ServiceRanges,
-    /// The `kubernetes` Service's target port.
-    listen_port: u16,
+    /// Where the server listens: the `kubernetes` Service's target port,
+    /// and its endpoint when the address is one pods can reach.
+    listen: SocketAddr,
     tolerations: TolerationDefaults,
     kubelet: logs::KubeletClient,
 }
@@ -371,7 +372,7 @@ pub async fn serve<S: Store>(
         authz: authz::Authorizer::default(),
         metrics: metrics::Metrics::new(),
         ranges: config.ranges.clone(),
-        listen_port: config.listen.port(),
+        listen: config.listen,
         tolerations: config.tolerations,
         kubelet: logs::KubeletClient::new(&ca.cert_pem, &kubelet_client)?,
     });

@@ -1102,7 +1102,7 @@ impl<S: Store> App<S> {
             "metadata": { "name": "kubernetes", "namespace": "default", "labels": { "component": "apiserver", "provider": "kubernetes" } },
             "spec": {
                 "clusterIP": self.ranges.first_ip().to_string(),
-                "ports": [{ "name": "https", "port": 443, "protocol": "TCP", "targetPort": self.listen_port }],
+                "ports": [{ "name": "https", "port": 443, "protocol": "TCP", "targetPort": self.listen.port() }],
             },
         });
         match self
@@ -1116,6 +1116,70 @@ impl<S: Store> App<S> {
         {
             Ok(_) | Err(ApiError::AlreadyExists(_)) => {}
             Err(error) => tracing::warn!(%error, "bootstrap: kubernetes service"),
+        }
+        self.publish_own_endpoints().await;
+    }
+
+    /// Points the `kubernetes` Service at this server, as kube-apiserver's
+    /// endpoint reconciler does, so pods reach the API through its
+    /// ClusterIP. Only for an address pods can reach: not a wildcard and
+    /// not loopback (a pod's loopback is its own).
+    async fn publish_own_endpoints(&self) {
+        let std::net::IpAddr::V4(address) = self.listen.ip() else {
+            return;
+        };
+        if address.is_unspecified() || address.is_loopback() {
+            return;
+        }
+        let (ip, port) = (address.to_string(), self.listen.port());
+        let objects = [
+            (
+                ("discovery.k8s.io", "v1", "endpointslices"),
+                json!({
+                    "apiVersion": "discovery.k8s.io/v1",
+                    "kind": "EndpointSlice",
+                    "metadata": { "name": "kubernetes", "namespace": "default", "labels": { "kubernetes.io/service-name": "kubernetes" } },
+                    "addressType": "IPv4",
+                    "endpoints": [{ "addresses": [ip], "conditions": { "ready": true } }],
+                    "ports": [{ "name": "https", "port": port, "protocol": "TCP" }],
+                }),
+            ),
+            (
+                ("", "v1", "endpoints"),
+                json!({
+                    "apiVersion": "v1",
+                    "kind": "Endpoints",
+                    "metadata": { "name": "kubernetes", "namespace": "default" },
+                    "subsets": [{ "addresses": [{ "ip": ip }], "ports": [{ "name": "https", "port": port, "protocol": "TCP" }] }],
+                }),
+            ),
+        ];
+        for ((group, version, plural), object) in objects {
+            let Some(rt) = self.registry.find(group, version, plural) else {
+                continue;
+            };
+            let options = WriteOptions::default();
+            let written = match self
+                .create_object(rt, Some("default"), object.clone(), &options)
+                .await
+            {
+                // From an earlier start, perhaps on another address.
+                Err(ApiError::AlreadyExists(_)) => self
+                    .update_object(
+                        rt,
+                        Some("default"),
+                        "kubernetes",
+                        UpdateMode::Main,
+                        &options,
+                        |_| Ok(object.clone()),
+                    )
+                    .await
+                    .map(drop),
+                other => other.map(drop),
+            };
+            if let Err(error) = written {
+                tracing::warn!(%error, plural, "bootstrap: the kubernetes service's endpoints");
+            }
         }
     }
 }

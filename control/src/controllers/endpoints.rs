@@ -15,11 +15,15 @@
 //! - labels `kubernetes.io/service-name` and
 //!   `endpointslice.kubernetes.io/managed-by`, the Service as controller
 //!   owner, and one empty placeholder slice for a Service without
-//!   endpoints.
+//!   endpoints;
+//! - `endpoints.kubernetes.io/last-change-trigger-time` on every slice
+//!   written: the earliest pod readiness change or Service creation not
+//!   yet reflected, from which proxies measure network-programming
+//!   latency.
 
 use std::{
-    collections::{BTreeMap, HashSet},
-    sync::Arc,
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, Mutex},
 };
 
 use k8s_openapi::{
@@ -31,6 +35,7 @@ use k8s_openapi::{
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::util::intstr::IntOrString,
+    chrono::{DateTime, SecondsFormat, Utc},
 };
 use kube::{
     Api, ResourceExt,
@@ -44,6 +49,7 @@ use crate::{labels, pods};
 pub const SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
 pub const CONTROLLER: &str = "endpointslice-controller.k8s.io";
+pub const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 const MAX_PER_SLICE: usize = 100;
 const ZONE: &str = "topology.kubernetes.io/zone";
 
@@ -54,6 +60,85 @@ fn selector(service: &Service) -> Option<&BTreeMap<String, String>> {
         .selector
         .as_ref()
         .filter(|s| !s.is_empty())
+}
+
+fn selects(selector: &BTreeMap<String, String>, pod: &Pod) -> bool {
+    pod.metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| selector.iter().all(|(k, v)| l.get(k) == Some(v)))
+}
+
+/// When the changes behind each Service's endpoints were made, as
+/// upstream's trigger-time tracker reckons them: a pod's change is its
+/// Ready condition's last transition, a Service's is its creation, and a
+/// sync reports the earliest of those that moved since its last sync.
+/// (Like upstream, a pod that changes twice between syncs counts once.)
+#[derive(Debug, Default)]
+pub struct TriggerTimes(Mutex<HashMap<(String, String), Seen>>);
+
+#[derive(Debug, Default)]
+struct Seen {
+    service: Option<DateTime<Utc>>,
+    pods: HashMap<String, DateTime<Utc>>,
+}
+
+impl TriggerTimes {
+    /// The earliest change to `service` or the pods it selects since the
+    /// last call for it; None when nothing moved.
+    pub fn earliest_change(
+        &self,
+        service: &Service,
+        candidates: &[Arc<Pod>],
+    ) -> Option<DateTime<Utc>> {
+        let key = (service.namespace().unwrap_or_default(), service.name_any());
+        let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = all.entry(key).or_default();
+        let mut earliest: Option<DateTime<Utc>> = None;
+        let mut pods = HashMap::new();
+        for pod in candidates {
+            let Some(selector) = selector(service) else {
+                break;
+            };
+            let ready_since = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+                .and_then(|c| c.last_transition_time.as_ref());
+            let (true, Some(name), Some(time)) = (
+                selects(selector, pod),
+                pod.metadata.name.clone(),
+                ready_since,
+            ) else {
+                continue;
+            };
+            if seen.pods.get(&name).is_none_or(|before| time.0 > *before) {
+                earliest = Some(earliest.map_or(time.0, |e| e.min(time.0)));
+            }
+            pods.insert(name, time.0);
+        }
+        let created = service.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        if let Some(created) = created
+            && seen.service.is_none_or(|before| created > before)
+        {
+            earliest = Some(earliest.map_or(created, |e| e.min(created)));
+        }
+        *seen = Seen {
+            service: created,
+            pods,
+        };
+        earliest
+    }
+
+    /// Forgets a Service that is going away.
+    pub fn forget(&self, service: &Service) {
+        let key = (service.namespace().unwrap_or_default(), service.name_any());
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+    }
 }
 
 /// The pod's numbers for the Service's ports; a named target port the
@@ -112,11 +197,7 @@ pub(super) fn desired(
         .and_then(|s| s.publish_not_ready_addresses)
         == Some(true);
     for pod in candidates {
-        let matches = pod
-            .metadata
-            .labels
-            .as_ref()
-            .is_some_and(|l| selector.iter().all(|(k, v)| l.get(k) == Some(v)));
+        let matches = selects(selector, pod);
         let ip = pod
             .status
             .as_ref()
@@ -193,19 +274,39 @@ pub(super) fn plan_slices(
     service: &Service,
     existing: &[Arc<EndpointSlice>],
     desired: Desired,
+    trigger: Option<DateTime<Utc>>,
 ) -> SlicePlan {
     let mut plan = SlicePlan::default();
     let labels = slice_labels(service);
-    let fresh = |ports: Vec<EndpointPort>, endpoints: Vec<Endpoint>| EndpointSlice {
-        metadata: ObjectMeta {
-            generate_name: Some(format!("{}-", service.name_any())),
-            labels: Some(labels.clone()),
-            owner_references: Some(vec![controller_reference(service)]),
-            ..Default::default()
-        },
-        address_type: "IPv4".to_owned(),
-        endpoints,
-        ports: Some(ports),
+    // Every slice written says which change it reflects (or that none
+    // did), so a proxy never times an old change twice.
+    let stamp = |slice: &mut EndpointSlice| {
+        let annotations = slice.metadata.annotations.get_or_insert_with(BTreeMap::new);
+        match trigger {
+            Some(time) => annotations.insert(
+                TRIGGER_TIME.to_owned(),
+                time.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+            ),
+            None => annotations.remove(TRIGGER_TIME),
+        };
+        if annotations.is_empty() {
+            slice.metadata.annotations = None;
+        }
+    };
+    let fresh = |ports: Vec<EndpointPort>, endpoints: Vec<Endpoint>| {
+        let mut slice = EndpointSlice {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("{}-", service.name_any())),
+                labels: Some(labels.clone()),
+                owner_references: Some(vec![controller_reference(service)]),
+                ..Default::default()
+            },
+            address_type: "IPv4".to_owned(),
+            endpoints,
+            ports: Some(ports),
+        };
+        stamp(&mut slice);
+        slice
     };
     // Rewrites a slice; records an update only if it changed.
     let keep = |plan: &mut SlicePlan,
@@ -215,6 +316,7 @@ pub(super) fn plan_slices(
         slice.metadata.labels = Some(labels.clone());
         slice.ports = Some(ports.to_vec());
         if *before != slice {
+            stamp(&mut slice);
             plan.update.push(slice);
         }
     };
@@ -377,21 +479,20 @@ pub(super) fn pod_to_services(
 
 pub(super) async fn reconcile(service: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error> {
     if pods::is_deleting(&service.metadata) || selector(&service).is_none() {
+        ctx.trigger_times.forget(&service);
         return Ok(Action::await_change());
     }
     let namespace = service.namespace().unwrap_or_default();
     let nodes = ctx.nodes.clone();
-    let desired = desired(
-        &service,
-        &Context::in_namespace(&ctx.pods, &namespace),
-        |node| {
-            nodes
-                .get(&ObjectRef::new(node))?
-                .labels()
-                .get(ZONE)
-                .cloned()
-        },
-    );
+    let candidates = Context::in_namespace(&ctx.pods, &namespace);
+    let trigger = ctx.trigger_times.earliest_change(&service, &candidates);
+    let desired = desired(&service, &candidates, |node| {
+        nodes
+            .get(&ObjectRef::new(node))?
+            .labels()
+            .get(ZONE)
+            .cloned()
+    });
     let existing: Vec<Arc<EndpointSlice>> = Context::in_namespace(&ctx.slices, &namespace)
         .into_iter()
         .filter(|s| {
@@ -400,7 +501,7 @@ pub(super) async fn reconcile(service: Arc<Service>, ctx: Arc<Context>) -> Resul
         })
         .collect();
     write_endpoints(&ctx, &service, &desired).await?;
-    let plan = plan_slices(&service, &existing, desired);
+    let plan = plan_slices(&service, &existing, desired, trigger);
     let api: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &namespace);
     for slice in &plan.update {
         api.replace(&slice.name_any(), &PostParams::default(), slice)

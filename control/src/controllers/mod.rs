@@ -149,6 +149,8 @@ pub struct Context {
     pub budgets: Store<PodDisruptionBudget>,
     pub autoscalers: Store<HorizontalPodAutoscaler>,
     pub expectations: Expectations,
+    /// Per Service: the pod and Service changes its slices reflect.
+    pub trigger_times: endpoints::TriggerTimes,
     /// Per node: the last heartbeat seen, and when this process saw it
     /// change (node lifecycle judges silence by its own clock).
     pub heartbeats: std::sync::Mutex<HashMap<String, Heartbeat>>,
@@ -535,6 +537,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         budgets: budgets.store(),
         autoscalers: autoscalers.store(),
         expectations: Expectations::default(),
+        trigger_times: Default::default(),
         pod_cidrs: Default::default(),
         heartbeats: Default::default(),
         autoscaler_history: Default::default(),

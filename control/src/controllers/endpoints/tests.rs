@@ -37,7 +37,7 @@ fn conditions(desired: &Desired, ip: &str) -> (bool, bool, bool) {
 #[test]
 fn endpoints_carry_readiness_and_termination() {
     let mut terminating = Pod::clone(&pod("c", "10.0.0.3", true, 8080));
-    terminating.metadata.deletion_timestamp = Some(Time(chrono::Utc::now()));
+    terminating.metadata.deletion_timestamp = Some(Time(Utc::now()));
     let mut finished = Pod::clone(&pod("d", "10.0.0.4", false, 8080));
     finished.status.as_mut().unwrap().phase = Some("Succeeded".to_owned());
     let mut other = Pod::clone(&pod("e", "10.0.0.5", true, 8080));
@@ -111,7 +111,7 @@ fn slices_hold_at_most_100_and_endpoints_stay_put() {
             )
         })
         .collect();
-    let plan = plan_slices(&svc, &[], desired(&svc, &many, |_| None));
+    let plan = plan_slices(&svc, &[], desired(&svc, &many, |_| None), None);
     let sizes: Vec<usize> = plan.create.iter().map(|s| s.endpoints.len()).collect();
     assert_eq!(sizes, [100, 100, 50]);
     let slice = &plan.create[0];
@@ -121,22 +121,63 @@ fn slices_hold_at_most_100_and_endpoints_stay_put() {
     assert_eq!(slice.owner_references()[0].uid, "svc-uid");
 
     let existing = existing_from(&plan);
-    let unchanged = plan_slices(&svc, &existing, desired(&svc, &many, |_| None));
+    let unchanged = plan_slices(&svc, &existing, desired(&svc, &many, |_| None), None);
     assert!(
         unchanged.create.is_empty() && unchanged.update.is_empty() && unchanged.delete.is_empty()
     );
 
     // Dropping one pod rewrites only the slice that held it.
     let fewer: Vec<Arc<Pod>> = many.iter().skip(1).cloned().collect();
-    let plan = plan_slices(&svc, &existing, desired(&svc, &fewer, |_| None));
+    let plan = plan_slices(&svc, &existing, desired(&svc, &fewer, |_| None), None);
     assert!(plan.create.is_empty() && plan.delete.is_empty());
     assert_eq!(plan.update.len(), 1);
 
     // No endpoints: one empty placeholder remains.
-    let plan = plan_slices(&svc, &existing, desired(&svc, &[], |_| None));
+    let plan = plan_slices(&svc, &existing, desired(&svc, &[], |_| None), None);
     assert_eq!(plan.update.len(), 1);
     assert!(plan.update[0].endpoints.is_empty());
     assert_eq!(plan.delete.len(), 2);
-    let plan = plan_slices(&svc, &[], desired(&svc, &[], |_| None));
+    let plan = plan_slices(&svc, &[], desired(&svc, &[], |_| None), None);
     assert_eq!(plan.create.len(), 1);
+}
+
+#[test]
+fn slices_carry_the_earliest_change_not_yet_reflected() {
+    let at = |second: u32| {
+        DateTime::parse_from_rfc3339(&format!("2026-11-22T10:00:{second:02}Z"))
+            .unwrap()
+            .with_timezone(&Utc)
+    };
+    let ready_at = |name: &str, ip: &str, second: u32| {
+        let mut pod = Pod::clone(&pod(name, ip, true, 8080));
+        pod.status.as_mut().unwrap().conditions.as_mut().unwrap()[0].last_transition_time =
+            Some(Time(at(second)));
+        Arc::new(pod)
+    };
+    let mut svc = service(json!(8080));
+    svc.metadata.creation_timestamp = Some(Time(at(1)));
+    let times = TriggerTimes::default();
+    let pods = vec![ready_at("a", "10.0.0.1", 5), ready_at("b", "10.0.0.2", 7)];
+    assert_eq!(
+        times.earliest_change(&svc, &pods),
+        Some(at(1)),
+        "the Service's creation comes first"
+    );
+    assert_eq!(times.earliest_change(&svc, &pods), None, "nothing moved");
+    let pods = vec![ready_at("a", "10.0.0.1", 9), ready_at("b", "10.0.0.2", 8)];
+    assert_eq!(times.earliest_change(&svc, &pods), Some(at(8)));
+
+    let plan = plan_slices(&svc, &[], desired(&svc, &pods, |_| None), Some(at(8)));
+    assert_eq!(
+        plan.create[0].annotations()[TRIGGER_TIME],
+        "2026-11-22T10:00:08Z"
+    );
+    // An unchanged slice is not rewritten for a new trigger time; a
+    // changed one written without a trigger loses the old one.
+    let existing = existing_from(&plan);
+    let same = plan_slices(&svc, &existing, desired(&svc, &pods, |_| None), Some(at(9)));
+    assert!(same.update.is_empty());
+    let plan = plan_slices(&svc, &existing, desired(&svc, &pods[..1], |_| None), None);
+    assert_eq!(plan.update.len(), 1);
+    assert!(!plan.update[0].annotations().contains_key(TRIGGER_TIME));
 }
