@@ -1,6 +1,7 @@
 //! wharf-agent: the node agent. Today: the service proxy in four modes
 //! (eBPF, iptables, nftables, IPVS), driven by an API server's Services
-//! and EndpointSlices or, in standalone mode, by manifests.
+//! and EndpointSlices or, in standalone mode, by manifests; and the
+//! node's registration (Node object, Lease, conditions).
 
 pub mod cluster;
 pub mod conntrack;
@@ -14,6 +15,7 @@ pub mod netdev;
 pub mod netlink;
 pub mod nftables;
 pub mod proxy;
+pub mod registration;
 pub mod standalone;
 pub mod sync;
 pub mod telemetry;

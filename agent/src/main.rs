@@ -4,6 +4,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -19,6 +20,7 @@ use wharf_agent::{
     netdev,
     nftables::NftablesProxy,
     proxy::ServiceProxy,
+    registration::{self, NodeConfig},
     standalone::Manifests,
     sync,
     telemetry::{self, Telemetry},
@@ -55,6 +57,20 @@ struct Args {
     /// Node on (wharf-control's or any kube-apiserver's).
     #[arg(long, required_unless_present_any = ["standalone", "teardown", "counters"], conflicts_with = "standalone")]
     kubeconfig: Option<PathBuf>,
+
+    /// Run only the service proxy: the kube-proxy replacement on a node
+    /// whose kubelet is another's. Without it, an agent following an API
+    /// server also registers its Node and renews its Lease.
+    #[arg(long, requires = "kubeconfig")]
+    proxy_only: bool,
+
+    /// The pod capacity the Node announces (kubelet's default).
+    #[arg(long, default_value_t = 110)]
+    max_pods: u32,
+
+    /// The node Lease's duration; it is renewed every quarter of it.
+    #[arg(long, default_value_t = 40)]
+    node_lease_duration_seconds: u64,
 
     /// Take services from manifests instead of an API server.
     #[arg(long, requires = "services_from")]
@@ -162,6 +178,19 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let telemetry = Arc::new(Telemetry::new());
+    let client = match &args.kubeconfig {
+        Some(path) => Some(cluster::client(path).await?),
+        None => None,
+    };
+    if let Some(client) = client.clone().filter(|_| !args.proxy_only) {
+        let config = NodeConfig {
+            name: args.node_name.clone(),
+            address: node_addresses.first().copied(),
+            max_pods: args.max_pods,
+            lease_duration: Duration::from_secs(args.node_lease_duration_seconds),
+        };
+        tokio::spawn(registration::run(client, config, Arc::clone(&telemetry)));
+    }
     tokio::spawn(
         telemetry::serve(
             Arc::clone(&telemetry),
@@ -193,24 +222,30 @@ async fn main() -> anyhow::Result<()> {
     match mode {
         Mode::Ebpf => {
             let mut reconciler = load_ebpf(&args, &node_addresses)?;
-            serve(&mut reconciler, &args, &telemetry).await?;
+            serve(&mut reconciler, &args, client, &telemetry).await?;
             // Programs and maps stay pinned: forwarding continues while
             // the agent is away, and the next start picks up where this
             // one stopped.
             info!("shutting down; dataplane left in place");
         }
         Mode::Iptables(flavor) => {
-            serve(&mut IptablesProxy::new(System, flavor), &args, &telemetry).await?;
+            serve(
+                &mut IptablesProxy::new(System, flavor),
+                &args,
+                client,
+                &telemetry,
+            )
+            .await?;
             info!("shutting down; rules left in place");
         }
         Mode::Nftables => {
-            serve(&mut NftablesProxy::new(System), &args, &telemetry).await?;
+            serve(&mut NftablesProxy::new(System), &args, client, &telemetry).await?;
             info!("shutting down; rules left in place");
         }
         Mode::Ipvs => {
             let mut proxy = IpvsProxy::open(node_addresses, args.ipvs_scheduler.clone())
                 .context("opening IPVS")?;
-            serve(&mut proxy, &args, &telemetry).await?;
+            serve(&mut proxy, &args, client, &telemetry).await?;
             info!("shutting down; virtual servers left in place");
         }
     }
@@ -222,11 +257,11 @@ async fn main() -> anyhow::Result<()> {
 async fn serve<P: ServiceProxy>(
     proxy: &mut P,
     args: &Args,
+    client: Option<kube::Client>,
     telemetry: &Telemetry,
 ) -> anyhow::Result<()> {
-    match (&args.kubeconfig, &args.services_from) {
-        (Some(kubeconfig), _) => {
-            let client = cluster::client(kubeconfig).await?;
+    match (client, &args.services_from) {
+        (Some(client), _) => {
             let mut source = Cluster::watch(client, &args.node_name);
             sync::run(proxy, &mut source, telemetry, shutdown_signal()).await;
         }

@@ -68,6 +68,14 @@ struct Health {
     pending_since: Option<Instant>,
 }
 
+impl Health {
+    /// No change has waited past the health timeout.
+    fn keeping_up(&self) -> bool {
+        self.pending_since
+            .is_none_or(|since| since.elapsed() < HEALTH_TIMEOUT)
+    }
+}
+
 impl Telemetry {
     pub fn new() -> Self {
         let mut registry = Registry::default();
@@ -152,9 +160,7 @@ impl Telemetry {
     /// kube-proxy answers `/healthz` with.
     pub fn healthz(&self) -> (bool, String) {
         let health = self.health();
-        let healthy = health
-            .pending_since
-            .is_none_or(|since| since.elapsed() < HEALTH_TIMEOUT);
+        let healthy = health.keeping_up();
         let time =
             |t: SystemTime| DateTime::<Utc>::from(t).to_rfc3339_opts(SecondsFormat::Millis, true);
         let body = serde_json::json!({
@@ -162,6 +168,13 @@ impl Telemetry {
             "currentTime": time(SystemTime::now()),
         });
         (healthy, body.to_string())
+    }
+
+    /// Whether the dataplane has been programmed and is keeping up: what
+    /// the node's Ready condition reports.
+    pub fn ready(&self) -> bool {
+        let health = self.health();
+        health.last_programmed.is_some() && health.keeping_up()
     }
 
     /// The Prometheus text exposition.

@@ -54,6 +54,8 @@ pub struct Node {
     pub manifests: PathBuf,
     /// The API server the agent follows, when not in standalone mode.
     pub api: Option<ControlPlane>,
+    /// More flags for the agent.
+    pub agent_args: Vec<String>,
     agent: Option<usize>,
     agent_starts: usize,
     pub probe: PathBuf,
@@ -78,17 +80,27 @@ impl Node {
     }
 
     pub fn with(test: &str, mode: &'static str, external: External) -> Self {
-        Self::build(test, mode, external, false)
+        Self::build(test, mode, external, None)
     }
 
     /// A node whose agent follows a wharf-control API server (on the
     /// embedded store, with the controllers but no scheduler) instead of
     /// manifest files.
     pub fn on_api(test: &str, mode: &'static str) -> Self {
-        Self::build(test, mode, External::Veth, true)
+        Self::on_api_with(test, mode, &[])
     }
 
-    fn build(test: &str, mode: &'static str, external: External, api: bool) -> Self {
+    /// `on_api` with extra wharf-control flags.
+    pub fn on_api_with(test: &str, mode: &'static str, control_args: &[&str]) -> Self {
+        Self::build(test, mode, External::Veth, Some(control_args))
+    }
+
+    fn build(
+        test: &str,
+        mode: &'static str,
+        external: External,
+        control_args: Option<&[&str]>,
+    ) -> Self {
         let mut lab = Lab::new(test);
         let node_ns = lab.netns("node");
         let client_ns = lab.netns("c1");
@@ -165,10 +177,11 @@ impl Node {
         let node_name = lab.node("node");
         let manifests = lab.dir.join("manifests");
         fs::create_dir_all(&manifests).unwrap();
-        let api = api.then(|| {
+        let api = control_args.map(|extra| {
             let (host, _) = lab.uplink(&node_ns);
-            let api =
-                ControlPlane::listening_on(host, StoreKind::Embedded, &["--without=scheduler"]);
+            let mut args = vec!["--without=scheduler"];
+            args.extend_from_slice(extra);
+            let api = ControlPlane::listening_on(host, StoreKind::Embedded, &args);
             api.kubectl_ok(&["create", "namespace", "demo"]);
             // The API server's own `kubernetes` Service is part of what the
             // agent forwards: recorded (not applied) beside the test's
@@ -189,6 +202,7 @@ impl Node {
             node_name,
             manifests,
             api,
+            agent_args: Vec::new(),
             agent: None,
             agent_starts: 0,
             probe,
@@ -345,7 +359,7 @@ impl Node {
                 format!("--services-from={}", path_string(&self.manifests)),
             ],
         };
-        let args = [
+        let mut args = vec![
             "--proxy-mode",
             self.mode,
             &source[0],
@@ -359,6 +373,7 @@ impl Node {
             "--cgroup",
             cgroup.to_str().unwrap(),
         ];
+        args.extend(self.agent_args.iter().map(String::as_str));
         let (ns, log) = (self.node_ns.clone(), self.agent_log());
         self.agent = Some(self.lab.spawn(&ns, false, &agent_binary(), &args, &log));
     }

@@ -130,3 +130,68 @@ fn nothing_is_pruned_while_the_api_server_is_away() {
     );
     assert_eq!(seen.keys().collect::<Vec<_>>(), ["b2"]);
 }
+
+/// The Ready condition's status on node `name`, read with kubectl.
+fn node_ready(node: &Node) -> String {
+    let api = node.api.as_ref().expect("API mode");
+    let output = api.kubectl(&[
+        "get",
+        "node",
+        &node.node_name,
+        "-o",
+        "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+    ]);
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The agent registers its Node (labels, address, capacity, Ready once
+/// the dataplane is programmed) and renews its Lease; stopped, the node
+/// goes Unknown; restarted, Ready again.
+#[test]
+fn the_agent_registers_its_node_and_keeps_it_ready() {
+    let mut node = Node::on_api_with("api-node", "iptables", &["--node-monitor-grace-period=4"]);
+    // A 4 s lease, renewed every second.
+    node.agent_args = vec!["--node-lease-duration-seconds=4".into()];
+    node.start_agent();
+    eventually("Ready=True", || node_ready(&node) == "True");
+    let api = node.api.as_ref().expect("API mode");
+    let get = |path: &str| {
+        api.kubectl_ok(&[
+            "get",
+            "node",
+            &node.node_name,
+            "-o",
+            &format!("jsonpath={{{path}}}"),
+        ])
+    };
+    assert_eq!(
+        get(".metadata.labels.kubernetes\\.io/hostname"),
+        node.node_name
+    );
+    assert_eq!(get(".metadata.labels.kubernetes\\.io/os"), "linux");
+    assert_eq!(
+        get(".status.addresses[?(@.type==\"InternalIP\")].address"),
+        "192.168.77.1"
+    );
+    assert_eq!(get(".status.capacity.pods"), "110");
+    assert!(get(".status.capacity.memory").ends_with("Ki"));
+    assert_eq!(get(".status.daemonEndpoints.kubeletEndpoint.Port"), "10250");
+    let renewed = || {
+        api.kubectl_ok(&[
+            "get",
+            "lease",
+            "-n",
+            "kube-node-lease",
+            &node.node_name,
+            "-o",
+            "jsonpath={.spec.renewTime}",
+        ])
+    };
+    let first = renewed();
+    eventually("a lease renewal", || renewed() != first);
+
+    node.stop_agent();
+    eventually("Ready=Unknown", || node_ready(&node) == "Unknown");
+    node.start_agent();
+    eventually("Ready=True again", || node_ready(&node) == "True");
+}

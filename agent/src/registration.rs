@@ -1,0 +1,465 @@
+//! The node's presence in the cluster, as a kubelet keeps it: its Node
+//! object (labels, addresses, capacity, system info, conditions) and a
+//! Lease in `kube-node-lease` renewed every quarter of its duration
+//! (10 s for kubelet's 40 s), which the node lifecycle controller watches.
+//! The Ready condition follows the agent's own health: the node is Ready
+//! once its dataplane is programmed and while no change waits too long.
+
+use std::{net::Ipv4Addr, sync::Arc, time::Duration};
+
+use k8s_openapi::{
+    api::{
+        coordination::v1::{Lease, LeaseSpec},
+        core::v1::{Node, NodeCondition},
+    },
+    apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference, Time},
+    chrono::{DateTime, Utc},
+};
+use kube::{
+    Api, Client,
+    api::{ObjectMeta, Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::telemetry::Telemetry;
+
+/// The namespace node Leases live in.
+const LEASE_NAMESPACE: &str = "kube-node-lease";
+
+/// How often the Node's status is written when nothing in it changed, as
+/// kubelet's `nodeStatusReportFrequency`: the lifecycle controller judges
+/// liveness by the Lease, so this only refreshes heartbeat times.
+const STATUS_REPORT_INTERVAL: Duration = Duration::from_secs(300);
+
+/// The port the agent's kubelet API is announced on (kubelet's).
+pub const KUBELET_PORT: i32 = 10250;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistrationError {
+    #[error("{action} node {node}: {source}")]
+    Api {
+        action: &'static str,
+        node: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// What the node announces about itself.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub name: String,
+    /// The InternalIP; also where the kubelet API is reached.
+    pub address: Option<Ipv4Addr>,
+    pub max_pods: u32,
+    /// The Lease's duration; it is renewed every quarter of it.
+    pub lease_duration: Duration,
+}
+
+/// How long to wait before trying a failed registration again.
+const REGISTER_RETRY: Duration = Duration::from_secs(5);
+
+/// Registers the node (retrying until the API server takes it), then
+/// keeps its Lease and status current until dropped.
+pub async fn run(client: Client, config: NodeConfig, telemetry: Arc<Telemetry>) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let leases: Api<Lease> = Api::namespaced(client, LEASE_NAMESPACE);
+    let registered = loop {
+        match register(&nodes, &config).await {
+            Ok(node) => break node,
+            Err(error) => {
+                warn!(%error, "registering the node failed; retrying");
+                tokio::time::sleep(REGISTER_RETRY).await;
+            }
+        }
+    };
+    info!(node = %config.name, "registered");
+    let owner = OwnerReference {
+        api_version: "v1".into(),
+        kind: "Node".into(),
+        name: config.name.clone(),
+        uid: registered.metadata.uid.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    let mut ticker = tokio::time::interval(config.lease_duration / 4);
+    let mut written = tokio::time::Instant::now();
+    loop {
+        ticker.tick().await;
+        if let Err(error) = renew_lease(&leases, &config, &owner).await {
+            warn!(%error, "renewing the node lease failed; retrying");
+        }
+        let ready = telemetry.ready();
+        // The live object decides, not memory: the lifecycle controller
+        // may have marked the node Unknown while the agent was away.
+        let differs = match nodes.get(&config.name).await {
+            Ok(node) => ready_status(&node) != Some(if ready { "True" } else { "False" }),
+            Err(_) => true,
+        };
+        if differs || written.elapsed() >= STATUS_REPORT_INTERVAL {
+            match write_status(&nodes, &config, ready).await {
+                Ok(()) => written = tokio::time::Instant::now(),
+                Err(error) => warn!(%error, "writing node status failed; retrying"),
+            }
+        }
+    }
+}
+
+/// Creates the Node, or brings an existing one's labels up to date.
+async fn register(nodes: &Api<Node>, config: &NodeConfig) -> Result<Node, RegistrationError> {
+    let error = |action| {
+        let node = config.name.clone();
+        move |source| RegistrationError::Api {
+            action,
+            node,
+            source,
+        }
+    };
+    let node = Node {
+        metadata: ObjectMeta {
+            name: Some(config.name.clone()),
+            labels: Some(labels(&config.name)),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let node = match nodes.create(&PostParams::default(), &node).await {
+        Ok(node) => node,
+        Err(kube::Error::Api(response)) if response.code == 409 => nodes
+            .patch(
+                &config.name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "metadata": { "labels": labels(&config.name) } })),
+            )
+            .await
+            .map_err(error("updating"))?,
+        Err(source) => return Err(error("creating")(source)),
+    };
+    write_status(nodes, config, false).await?;
+    Ok(node)
+}
+
+/// kubelet's well-known labels.
+fn labels(name: &str) -> std::collections::BTreeMap<String, String> {
+    let arch = architecture();
+    [
+        ("kubernetes.io/hostname", name),
+        ("kubernetes.io/os", "linux"),
+        ("kubernetes.io/arch", arch),
+        ("beta.kubernetes.io/os", "linux"),
+        ("beta.kubernetes.io/arch", arch),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// Go's name for this machine's architecture, as Kubernetes labels use.
+fn architecture() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+fn ready_status(node: &Node) -> Option<&str> {
+    node.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.status.as_str())
+}
+
+async fn write_status(
+    nodes: &Api<Node>,
+    config: &NodeConfig,
+    ready: bool,
+) -> Result<(), RegistrationError> {
+    let current = nodes.get(&config.name).await.ok();
+    let status = status(config, ready, current.as_ref(), Utc::now());
+    nodes
+        .patch_status(
+            &config.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": status })),
+        )
+        .await
+        .map(drop)
+        .map_err(|source| RegistrationError::Api {
+            action: "writing the status of",
+            node: config.name.clone(),
+            source,
+        })
+}
+
+/// The Node's status as this agent sees the node now; conditions keep
+/// their transition times from `current` when their status is the same.
+fn status(
+    config: &NodeConfig,
+    ready: bool,
+    current: Option<&Node>,
+    now: DateTime<Utc>,
+) -> serde_json::Value {
+    let previous = |type_: &str| -> Option<&NodeCondition> {
+        current?
+            .status
+            .as_ref()?
+            .conditions
+            .as_ref()?
+            .iter()
+            .find(|c| c.type_ == type_)
+    };
+    let condition = |type_: &str, status: bool, reason: &str, message: &str| {
+        let status = if status { "True" } else { "False" };
+        let since = previous(type_)
+            .filter(|c| c.status == status)
+            .and_then(|c| c.last_transition_time.clone())
+            .unwrap_or(Time(now));
+        NodeCondition {
+            type_: type_.to_string(),
+            status: status.to_string(),
+            reason: Some(reason.to_string()),
+            message: Some(message.to_string()),
+            last_heartbeat_time: Some(Time(now)),
+            last_transition_time: Some(since),
+        }
+    };
+    let (reason, message) = if ready {
+        ("KubeletReady", "wharf-agent is posting ready status")
+    } else {
+        (
+            "KubeletNotReady",
+            "wharf-agent: the service proxy has not programmed the dataplane, or a change has waited over 60 s",
+        )
+    };
+    let conditions = [
+        condition(
+            "MemoryPressure",
+            false,
+            "KubeletHasSufficientMemory",
+            "wharf-agent has sufficient memory available",
+        ),
+        condition(
+            "DiskPressure",
+            false,
+            "KubeletHasNoDiskPressure",
+            "wharf-agent has no disk pressure",
+        ),
+        condition(
+            "PIDPressure",
+            false,
+            "KubeletHasSufficientPID",
+            "wharf-agent has sufficient PID available",
+        ),
+        condition("Ready", ready, reason, message),
+    ];
+    let capacity = system::capacity(config.max_pods);
+    let mut addresses = Vec::new();
+    if let Some(address) = config.address {
+        addresses.push(json!({ "type": "InternalIP", "address": address.to_string() }));
+    }
+    addresses.push(json!({ "type": "Hostname", "address": config.name }));
+    json!({
+        "capacity": capacity,
+        "allocatable": capacity,
+        "conditions": conditions,
+        "addresses": addresses,
+        "daemonEndpoints": { "kubeletEndpoint": { "Port": KUBELET_PORT } },
+        "nodeInfo": system::info(architecture()),
+    })
+}
+
+async fn renew_lease(
+    leases: &Api<Lease>,
+    config: &NodeConfig,
+    owner: &OwnerReference,
+) -> Result<(), kube::Error> {
+    let now = MicroTime(Utc::now());
+    let seconds = i32::try_from(config.lease_duration.as_secs()).unwrap_or(i32::MAX);
+    match leases.get_opt(&config.name).await? {
+        Some(mut lease) => {
+            let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+            spec.holder_identity = Some(config.name.clone());
+            spec.lease_duration_seconds = Some(seconds);
+            spec.renew_time = Some(now);
+            // Pinned at the resourceVersion read: a lost race is retried
+            // at the next tick rather than overwriting someone's write.
+            leases
+                .replace(&config.name, &PostParams::default(), &lease)
+                .await?;
+        }
+        None => {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(config.name.clone()),
+                    namespace: Some(LEASE_NAMESPACE.into()),
+                    // Deleted with its Node by the garbage collector.
+                    owner_references: Some(vec![owner.clone()]),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(config.name.clone()),
+                    lease_duration_seconds: Some(seconds),
+                    renew_time: Some(now),
+                    ..Default::default()
+                }),
+            };
+            leases.create(&PostParams::default(), &lease).await?;
+        }
+    }
+    Ok(())
+}
+
+/// What the node has, read from the system.
+mod system {
+    use std::{fs, path::Path};
+
+    use serde_json::{Value, json};
+
+    /// cpu, memory, ephemeral-storage (the root filesystem) and pods.
+    pub fn capacity(max_pods: u32) -> Value {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let mut capacity = json!({ "cpu": cpus.to_string(), "pods": max_pods.to_string() });
+        if let Some(kib) = memory_kib() {
+            capacity["memory"] = json!(format!("{kib}Ki"));
+        }
+        if let Some(bytes) = filesystem_bytes(Path::new("/")) {
+            capacity["ephemeral-storage"] = json!(bytes.to_string());
+        }
+        capacity
+    }
+
+    fn memory_kib() -> Option<u64> {
+        let meminfo = fs::read_to_string("/proc/meminfo").ok()?;
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    fn filesystem_bytes(path: &Path) -> Option<u64> {
+        let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+        let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: `path` is a NUL-terminated string that outlives the
+        // call, and `stats` points to writable memory of the right size.
+        let result = unsafe { libc::statvfs(path.as_ptr(), stats.as_mut_ptr()) };
+        if result != 0 {
+            return None;
+        }
+        // SAFETY: statvfs returned 0, so it filled the whole struct.
+        let stats = unsafe { stats.assume_init() };
+        Some(stats.f_blocks * stats.f_frsize)
+    }
+
+    fn read_trimmed(path: &str) -> String {
+        fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    }
+
+    /// `status.nodeInfo`.
+    pub fn info(architecture: &str) -> Value {
+        let os_image = fs::read_to_string("/etc/os-release")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                    .map(|v| v.trim_matches('"').to_string())
+            })
+            .unwrap_or_else(|| "Linux".into());
+        let version = env!("CARGO_PKG_VERSION");
+        json!({
+            "machineID": read_trimmed("/etc/machine-id"),
+            "systemUUID": read_trimmed("/sys/class/dmi/id/product_uuid"),
+            "bootID": read_trimmed("/proc/sys/kernel/random/boot_id"),
+            "kernelVersion": read_trimmed("/proc/sys/kernel/osrelease"),
+            "osImage": os_image,
+            "containerRuntimeVersion": format!("wharf://{version}"),
+            // The Kubernetes API version this agent implements, and its own.
+            "kubeletVersion": format!("v1.32.0-wharf.{version}"),
+            "kubeProxyVersion": format!("v1.32.0-wharf.{version}"),
+            "operatingSystem": "linux",
+            "architecture": architecture,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> NodeConfig {
+        NodeConfig {
+            name: "n1".into(),
+            address: Some(Ipv4Addr::new(192, 168, 1, 10)),
+            max_pods: 110,
+            lease_duration: Duration::from_secs(40),
+        }
+    }
+
+    #[test]
+    fn status_reports_capacity_addresses_and_readiness() {
+        let now = Utc::now();
+        let status = status(&config(), false, None, now);
+        assert_eq!(status["capacity"]["pods"], "110");
+        assert_eq!(status["capacity"], status["allocatable"]);
+        assert!(
+            status["capacity"]["cpu"]
+                .as_str()
+                .unwrap()
+                .parse::<u32>()
+                .unwrap()
+                >= 1
+        );
+        assert!(
+            status["capacity"]["memory"]
+                .as_str()
+                .unwrap()
+                .ends_with("Ki")
+        );
+        assert_eq!(status["addresses"][0]["type"], "InternalIP");
+        assert_eq!(status["addresses"][0]["address"], "192.168.1.10");
+        assert_eq!(status["daemonEndpoints"]["kubeletEndpoint"]["Port"], 10250);
+        let ready = status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Ready")
+            .unwrap();
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "KubeletNotReady");
+    }
+
+    #[test]
+    fn a_condition_keeps_its_transition_time_until_it_changes() {
+        let earlier = Utc::now() - k8s_openapi::chrono::Duration::minutes(5);
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": "n1"},
+            "status": {"conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": earlier.to_rfc3339()}]},
+        }))
+        .unwrap();
+        let now = Utc::now();
+        let transition = |ready| {
+            let status = status(&config(), ready, Some(&node), now);
+            let condition = status["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "Ready")
+                .unwrap()
+                .clone();
+            serde_json::from_value::<Time>(condition["lastTransitionTime"].clone())
+                .unwrap()
+                .0
+        };
+        assert_eq!(transition(true).timestamp(), earlier.timestamp());
+        assert_eq!(transition(false).timestamp(), now.timestamp());
+    }
+}
