@@ -3,7 +3,7 @@
 //! reflectors, the way kube-proxy follows them. This is the kube-proxy
 //! replacement's source of desired state.
 
-use std::{path::Path, time::Duration, time::SystemTime};
+use std::{path::Path, sync::Arc, time::Duration, time::SystemTime};
 
 use futures::StreamExt as _;
 use k8s_openapi::{
@@ -29,17 +29,23 @@ use tracing::{info, warn};
 use crate::{
     manifest::{self, Locality, ZONE_LABEL},
     sync::{Source, Update},
+    telemetry::Telemetry,
 };
 
 /// Objects kube-proxy leaves alone, and so does wharf: services another
 /// proxy implementation claims, and headless services (nothing to
 /// forward). The same selector serves EndpointSlices, which carry their
-/// Service's labels.
+/// Service's labels (upstream's controller also labels a headless
+/// service's slices `service.kubernetes.io/headless`; wharf's does not,
+/// so those slices are watched, and translate to nothing).
 const PROXIED: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 
 /// The annotation the EndpointSlice controller stamps with the time of the
 /// change (to a pod or the service) that the slice's contents reflect.
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// The taint the cluster autoscaler puts on a node it is about to remove.
+const AUTOSCALER_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -96,16 +102,21 @@ pub struct Cluster {
     listed: Vec<Kind>,
     triggers: Vec<SystemTime>,
     /// Changes made before the agent started are not timed: their
-    /// latency is the agent's downtime, not programming. In whole
-    /// seconds, as the API's timestamps (a Service's creation) often are.
+    /// latency is the agent's downtime, not programming. Rounded down to
+    /// the second, as the API's timestamps (a Service's creation) are, so
+    /// a change in the second the agent started is timed too.
     started: SystemTime,
+    /// The services last left out, so each rejection is logged once.
+    rejected: Vec<String>,
+    telemetry: Arc<Telemetry>,
     /// The watch tasks; dropped (so stopped) with the source.
     _watches: JoinSet<()>,
 }
 
 impl Cluster {
-    /// Starts the watches of node `node`'s proxy.
-    pub fn watch(client: Client, node: &str) -> Self {
+    /// Starts the watches of node `node`'s proxy; the node's eligibility
+    /// for load-balancer traffic is reported to `telemetry`.
+    pub fn watch(client: Client, node: &str, telemetry: Arc<Telemetry>) -> Self {
         let (tx, changes) = mpsc::unbounded_channel();
         let mut watches = JoinSet::new();
         let proxied = watcher::Config::default().labels(PROXIED);
@@ -142,6 +153,8 @@ impl Cluster {
             listed: Vec::new(),
             triggers: Vec::new(),
             started: whole_seconds(SystemTime::now()),
+            rejected: Vec::new(),
+            telemetry,
             _watches: watches,
         }
     }
@@ -160,23 +173,34 @@ impl Cluster {
         }
     }
 
-    fn locality(&self) -> Locality {
-        let zone = self
-            .nodes
-            .state()
-            .first()
+    /// This node's zone, and whether it should take load-balancer
+    /// traffic: not while it is being deleted or the cluster autoscaler
+    /// is about to remove it (KEP-3836, as kube-proxy's `/healthz`).
+    fn locality(&self) -> (Locality, bool) {
+        let node = self.nodes.state().first().cloned();
+        let zone = node
+            .as_ref()
             .and_then(|node| node.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned())
             .filter(|zone| !zone.is_empty());
-        Locality {
+        let leaving = node.as_ref().is_some_and(|node| {
+            node.metadata.deletion_timestamp.is_some()
+                || node
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.taints.as_ref())
+                    .is_some_and(|t| t.iter().any(|t| t.key == AUTOSCALER_TAINT))
+        });
+        let locality = Locality {
             node: self.node.clone(),
             zone,
-        }
+        };
+        (locality, !leaving)
     }
 }
 
 impl Source for Cluster {
-    /// Short: programming latency is what this mode is judged by, and a
-    /// sync in progress already gathers the changes arriving meanwhile.
+    /// Short: programming latency is what this mode is judged by; changes
+    /// arriving during a sync are all taken by the next one.
     const BATCH: Duration = Duration::from_millis(20);
 
     async fn changed(&mut self) {
@@ -202,13 +226,23 @@ impl Source for Cluster {
         }
         let services = self.services.state();
         let slices = self.slices.state();
+        let (locality, eligible) = self.locality();
+        self.telemetry.set_node_eligible(eligible);
         let translation = manifest::translate(
             services.iter().map(AsRef::as_ref),
             slices.iter().map(AsRef::as_ref),
-            &self.locality(),
+            &locality,
         );
-        for error in &translation.rejected {
-            warn!(%error, "service left out");
+        let rejected: Vec<String> = translation
+            .rejected
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        if rejected != self.rejected {
+            for error in rejected.iter().filter(|e| !self.rejected.contains(e)) {
+                warn!(%error, "service left out");
+            }
+            self.rejected = rejected;
         }
         Update {
             state: Some(translation.state),
@@ -240,11 +274,12 @@ where
         while let Some(event) = events.next().await {
             let change = match event {
                 Ok(watcher::Event::InitDone) => Change::Listed(kind),
-                Ok(watcher::Event::Apply(object) | watcher::Event::Delete(object)) => {
-                    Change::Object {
-                        trigger: trigger(&object),
-                    }
-                }
+                Ok(watcher::Event::Apply(object)) => Change::Object {
+                    trigger: trigger(&object),
+                },
+                // A deleted slice still carries the trigger time of its
+                // last change, which its deletion is not.
+                Ok(watcher::Event::Delete(_)) => Change::Object { trigger: None },
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
                 Err(error) => {
                     warn!(?kind, %error, "watch failed; retrying");

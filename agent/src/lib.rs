@@ -3,10 +3,12 @@
 //! and EndpointSlices or, in standalone mode, by manifests; and the
 //! node's registration (Node object, Lease, conditions).
 
+pub mod agent_api;
 pub mod cluster;
 pub mod conntrack;
 pub mod ebpf;
 pub mod host;
+pub mod ipam;
 pub mod iptables;
 pub mod ipvs;
 pub mod manifest;

@@ -9,8 +9,10 @@ use std::{
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
+use tokio::sync::watch;
 use tracing::info;
 use wharf_agent::{
+    agent_api::{self, IpamService},
     cluster::{self, Cluster},
     ebpf::{Dataplane, Reconciler, read_counters},
     host::System,
@@ -55,7 +57,7 @@ struct Args {
 
     /// The API server to follow Services, EndpointSlices and this node's
     /// Node on (wharf-control's or any kube-apiserver's).
-    #[arg(long, required_unless_present_any = ["standalone", "teardown", "counters"], conflicts_with = "standalone")]
+    #[arg(long, required_unless_present_any = ["standalone", "teardown", "counters"], conflicts_with_all = ["standalone", "services_from"])]
     kubeconfig: Option<PathBuf>,
 
     /// Run only the service proxy: the kube-proxy replacement on a node
@@ -71,6 +73,20 @@ struct Args {
     /// The node Lease's duration; it is renewed every quarter of it.
     #[arg(long, default_value_t = 40)]
     node_lease_duration_seconds: u64,
+
+    /// The agent API's UNIX socket (wharf-cni asks it for pod addresses).
+    #[arg(long, default_value = "/run/wharf/agent.sock")]
+    api_socket: PathBuf,
+
+    /// Where the agent keeps its state (pod address allocations, under a
+    /// directory per node name).
+    #[arg(long, default_value = "/var/lib/wharf-agent")]
+    state_dir: PathBuf,
+
+    /// The pods' CIDR on this node; by default the Node's `spec.podCIDR`
+    /// (assigned by the control plane's node IPAM).
+    #[arg(long)]
+    pod_cidr: Option<String>,
 
     /// Take services from manifests instead of an API server.
     #[arg(long, requires = "services_from")]
@@ -146,7 +162,11 @@ fn default_cgroup() -> PathBuf {
     }
 }
 
-#[tokio::main(flavor = "current_thread")]
+/// Multi-threaded: a sync blocks its thread (iptables-restore at 10k
+/// services takes seconds), and `/healthz`, `/metrics`, the watches and
+/// the node's Lease must not wait for it. The sync loop runs on the main
+/// thread, everything else on the workers.
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -182,6 +202,7 @@ async fn main() -> anyhow::Result<()> {
         Some(path) => Some(cluster::client(path).await?),
         None => None,
     };
+    let (pod_cidr, pod_cidrs) = watch::channel(args.pod_cidr.clone());
     if let Some(client) = client.clone().filter(|_| !args.proxy_only) {
         let config = NodeConfig {
             name: args.node_name.clone(),
@@ -189,7 +210,29 @@ async fn main() -> anyhow::Result<()> {
             max_pods: args.max_pods,
             lease_duration: Duration::from_secs(args.node_lease_duration_seconds),
         };
-        tokio::spawn(registration::run(client, config, Arc::clone(&telemetry)));
+        // A --pod-cidr stands; otherwise the Node's is followed.
+        let reported = if args.pod_cidr.is_some() {
+            watch::channel(None).0
+        } else {
+            pod_cidr
+        };
+        tokio::spawn(registration::run(
+            client,
+            config,
+            Arc::clone(&telemetry),
+            reported,
+        ));
+    }
+    if !args.proxy_only && (args.kubeconfig.is_some() || args.pod_cidr.is_some()) {
+        let state = args.state_dir.join(&args.node_name);
+        std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+        let service = IpamService::follow(state.join("ipam.json"), pod_cidrs);
+        let socket = args.api_socket.clone();
+        tokio::spawn(async move {
+            if let Err(error) = agent_api::serve(&socket, service, std::future::pending()).await {
+                tracing::error!(%error, "the agent API stopped");
+            }
+        });
     }
     tokio::spawn(
         telemetry::serve(
@@ -258,11 +301,11 @@ async fn serve<P: ServiceProxy>(
     proxy: &mut P,
     args: &Args,
     client: Option<kube::Client>,
-    telemetry: &Telemetry,
+    telemetry: &Arc<Telemetry>,
 ) -> anyhow::Result<()> {
     match (client, &args.services_from) {
         (Some(client), _) => {
-            let mut source = Cluster::watch(client, &args.node_name);
+            let mut source = Cluster::watch(client, &args.node_name, Arc::clone(telemetry));
             sync::run(proxy, &mut source, telemetry, shutdown_signal()).await;
         }
         (None, Some(services_from)) => {

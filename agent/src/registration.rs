@@ -20,6 +20,7 @@ use kube::{
     api::{ObjectMeta, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::telemetry::Telemetry;
@@ -61,8 +62,14 @@ pub struct NodeConfig {
 const REGISTER_RETRY: Duration = Duration::from_secs(5);
 
 /// Registers the node (retrying until the API server takes it), then
-/// keeps its Lease and status current until dropped.
-pub async fn run(client: Client, config: NodeConfig, telemetry: Arc<Telemetry>) {
+/// keeps its Lease and status current until dropped, reporting the
+/// podCIDR the node IPAM assigned on `pod_cidr`.
+pub async fn run(
+    client: Client,
+    config: NodeConfig,
+    telemetry: Arc<Telemetry>,
+    pod_cidr: watch::Sender<Option<String>>,
+) {
     let nodes: Api<Node> = Api::all(client.clone());
     let leases: Api<Lease> = Api::namespaced(client, LEASE_NAMESPACE);
     let registered = loop {
@@ -93,7 +100,15 @@ pub async fn run(client: Client, config: NodeConfig, telemetry: Arc<Telemetry>) 
         // The live object decides, not memory: the lifecycle controller
         // may have marked the node Unknown while the agent was away.
         let differs = match nodes.get(&config.name).await {
-            Ok(node) => ready_status(&node) != Some(if ready { "True" } else { "False" }),
+            Ok(node) => {
+                let cidr = node.spec.as_ref().and_then(|s| s.pod_cidr.clone());
+                pod_cidr.send_if_modified(|known| {
+                    let changed = *known != cidr;
+                    *known = cidr;
+                    changed
+                });
+                ready_status(&node) != Some(if ready { "True" } else { "False" })
+            }
             Err(_) => true,
         };
         if differs || written.elapsed() >= STATUS_REPORT_INTERVAL {

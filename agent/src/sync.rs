@@ -2,9 +2,9 @@
 //! desired state (manifest files or an API server): it batches bursts of
 //! changes into one sync, retries failed syncs with back-off, reads the
 //! dataplane back in full now and then to repair drift, and ages out idle
-//! flows. It never touches the dataplane before the source knows the
-//! whole desired state, so a restart with the API server away leaves
-//! forwarding as it was.
+//! flows. It never syncs (so never prunes a service) before the source
+//! knows the whole desired state, so a restart with the API server away
+//! leaves forwarding as it was; only idle flows age out meanwhile.
 
 use std::{
     future::Future,
@@ -69,6 +69,9 @@ pub async fn run<P: ServiceProxy, S: Source>(
     let mut expiry = tokio::time::interval(FLOW_EXPIRY_INTERVAL);
     let first_resync = tokio::time::Instant::now() + FULL_RESYNC_INTERVAL;
     let mut full_resync = tokio::time::interval_at(first_resync, FULL_RESYNC_INTERVAL);
+    // After a long sync, one sweep or resync, not a burst of missed ones.
+    expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    full_resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     retry.after(programmer.sync(proxy, source));
     tokio::pin!(shutdown);
     loop {
@@ -206,6 +209,8 @@ impl Programmer<'_> {
             Err(e) => {
                 warn!(error = %e, "full resync failed; retrying");
                 self.telemetry.sync_failed();
+                // Health counts the owed sync as a waiting change.
+                self.telemetry.change_queued();
                 self.programmed = None;
                 false
             }

@@ -66,6 +66,9 @@ struct Health {
     last_programmed: Option<SystemTime>,
     /// The oldest change not yet programmed; start-up counts as one.
     pending_since: Option<Instant>,
+    /// False while the Node is being deleted or drained by the cluster
+    /// autoscaler: load balancers should stop sending traffic here.
+    node_eligible: bool,
 }
 
 impl Health {
@@ -121,6 +124,7 @@ impl Telemetry {
             health: Mutex::new(Health {
                 last_programmed: None,
                 pending_since: Some(Instant::now()),
+                node_eligible: true,
             }),
         }
     }
@@ -134,8 +138,11 @@ impl Telemetry {
     /// A sync worked.
     pub fn synced(&self, took: Duration, frontends: usize) {
         self.sync_duration.observe(took.as_secs_f64());
-        self.last_sync.set(seconds_since_epoch(SystemTime::now()));
         self.frontends.set(frontends.try_into().unwrap_or(i64::MAX));
+    }
+
+    pub fn set_node_eligible(&self, eligible: bool) {
+        self.health().node_eligible = eligible;
     }
 
     pub fn sync_failed(&self) {
@@ -151,22 +158,36 @@ impl Telemetry {
             let latency = now.duration_since(*trigger).unwrap_or_default();
             self.programming.observe(latency.as_secs_f64());
         }
+        self.last_sync.set(seconds_since_epoch(now));
         let mut health = self.health();
         health.last_programmed = Some(now);
         health.pending_since = None;
     }
 
-    /// Whether no change has waited past the health timeout, and the body
-    /// kube-proxy answers `/healthz` with.
-    pub fn healthz(&self) -> (bool, String) {
+    /// Whether no change has waited past the health timeout (and, for
+    /// `/healthz` but not `/livez`, whether the node should take traffic),
+    /// with the body kube-proxy answers: `lastUpdated` is now while the
+    /// proxy keeps up, else when it last did.
+    pub fn healthz(&self, check_node: bool) -> (bool, String) {
         let health = self.health();
-        let healthy = health.keeping_up();
+        let keeping_up = health.keeping_up();
+        let now = SystemTime::now();
         let time =
             |t: SystemTime| DateTime::<Utc>::from(t).to_rfc3339_opts(SecondsFormat::Millis, true);
-        let body = serde_json::json!({
-            "lastUpdated": health.last_programmed.map(time).unwrap_or_default(),
-            "currentTime": time(SystemTime::now()),
+        let updated = if keeping_up {
+            Some(now)
+        } else {
+            health.last_programmed
+        };
+        let mut body = serde_json::json!({
+            "lastUpdated": updated.map(time).unwrap_or_default(),
+            "currentTime": time(now),
         });
+        let mut healthy = keeping_up;
+        if check_node {
+            body["nodeEligible"] = health.node_eligible.into();
+            healthy &= health.node_eligible;
+        }
         (healthy, body.to_string())
     }
 
@@ -226,8 +247,8 @@ pub async fn serve(
         .route("/metrics", get(metrics_page))
         .with_state(Arc::clone(&telemetry));
     let healthz_router = Router::new()
-        .route("/healthz", get(healthz_page))
-        .route("/livez", get(healthz_page))
+        .route("/healthz", get(|state| health_page(state, true)))
+        .route("/livez", get(|state| health_page(state, false)))
         .with_state(telemetry);
     Ok(async move {
         let (metrics, healthz) = tokio::join!(
@@ -252,8 +273,11 @@ async fn metrics_page(State(telemetry): State<Arc<Telemetry>>) -> impl IntoRespo
     )
 }
 
-async fn healthz_page(State(telemetry): State<Arc<Telemetry>>) -> impl IntoResponse {
-    let (healthy, body) = telemetry.healthz();
+async fn health_page(
+    State(telemetry): State<Arc<Telemetry>>,
+    check_node: bool,
+) -> impl IntoResponse {
+    let (healthy, body) = telemetry.healthz(check_node);
     let status = if healthy {
         StatusCode::OK
     } else {
@@ -274,15 +298,20 @@ mod tests {
     fn health_follows_pending_changes() {
         let telemetry = Telemetry::new();
         // Fresh: start-up is pending, but not for long yet.
-        assert!(telemetry.healthz().0);
+        assert!(telemetry.healthz(true).0);
         telemetry.health().pending_since = Some(Instant::now() - 2 * HEALTH_TIMEOUT);
-        let (healthy, body) = telemetry.healthz();
+        let (healthy, body) = telemetry.healthz(true);
         assert!(!healthy, "nothing programmed for two minutes");
         assert!(body.contains("\"lastUpdated\":\"\""), "{body}");
+        assert!(body.contains("\"nodeEligible\":true"), "{body}");
         telemetry.programmed(&[SystemTime::now() - Duration::from_millis(700)]);
-        let (healthy, body) = telemetry.healthz();
+        let (healthy, body) = telemetry.healthz(true);
         assert!(healthy);
         assert!(!body.contains("\"lastUpdated\":\"\""), "{body}");
+        // A node on its way out fails /healthz, not /livez.
+        telemetry.set_node_eligible(false);
+        assert!(!telemetry.healthz(true).0);
+        assert!(telemetry.healthz(false).0);
         let metrics = telemetry.encode();
         assert!(
             metrics.contains("wharf_network_programming_duration_seconds_bucket{le=\"1.0\"} 1"),

@@ -85,15 +85,17 @@ impl Lab {
     }
 
     /// A veth from the host (root namespace) into `ns`, named `uplink` on
-    /// the namespace side, with a /30 of 172.30.0.0/16 unique to this
-    /// test process; returns (host address, namespace address). Processes
-    /// in `ns` reach host services (an API server) by the host address.
-    /// The host end goes when the namespace is deleted.
+    /// the namespace side, with a /30 of 198.18.0.0/15 (the benchmarking
+    /// range: no real network or container runtime's pool uses it) picked
+    /// by this process's ID and a counter, so concurrent labs differ;
+    /// returns (host address, namespace address). Processes in `ns` reach
+    /// host services (an API server) by the host address. The host end
+    /// goes when the namespace is deleted.
     pub fn uplink(&self, ns: &str) -> (Ipv4Addr, Ipv4Addr) {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed) % 64;
         let pid = std::process::id();
-        let base = u32::from(Ipv4Addr::new(172, 30, 0, 0)) + ((pid % 256) * 64 + n) * 4;
+        let base = u32::from(Ipv4Addr::new(198, 18, 0, 0)) + ((pid % 512) * 64 + n) * 4;
         let (host, inside) = (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2));
         let name = format!("wu{:x}-{n}", pid & 0xff_ffff);
         command(

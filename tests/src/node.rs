@@ -251,7 +251,7 @@ impl Node {
         let deadline = std::time::Instant::now() + self.sync_timeout;
         loop {
             let log = self.lab.log(&self.agent_log());
-            let last = log.lines().rfind(|l| l.contains(" synced "));
+            let last = log.lines().rfind(|l| l.contains(" state="));
             if last.is_some_and(|l| l.contains(&needle)) {
                 return;
             }
@@ -353,17 +353,25 @@ impl Node {
         self.agent_starts += 1;
         let cgroup = self.lab.cgroup();
         let source = match &self.api {
-            Some(api) => ["--kubeconfig".to_string(), path_string(&api.kubeconfig())],
+            Some(api) => [
+                "--kubeconfig".to_string(),
+                path_string(&api.kubeconfig()),
+                format!(
+                    "--api-socket={}",
+                    path_string(&self.lab.dir.join("agent.sock"))
+                ),
+                format!("--state-dir={}", path_string(&self.lab.dir.join("state"))),
+            ],
             None => [
                 "--standalone".to_string(),
                 format!("--services-from={}", path_string(&self.manifests)),
+                String::new(),
+                String::new(),
             ],
         };
         let mut args = vec![
             "--proxy-mode",
             self.mode,
-            &source[0],
-            &source[1],
             "--node-name",
             &self.node_name,
             "--devices",
@@ -373,6 +381,7 @@ impl Node {
             "--cgroup",
             cgroup.to_str().unwrap(),
         ];
+        args.extend(source.iter().map(String::as_str).filter(|a| !a.is_empty()));
         args.extend(self.agent_args.iter().map(String::as_str));
         let (ns, log) = (self.node_ns.clone(), self.agent_log());
         self.agent = Some(self.lab.spawn(&ns, false, &agent_binary(), &args, &log));

@@ -108,10 +108,8 @@ fn nothing_is_pruned_while_the_api_server_is_away() {
     node.stop_agent();
     node.api.as_mut().expect("API mode").kill();
     node.spawn_agent();
-    // The agent is up (its health endpoint answers) but cannot sync.
-    eventually("the agent's health endpoint", || {
-        curl(&mut node, "http://127.0.0.1:10256/healthz").0 != "000"
-    });
+    // The agent is up and has tried the API server more than once.
+    node.lab.wait_for_log(&node.agent_log(), "watch failed", 6);
     assert!(
         !node.lab.log(&node.agent_log()).contains(" synced "),
         "no sync without the API server"
@@ -122,6 +120,8 @@ fn nothing_is_pruned_while_the_api_server_is_away() {
     ));
 
     node.api.as_mut().expect("API mode").restart();
+    // kube-rs backs off failed watches, with jitter, up to about a minute.
+    node.sync_timeout = Duration::from_secs(90);
     node.await_sync();
     node.publish(&["b2"]);
     let seen = tally(
@@ -189,6 +189,25 @@ fn the_agent_registers_its_node_and_keeps_it_ready() {
     };
     let first = renewed();
     eventually("a lease renewal", || renewed() != first);
+
+    // The node IPAM gave the node a podCIDR; the agent hands out pod
+    // addresses from it on its socket.
+    let pod_cidr = get(".spec.podCIDR");
+    let socket = node.lab.dir.join("agent.sock");
+    let status = api.runtime().block_on(async {
+        let mut client = wharf_proto::connect(&socket).await.expect("agent API");
+        loop {
+            match client.status(wharf_proto::StatusRequest {}).await {
+                Ok(status) => break status.into_inner(),
+                Err(e) if e.code() == tonic::Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    });
+    assert_eq!(status.pod_cidr, pod_cidr);
+    assert_eq!(status.capacity, 253);
 
     node.stop_agent();
     eventually("Ready=Unknown", || node_ready(&node) == "Unknown");

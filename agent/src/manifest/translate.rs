@@ -482,7 +482,8 @@ fn endpoints(
 /// Whether a service asks for topology-aware routing, as kube-proxy
 /// reads it: the `service.kubernetes.io/topology-mode` annotation (or the
 /// deprecated `topology-aware-hints`, which wins when both are set) is
-/// `Auto`, or `spec.trafficDistribution` is `PreferClose`.
+/// `Auto`, or `spec.trafficDistribution` is `PreferClose` (or its 1.33
+/// synonym `PreferSameZone`).
 fn prefers_same_zone(service: &Service) -> bool {
     let annotations = service.metadata.annotations.as_ref();
     let mode = annotations.and_then(|a| {
@@ -494,7 +495,7 @@ fn prefers_same_zone(service: &Service) -> bool {
             .spec
             .as_ref()
             .and_then(|s| s.traffic_distribution.as_deref())
-            == Some("PreferClose")
+            .is_some_and(|d| matches!(d, "PreferClose" | "PreferSameZone"))
 }
 
 /// Whether zone hints can be followed for `zone`: only when every ready

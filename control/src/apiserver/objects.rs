@@ -1120,10 +1120,12 @@ impl<S: Store> App<S> {
         self.publish_own_endpoints().await;
     }
 
-    /// Points the `kubernetes` Service at this server, as kube-apiserver's
-    /// endpoint reconciler does, so pods reach the API through its
-    /// ClusterIP. Only for an address pods can reach: not a wildcard and
-    /// not loopback (a pod's loopback is its own).
+    /// Points the `kubernetes` Service at this server at start-up, so pods
+    /// reach the API through its ClusterIP (kube-apiserver's endpoint
+    /// reconciler keeps doing so; one server writing once is enough here).
+    /// Only for an address pods can reach: not a wildcard and not loopback
+    /// (a pod's loopback is its own); a server restarted on such an
+    /// address leaves the last reachable one published.
     async fn publish_own_endpoints(&self) {
         let std::net::IpAddr::V4(address) = self.listen.ip() else {
             return;
@@ -1149,7 +1151,8 @@ impl<S: Store> App<S> {
                 json!({
                     "apiVersion": "v1",
                     "kind": "Endpoints",
-                    "metadata": { "name": "kubernetes", "namespace": "default" },
+                    // Mirrored by nobody: the slice above is written too.
+                    "metadata": { "name": "kubernetes", "namespace": "default", "labels": { "endpointslice.kubernetes.io/skip-mirror": "true" } },
                     "subsets": [{ "addresses": [{ "ip": ip }], "ports": [{ "name": "https", "port": port, "protocol": "TCP" }] }],
                 }),
             ),

@@ -70,8 +70,9 @@ fn selects(selector: &BTreeMap<String, String>, pod: &Pod) -> bool {
 }
 
 /// When the changes behind each Service's endpoints were made, as
-/// upstream's trigger-time tracker reckons them: a pod's change is its
-/// Ready condition's last transition, a Service's is its creation, and a
+/// upstream's trigger-time tracker reckons them: a Service seen for the
+/// first time reports its creation; after that a pod's change is its
+/// Ready condition's last transition, a Service's its creation, and a
 /// sync reports the earliest of those that moved since its last sync.
 /// (Like upstream, a pod that changes twice between syncs counts once.)
 #[derive(Debug, Default)]
@@ -93,13 +94,12 @@ impl TriggerTimes {
     ) -> Option<DateTime<Utc>> {
         let key = (service.namespace().unwrap_or_default(), service.name_any());
         let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let known = all.contains_key(&key);
         let seen = all.entry(key).or_default();
         let mut earliest: Option<DateTime<Utc>> = None;
         let mut pods = HashMap::new();
+        let selector = selector(service);
         for pod in candidates {
-            let Some(selector) = selector(service) else {
-                break;
-            };
             let ready_since = pod
                 .status
                 .as_ref()
@@ -107,7 +107,7 @@ impl TriggerTimes {
                 .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
                 .and_then(|c| c.last_transition_time.as_ref());
             let (true, Some(name), Some(time)) = (
-                selects(selector, pod),
+                selector.is_some_and(|s| selects(s, pod)),
                 pod.metadata.name.clone(),
                 ready_since,
             ) else {
@@ -128,7 +128,7 @@ impl TriggerTimes {
             service: created,
             pods,
         };
-        earliest
+        if known { earliest } else { created }
     }
 
     /// Forgets a Service that is going away.
@@ -138,6 +138,17 @@ impl TriggerTimes {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&key);
+    }
+
+    /// Forgets the Services `exists` no longer knows (deleted ones are
+    /// not reconciled, so `forget` never hears of them). Runs when the
+    /// map has grown past twice `live`, so it costs O(1) per call
+    /// amortized.
+    pub fn prune(&self, live: usize, exists: impl Fn(&str, &str) -> bool) {
+        let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if all.len() > 2 * live.max(16) {
+            all.retain(|(namespace, name), _| exists(namespace, name));
+        }
     }
 }
 
@@ -486,6 +497,12 @@ pub(super) async fn reconcile(service: Arc<Service>, ctx: Arc<Context>) -> Resul
     let nodes = ctx.nodes.clone();
     let candidates = Context::in_namespace(&ctx.pods, &namespace);
     let trigger = ctx.trigger_times.earliest_change(&service, &candidates);
+    ctx.trigger_times
+        .prune(ctx.services.len(), |namespace, name| {
+            ctx.services
+                .get(&ObjectRef::new(name).within(namespace))
+                .is_some()
+        });
     let desired = desired(&service, &candidates, |node| {
         nodes
             .get(&ObjectRef::new(node))?
