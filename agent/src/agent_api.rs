@@ -1,16 +1,18 @@
 //! The gRPC API the agent serves on its root-only UNIX socket (see
 //! `proto/agent.proto`): today the `Ipam` service wharf-cni asks for pod
 //! addresses. Addresses come from the node's podCIDR, which the API
-//! server's node IPAM assigns after registration (or `--pod-cidr`); until
-//! it is known, every call fails with UNAVAILABLE and a message saying so.
+//! server's node IPAM assigns after registration (or `--pod-cidr`), and
+//! which the allocations file remembers across restarts; while none is
+//! known, allocating fails with UNAVAILABLE and a message saying so, but
+//! releasing (CNI DEL, GC) works.
 
 use std::{
-    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
-use tokio::sync::{Mutex, watch};
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 use wharf_proto::{
@@ -35,24 +37,29 @@ pub enum AgentApiError {
 /// The `Ipam` service over the node's allocations.
 #[derive(Debug, Clone)]
 pub struct IpamService {
-    /// None until the podCIDR is known.
-    ipam: Arc<Mutex<Option<Ipam>>>,
+    ipam: Arc<Mutex<Ipam>>,
 }
 
 impl IpamService {
-    /// Follows the podCIDR on `cidrs`, keeping allocations in `state`.
-    pub fn follow(state: PathBuf, mut cidrs: watch::Receiver<Option<String>>) -> Self {
-        let ipam = Arc::new(Mutex::new(None));
-        let shared = Arc::clone(&ipam);
+    /// Opens the allocations kept at `state` (a damaged file is an error
+    /// here, not a silently empty pool) and follows the podCIDR on `cidrs`.
+    pub fn open(
+        state: &Path,
+        mut cidrs: watch::Receiver<Option<String>>,
+    ) -> Result<Self, IpamError> {
+        let service = Self {
+            ipam: Arc::new(Mutex::new(Ipam::open(state)?)),
+        };
+        let follower = service.clone();
         tokio::spawn(async move {
             loop {
                 let cidr = cidrs.borrow_and_update().clone();
                 if let Some(cidr) = cidr {
-                    match PodCidr::parse(&cidr).and_then(|cidr| Ipam::open(&state, cidr)) {
-                        Ok(opened) => {
-                            info!(pod_cidr = %opened.cidr(), "pod addresses available");
-                            *shared.lock().await = Some(opened);
-                        }
+                    let set = follower
+                        .with(move |ipam| ipam.set_cidr(PodCidr::parse(&cidr)?))
+                        .await;
+                    match set {
+                        Ok(()) => info!("pod addresses available"),
                         Err(error) => warn!(%error, "cannot hand out pod addresses"),
                     }
                 }
@@ -61,18 +68,26 @@ impl IpamService {
                 }
             }
         });
-        Self { ipam }
+        Ok(service)
     }
 
-    async fn with<T>(
+    /// Runs `work` on the allocations on a blocking thread: it fsyncs, and
+    /// the runtime's two workers carry the node's Lease and health.
+    async fn with<T: Send + 'static>(
         &self,
-        work: impl FnOnce(&mut Ipam) -> Result<T, IpamError>,
+        work: impl FnOnce(&mut Ipam) -> Result<T, IpamError> + Send + 'static,
     ) -> Result<T, Status> {
-        let mut guard = self.ipam.lock().await;
-        let ipam = guard.as_mut().ok_or_else(|| {
-            Status::unavailable("this node has no podCIDR yet: no pod addresses to hand out")
-        })?;
-        work(ipam).map_err(|error| match error {
+        let ipam = Arc::clone(&self.ipam);
+        let done = tokio::task::spawn_blocking(move || {
+            // Every change is committed whole or not at all, so a panic
+            // elsewhere cannot have left the allocations half-written.
+            let mut ipam = ipam.lock().unwrap_or_else(|e| e.into_inner());
+            work(&mut ipam)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("IPAM task failed: {e}")))?;
+        done.map_err(|error| match error {
+            IpamError::NoCidr => Status::unavailable(error.to_string()),
             IpamError::Exhausted { .. } => Status::resource_exhausted(error.to_string()),
             other => Status::internal(other.to_string()),
         })
@@ -101,7 +116,7 @@ fn released(addresses: impl IntoIterator<Item = std::net::Ipv4Addr>) -> Released
 impl IpamRpc for IpamService {
     async fn allocate(&self, request: Request<Attachment>) -> Result<Response<Assignment>, Status> {
         let attachment = attachment(request.into_inner())?;
-        let assigned = self.with(|ipam| ipam.allocate(&attachment)).await?;
+        let assigned = self.with(move |ipam| ipam.allocate(&attachment)).await?;
         Ok(Response::new(Assignment {
             address: assigned.address.to_string(),
             prefix: u32::from(assigned.prefix),
@@ -111,7 +126,7 @@ impl IpamRpc for IpamService {
 
     async fn release(&self, request: Request<Attachment>) -> Result<Response<Released>, Status> {
         let attachment = attachment(request.into_inner())?;
-        let freed = self.with(|ipam| ipam.release(&attachment)).await?;
+        let freed = self.with(move |ipam| ipam.release(&attachment)).await?;
         Ok(Response::new(released(freed)))
     }
 
@@ -125,7 +140,7 @@ impl IpamRpc for IpamService {
             .into_iter()
             .map(attachment)
             .collect::<Result<Vec<_>, _>>()?;
-        let freed = self.with(|ipam| ipam.collect(&valid)).await?;
+        let freed = self.with(move |ipam| ipam.collect(&valid)).await?;
         Ok(Response::new(released(freed)))
     }
 
@@ -135,10 +150,11 @@ impl IpamRpc for IpamService {
     ) -> Result<Response<StatusReply>, Status> {
         let reply = self
             .with(|ipam| {
+                let cidr = ipam.cidr().ok_or(IpamError::NoCidr)?;
                 Ok(StatusReply {
-                    pod_cidr: ipam.cidr().to_string(),
+                    pod_cidr: cidr.to_string(),
                     allocated: ipam.allocated(),
-                    capacity: ipam.cidr().capacity(),
+                    capacity: cidr.capacity(),
                 })
             })
             .await?;
@@ -146,8 +162,9 @@ impl IpamRpc for IpamService {
     }
 }
 
-/// Binds the socket at `path` (its directory made root-only, the socket
-/// itself 0600: it hands out addresses) and serves until `shutdown`.
+/// Binds the socket at `path` and serves until `shutdown`. Its directory
+/// is made root-only (0700) before the bind, so the socket is never
+/// reachable by others, even before it is made 0600 itself.
 pub async fn serve(
     path: &Path,
     service: IpamService,
@@ -158,11 +175,8 @@ pub async fn serve(
         source,
     };
     if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(error)?;
+        std::fs::create_dir_all(dir).map_err(error)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(error)?;
     }
     // A socket left by an earlier run refuses the bind.
     match std::fs::remove_file(path) {
@@ -199,7 +213,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("run/agent.sock");
         let (cidrs, watched) = watch::channel(None);
-        let service = IpamService::follow(dir.path().join("ipam.json"), watched);
+        let service = IpamService::open(&dir.path().join("ipam.json"), watched).unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let path = socket.clone();
         let server = tokio::spawn(async move {
@@ -209,6 +223,7 @@ mod tests {
             .await
         });
         while !socket.exists() {
+            assert!(!server.is_finished(), "the server stopped");
             tokio::task::yield_now().await;
         }
         let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
@@ -250,6 +265,11 @@ mod tests {
         assert_eq!(freed.addresses, ["10.244.3.2"]);
         let freed = client.release(attachment("a")).await.unwrap().into_inner();
         assert!(freed.addresses.is_empty(), "already collected");
+        let dir_mode = std::fs::metadata(socket.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
 
         stop.send(()).unwrap();
         server.await.unwrap().unwrap();

@@ -20,7 +20,9 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
-    #[error("{cidr} is not an IPv4 CIDR with room for pods (at most /30)")]
+    #[error("this node has no podCIDR yet: no pod addresses to hand out")]
+    NoCidr,
+    #[error("{cidr} is not an IPv4 CIDR for pods (/8 to /30)")]
     BadCidr { cidr: String },
     #[error("no free address in {cidr}: all {capacity} are in use")]
     Exhausted { cidr: String, capacity: u32 },
@@ -75,7 +77,7 @@ impl PodCidr {
         let (address, prefix) = text.split_once('/').ok_or_else(bad)?;
         let address: Ipv4Addr = address.parse().map_err(|_| bad())?;
         let prefix: u8 = prefix.parse().map_err(|_| bad())?;
-        if !(1..=30).contains(&prefix) {
+        if !(8..=30).contains(&prefix) {
             return Err(bad());
         }
         let mask = u32::MAX << (32 - prefix);
@@ -87,10 +89,6 @@ impl PodCidr {
 
     fn size(self) -> u32 {
         1 << (32 - self.prefix)
-    }
-
-    fn contains(self, address: Ipv4Addr) -> bool {
-        u32::from(address) & (u32::MAX << (32 - self.prefix)) == self.network
     }
 
     pub fn gateway(self) -> Ipv4Addr {
@@ -110,9 +108,13 @@ impl std::fmt::Display for PodCidr {
 }
 
 /// What is kept on disk.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct State {
+    /// The CIDR addresses are handed out from, kept so a restarted agent
+    /// can release addresses before it learns the CIDR again.
+    #[serde(default)]
+    cidr: Option<String>,
     allocations: BTreeMap<Ipv4Addr, Attachment>,
     /// The last address handed out; the next search starts after it.
     last: Option<Ipv4Addr>,
@@ -122,16 +124,15 @@ struct State {
 #[derive(Debug)]
 pub struct Ipam {
     path: PathBuf,
-    cidr: PodCidr,
+    cidr: Option<PodCidr>,
     state: State,
 }
 
 impl Ipam {
-    /// Opens the allocations kept at `path` (none if it does not exist)
-    /// for `cidr`. Allocations outside the CIDR (it changed) are kept
-    /// until released or collected: their pods may still run.
-    pub fn open(path: &Path, cidr: PodCidr) -> Result<Self, IpamError> {
-        let state = match fs::read(path) {
+    /// Opens the allocations kept at `path` (none if it does not exist),
+    /// with the CIDR they were made from, if one was known.
+    pub fn open(path: &Path) -> Result<Self, IpamError> {
+        let state: State = match fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| IpamError::Damaged {
                 path: path.to_path_buf(),
                 source,
@@ -144,6 +145,7 @@ impl Ipam {
                 });
             }
         };
+        let cidr = state.cidr.as_deref().map(PodCidr::parse).transpose()?;
         Ok(Self {
             path: path.to_path_buf(),
             cidr,
@@ -151,7 +153,19 @@ impl Ipam {
         })
     }
 
-    pub fn cidr(&self) -> PodCidr {
+    /// Hands out addresses from `cidr` from now on. Allocations outside
+    /// it (the CIDR changed) are kept until released or collected: their
+    /// pods may still run.
+    pub fn set_cidr(&mut self, cidr: PodCidr) -> Result<(), IpamError> {
+        if self.cidr == Some(cidr) {
+            return Ok(());
+        }
+        self.commit(|state| state.cidr = Some(cidr.to_string()))?;
+        self.cidr = Some(cidr);
+        Ok(())
+    }
+
+    pub fn cidr(&self) -> Option<PodCidr> {
         self.cidr
     }
 
@@ -163,87 +177,91 @@ impl Ipam {
     /// The attachment's address: the one it already has (ADD is retried
     /// by runtimes), or the next free one, persisted before it is returned.
     pub fn allocate(&mut self, attachment: &Attachment) -> Result<Assignment, IpamError> {
+        let cidr = self.cidr.ok_or(IpamError::NoCidr)?;
         let assignment = |address| Assignment {
             address,
-            prefix: self.cidr.prefix,
-            gateway: self.cidr.gateway(),
+            prefix: cidr.prefix,
+            gateway: cidr.gateway(),
         };
+        // Pod addresses: a changed CIDR may have made an old address its
+        // network, gateway or broadcast address.
+        let (first, last) = (cidr.network + 2, cidr.network + (cidr.size() - 2));
+        let usable = |address: &Ipv4Addr| (first..=last).contains(&u32::from(*address));
         if let Some((address, _)) = self
             .state
             .allocations
             .iter()
-            .find(|(address, a)| *a == attachment && self.cidr.contains(**address))
+            .find(|(address, a)| *a == attachment && usable(address))
         {
             return Ok(assignment(*address));
         }
-        let first = self.cidr.network + 2;
-        let last = self.cidr.network + self.cidr.size() - 2;
+        // After the last one handed out, if that is still a pod address.
         let start = self
             .state
             .last
-            .filter(|a| self.cidr.contains(*a))
+            .filter(usable)
             .map_or(first, |a| u32::from(a) + 1);
         let found = (start..=last)
             .chain(first..start)
             .map(Ipv4Addr::from)
             .find(|a| !self.state.allocations.contains_key(a))
             .ok_or_else(|| IpamError::Exhausted {
-                cidr: self.cidr.to_string(),
-                capacity: self.cidr.capacity(),
+                cidr: cidr.to_string(),
+                capacity: cidr.capacity(),
             })?;
-        self.state.allocations.insert(found, attachment.clone());
-        self.state.last = Some(found);
-        if let Err(error) = self.persist() {
-            self.state.allocations.remove(&found);
-            return Err(error);
-        }
+        self.commit(|state| {
+            state.allocations.insert(found, attachment.clone());
+            state.last = Some(found);
+        })?;
         Ok(assignment(found))
     }
 
-    /// Frees the attachment's address; releasing an unknown attachment
-    /// is not an error (CNI DEL is idempotent).
-    pub fn release(&mut self, attachment: &Attachment) -> Result<Option<Ipv4Addr>, IpamError> {
-        let found = self
-            .state
-            .allocations
-            .iter()
-            .find(|(_, a)| *a == attachment)
-            .map(|(address, _)| *address);
-        if let Some(address) = found {
-            self.state.allocations.remove(&address);
-            self.persist()?;
-        }
-        Ok(found)
+    /// Frees the attachment's addresses (two, if it was allocated again
+    /// after a CIDR change); releasing an unknown attachment is not an
+    /// error (CNI DEL is idempotent). Needs no CIDR.
+    pub fn release(&mut self, attachment: &Attachment) -> Result<Vec<Ipv4Addr>, IpamError> {
+        self.free(|a| a == attachment)
     }
 
     /// Frees every address whose attachment is not in `valid` (CNI GC);
-    /// returns those freed.
+    /// returns those freed. Needs no CIDR.
     pub fn collect(&mut self, valid: &[Attachment]) -> Result<Vec<Ipv4Addr>, IpamError> {
-        let leaked: Vec<Ipv4Addr> = self
+        self.free(|a| !valid.contains(a))
+    }
+
+    fn free(&mut self, doomed: impl Fn(&Attachment) -> bool) -> Result<Vec<Ipv4Addr>, IpamError> {
+        let freed: Vec<Ipv4Addr> = self
             .state
             .allocations
             .iter()
-            .filter(|(_, a)| !valid.contains(a))
+            .filter(|(_, a)| doomed(a))
             .map(|(address, _)| *address)
             .collect();
-        if !leaked.is_empty() {
-            for address in &leaked {
-                self.state.allocations.remove(address);
-            }
-            self.persist()?;
+        if !freed.is_empty() {
+            self.commit(|state| state.allocations.retain(|_, a| !doomed(a)))?;
         }
-        Ok(leaked)
+        Ok(freed)
     }
 
-    /// Writes the state to a temporary file, syncs it and renames it over
+    /// Applies `change` to a copy of the state, persists the copy, and only
+    /// then makes it the state: memory never runs ahead of the disk.
+    fn commit(&mut self, change: impl FnOnce(&mut State)) -> Result<(), IpamError> {
+        let mut next = self.state.clone();
+        change(&mut next);
+        self.persist(&next)?;
+        self.state = next;
+        Ok(())
+    }
+
+    /// Writes `state` to a temporary file, syncs it and renames it over
     /// the old one: a crash leaves the old state or the new, never half.
-    fn persist(&self) -> Result<(), IpamError> {
+    fn persist(&self, state: &State) -> Result<(), IpamError> {
         let error = |source| IpamError::Write {
             path: self.path.clone(),
             source,
         };
         let tmp = self.path.with_extension("tmp");
-        let bytes = serde_json::to_vec_pretty(&self.state).expect("IPAM state serializes");
+        let bytes = serde_json::to_vec_pretty(state).expect("IPAM state serializes");
         let mut file = fs::File::create(&tmp).map_err(error)?;
         file.write_all(&bytes).map_err(error)?;
         file.sync_all().map_err(error)?;
@@ -275,7 +293,13 @@ mod tests {
         assert_eq!(cidr.to_string(), "10.244.1.0/24");
         assert_eq!(cidr.gateway(), Ipv4Addr::new(10, 244, 1, 1));
         assert_eq!(cidr.capacity(), 253);
-        for bad in ["10.244.1.0", "10.244.1.0/31", "fd00::/64", "10.244.1.0/x"] {
+        for bad in [
+            "10.244.1.0",
+            "10.244.1.0/31",
+            "10.0.0.0/1",
+            "fd00::/64",
+            "10.244.1.0/x",
+        ] {
             assert!(PodCidr::parse(bad).is_err(), "{bad}");
         }
     }
@@ -285,17 +309,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ipam.json");
         let cidr = PodCidr::parse("10.244.1.0/29").unwrap();
-        let mut ipam = Ipam::open(&path, cidr).unwrap();
+        let mut ipam = Ipam::open(&path).unwrap();
+        assert!(matches!(
+            ipam.allocate(&attachment("a")),
+            Err(IpamError::NoCidr)
+        ));
+        ipam.set_cidr(cidr).unwrap();
         let a = ipam.allocate(&attachment("a")).unwrap();
         assert_eq!(a.address, Ipv4Addr::new(10, 244, 1, 2));
         assert_eq!((a.prefix, a.gateway), (29, Ipv4Addr::new(10, 244, 1, 1)));
         assert_eq!(ipam.allocate(&attachment("a")).unwrap(), a, "idempotent");
         let b = ipam.allocate(&attachment("b")).unwrap().address;
-        assert_eq!(ipam.release(&attachment("a")).unwrap(), Some(a.address));
-        assert_eq!(ipam.release(&attachment("a")).unwrap(), None);
+        assert_eq!(ipam.release(&attachment("a")).unwrap(), [a.address]);
+        assert!(ipam.release(&attachment("a")).unwrap().is_empty());
 
-        // A restarted agent knows b is taken and carries on after it.
-        let mut ipam = Ipam::open(&path, cidr).unwrap();
+        // A restarted agent knows the CIDR, that b is taken, and carries
+        // on after it.
+        let mut ipam = Ipam::open(&path).unwrap();
+        assert_eq!(ipam.cidr(), Some(cidr));
         let c = ipam.allocate(&attachment("c")).unwrap().address;
         assert_eq!(c, Ipv4Addr::from(u32::from(b) + 1));
         assert_ne!(c, a.address, "a freed address waits its turn");
@@ -305,7 +336,8 @@ mod tests {
     fn an_exhausted_pool_says_so_and_gc_frees_leaks() {
         let dir = tempfile::tempdir().unwrap();
         let cidr = PodCidr::parse("10.244.1.0/29").unwrap();
-        let mut ipam = Ipam::open(&dir.path().join("ipam.json"), cidr).unwrap();
+        let mut ipam = Ipam::open(&dir.path().join("ipam.json")).unwrap();
+        ipam.set_cidr(cidr).unwrap();
         let ids = ["a", "b", "c", "d", "e"];
         for id in ids {
             ipam.allocate(&attachment(id)).unwrap();
@@ -322,7 +354,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ipam.json");
         fs::write(&path, "{not json").unwrap();
-        let error = Ipam::open(&path, PodCidr::parse("10.244.1.0/24").unwrap()).unwrap_err();
+        let error = Ipam::open(&path).unwrap_err();
         assert!(matches!(error, IpamError::Damaged { .. }), "{error}");
+    }
+
+    #[test]
+    fn a_changed_cidr_never_hands_out_its_reserved_addresses() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ipam = Ipam::open(&dir.path().join("ipam.json")).unwrap();
+        ipam.set_cidr(PodCidr::parse("10.244.0.0/16").unwrap())
+            .unwrap();
+        // Walk the last-handed-out mark to 10.244.0.254.
+        for n in 0..253 {
+            let id = format!("p{n}");
+            ipam.allocate(&attachment(&id)).unwrap();
+            ipam.release(&attachment(&id)).unwrap();
+        }
+        ipam.allocate(&attachment("old")).unwrap();
+        // Shrunk to a /24: .255 is its broadcast. The next address is .2;
+        // a retried ADD of "old" gets a pod address, not its .255, and
+        // releasing it frees both.
+        ipam.set_cidr(PodCidr::parse("10.244.0.0/24").unwrap())
+            .unwrap();
+        let next = ipam.allocate(&attachment("new")).unwrap().address;
+        assert_eq!(next, Ipv4Addr::new(10, 244, 0, 2));
+        let again = ipam.allocate(&attachment("old")).unwrap().address;
+        assert_eq!(again, Ipv4Addr::new(10, 244, 0, 3));
+        assert_eq!(ipam.release(&attachment("old")).unwrap().len(), 2);
     }
 }

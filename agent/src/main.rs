@@ -71,7 +71,7 @@ struct Args {
     max_pods: u32,
 
     /// The node Lease's duration; it is renewed every quarter of it.
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(4..))]
     node_lease_duration_seconds: u64,
 
     /// The agent API's UNIX socket (wharf-cni asks it for pod addresses).
@@ -226,7 +226,8 @@ async fn main() -> anyhow::Result<()> {
     if !args.proxy_only && (args.kubeconfig.is_some() || args.pod_cidr.is_some()) {
         let state = args.state_dir.join(&args.node_name);
         std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
-        let service = IpamService::follow(state.join("ipam.json"), pod_cidrs);
+        let service = IpamService::open(&state.join("ipam.json"), pod_cidrs)
+            .context("opening the pod address allocations")?;
         let socket = args.api_socket.clone();
         tokio::spawn(async move {
             if let Err(error) = agent_api::serve(&socket, service, std::future::pending()).await {

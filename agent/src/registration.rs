@@ -33,7 +33,8 @@ const LEASE_NAMESPACE: &str = "kube-node-lease";
 /// liveness by the Lease, so this only refreshes heartbeat times.
 const STATUS_REPORT_INTERVAL: Duration = Duration::from_secs(300);
 
-/// The port the agent's kubelet API is announced on (kubelet's).
+/// The port announced for the node's kubelet API (kubelet's), which the
+/// API server proxies `pods/log` to. The agent does not serve it yet.
 pub const KUBELET_PORT: i32 = 10250;
 
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +52,7 @@ pub enum RegistrationError {
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub name: String,
-    /// The InternalIP; also where the kubelet API is reached.
+    /// The InternalIP.
     pub address: Option<Ipv4Addr>,
     pub max_pods: u32,
     /// The Lease's duration; it is renewed every quarter of it.
@@ -61,9 +62,15 @@ pub struct NodeConfig {
 /// How long to wait before trying a failed registration again.
 const REGISTER_RETRY: Duration = Duration::from_secs(5);
 
+/// How soon a failed lease renewal is tried again (within the renewal
+/// period, so a 40 s lease survives several failures in a row).
+const LEASE_RETRY: Duration = Duration::from_secs(1);
+
 /// Registers the node (retrying until the API server takes it), then
 /// keeps its Lease and status current until dropped, reporting the
-/// podCIDR the node IPAM assigned on `pod_cidr`.
+/// podCIDR the node IPAM assigned on `pod_cidr`. The Lease is renewed by
+/// a loop of its own, each request bounded by the renewal period, so a
+/// slow status write never lets it lapse.
 pub async fn run(
     client: Client,
     config: NodeConfig,
@@ -82,38 +89,59 @@ pub async fn run(
         }
     };
     info!(node = %config.name, "registered");
-    let owner = OwnerReference {
-        api_version: "v1".into(),
-        kind: "Node".into(),
-        name: config.name.clone(),
-        uid: registered.metadata.uid.clone().unwrap_or_default(),
-        ..Default::default()
-    };
+    // Deleted with its Node by the garbage collector (a Node without a
+    // uid yet cannot own anything; the next renewal adds the owner).
+    let owner = registered
+        .metadata
+        .uid
+        .clone()
+        .filter(|uid| !uid.is_empty())
+        .map(|uid| OwnerReference {
+            api_version: "v1".into(),
+            kind: "Node".into(),
+            name: config.name.clone(),
+            uid,
+            ..Default::default()
+        });
+    tokio::join!(
+        renew_lease(&leases, &config, owner),
+        report_status(&nodes, &config, &telemetry, &pod_cidr)
+    );
+}
+
+/// Every quarter of the lease duration: reads the Node and writes its
+/// status when the live Ready differs from the agent's (the lifecycle
+/// controller may have marked it Unknown while the agent was away) or
+/// the last write is five minutes old; passes the podCIDR on.
+async fn report_status(
+    nodes: &Api<Node>,
+    config: &NodeConfig,
+    telemetry: &Telemetry,
+    pod_cidr: &watch::Sender<Option<String>>,
+) {
     let mut ticker = tokio::time::interval(config.lease_duration / 4);
-    let mut written = tokio::time::Instant::now();
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut written: Option<tokio::time::Instant> = None;
     loop {
         ticker.tick().await;
-        if let Err(error) = renew_lease(&leases, &config, &owner).await {
-            warn!(%error, "renewing the node lease failed; retrying");
-        }
-        let ready = telemetry.ready();
-        // The live object decides, not memory: the lifecycle controller
-        // may have marked the node Unknown while the agent was away.
-        let differs = match nodes.get(&config.name).await {
-            Ok(node) => {
-                let cidr = node.spec.as_ref().and_then(|s| s.pod_cidr.clone());
-                pod_cidr.send_if_modified(|known| {
-                    let changed = *known != cidr;
-                    *known = cidr;
-                    changed
-                });
-                ready_status(&node) != Some(if ready { "True" } else { "False" })
+        let node = match nodes.get(&config.name).await {
+            Ok(node) => node,
+            Err(error) => {
+                warn!(%error, "reading the node failed; retrying");
+                continue;
             }
-            Err(_) => true,
         };
-        if differs || written.elapsed() >= STATUS_REPORT_INTERVAL {
-            match write_status(&nodes, &config, ready).await {
-                Ok(()) => written = tokio::time::Instant::now(),
+        let cidr = node.spec.as_ref().and_then(|s| s.pod_cidr.clone());
+        pod_cidr.send_if_modified(|known| {
+            let changed = *known != cidr;
+            *known = cidr;
+            changed
+        });
+        let ready = telemetry.ready();
+        let differs = ready_status(&node) != Some(if ready { "True" } else { "False" });
+        if differs || written.is_none_or(|at| at.elapsed() >= STATUS_REPORT_INTERVAL) {
+            match write_status(nodes, config, ready, &node).await {
+                Ok(()) => written = Some(tokio::time::Instant::now()),
                 Err(error) => warn!(%error, "writing node status failed; retrying"),
             }
         }
@@ -150,7 +178,8 @@ async fn register(nodes: &Api<Node>, config: &NodeConfig) -> Result<Node, Regist
             .map_err(error("updating"))?,
         Err(source) => return Err(error("creating")(source)),
     };
-    write_status(nodes, config, false).await?;
+    // Status waits for the first report: writing NotReady here would
+    // flap a restarted node whose dataplane never stopped forwarding.
     Ok(node)
 }
 
@@ -188,18 +217,24 @@ fn ready_status(node: &Node) -> Option<&str> {
         .map(|c| c.status.as_str())
 }
 
+/// Writes the status over `current`, pinned at its resourceVersion (a
+/// concurrent writer makes this one fail and retry next tick, rather
+/// than be overwritten).
 async fn write_status(
     nodes: &Api<Node>,
     config: &NodeConfig,
     ready: bool,
+    current: &Node,
 ) -> Result<(), RegistrationError> {
-    let current = nodes.get(&config.name).await.ok();
-    let status = status(config, ready, current.as_ref(), Utc::now());
+    let status = status(config, ready, Some(current), Utc::now());
     nodes
         .patch_status(
             &config.name,
             &PatchParams::default(),
-            &Patch::Merge(json!({ "status": status })),
+            &Patch::Merge(json!({
+                "metadata": { "resourceVersion": current.metadata.resource_version },
+                "status": status,
+            })),
         )
         .await
         .map(drop)
@@ -211,7 +246,9 @@ async fn write_status(
 }
 
 /// The Node's status as this agent sees the node now; conditions keep
-/// their transition times from `current` when their status is the same.
+/// their transition times from `current` when their status is the same,
+/// and conditions other writers own (NetworkUnavailable, a problem
+/// detector's) are carried over: a merge patch replaces the whole list.
 fn status(
     config: &NodeConfig,
     ready: bool,
@@ -250,7 +287,7 @@ fn status(
             "wharf-agent: the service proxy has not programmed the dataplane, or a change has waited over 60 s",
         )
     };
-    let conditions = [
+    let mut conditions = vec![
         condition(
             "MemoryPressure",
             false,
@@ -271,6 +308,14 @@ fn status(
         ),
         condition("Ready", ready, reason, message),
     ];
+    let ours: Vec<String> = conditions.iter().map(|c| c.type_.clone()).collect();
+    conditions.extend(
+        current
+            .and_then(|n| n.status.as_ref()?.conditions.clone())
+            .into_iter()
+            .flatten()
+            .filter(|c| !ours.contains(&c.type_)),
+    );
     let capacity = system::capacity(config.max_pods);
     let mut addresses = Vec::new();
     if let Some(address) = config.address {
@@ -287,45 +332,70 @@ fn status(
     })
 }
 
-async fn renew_lease(
-    leases: &Api<Lease>,
-    config: &NodeConfig,
-    owner: &OwnerReference,
-) -> Result<(), kube::Error> {
-    let now = MicroTime(Utc::now());
-    let seconds = i32::try_from(config.lease_duration.as_secs()).unwrap_or(i32::MAX);
-    match leases.get_opt(&config.name).await? {
-        Some(mut lease) => {
-            let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-            spec.holder_identity = Some(config.name.clone());
-            spec.lease_duration_seconds = Some(seconds);
-            spec.renew_time = Some(now);
-            // Pinned at the resourceVersion read: a lost race is retried
-            // at the next tick rather than overwriting someone's write.
-            leases
-                .replace(&config.name, &PostParams::default(), &lease)
-                .await?;
-        }
-        None => {
-            let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(config.name.clone()),
-                    namespace: Some(LEASE_NAMESPACE.into()),
-                    // Deleted with its Node by the garbage collector.
-                    owner_references: Some(vec![owner.clone()]),
-                    ..Default::default()
-                },
-                spec: Some(LeaseSpec {
-                    holder_identity: Some(config.name.clone()),
-                    lease_duration_seconds: Some(seconds),
-                    renew_time: Some(now),
-                    ..Default::default()
-                }),
-            };
-            leases.create(&PostParams::default(), &lease).await?;
+/// Renews the Lease every quarter of its duration, each try bounded by
+/// that quarter; a failed try is retried after a second, from a fresh
+/// read. The Lease written last is kept, so a renewal is one write.
+async fn renew_lease(leases: &Api<Lease>, config: &NodeConfig, owner: Option<OwnerReference>) {
+    let period = config.lease_duration / 4;
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut known: Option<Lease> = None;
+    loop {
+        ticker.tick().await;
+        let renewal = renew_once(leases, config, owner.as_ref(), known.take());
+        match tokio::time::timeout(period, renewal).await {
+            Ok(Ok(lease)) => known = Some(lease),
+            Ok(Err(error)) => {
+                warn!(%error, "renewing the node lease failed; retrying");
+                ticker.reset_after(LEASE_RETRY.min(period));
+            }
+            Err(_) => {
+                warn!(timeout = ?period, "renewing the node lease timed out; retrying");
+                ticker.reset_after(LEASE_RETRY.min(period));
+            }
         }
     }
-    Ok(())
+}
+
+/// One renewal: `known` (or a fresh read) with a new renew time, written
+/// at its resourceVersion, so a lost race fails rather than overwrites.
+async fn renew_once(
+    leases: &Api<Lease>,
+    config: &NodeConfig,
+    owner: Option<&OwnerReference>,
+    known: Option<Lease>,
+) -> Result<Lease, kube::Error> {
+    let now = MicroTime(Utc::now());
+    let seconds = i32::try_from(config.lease_duration.as_secs()).unwrap_or(i32::MAX);
+    let current = match known {
+        Some(lease) => Some(lease),
+        None => leases.get_opt(&config.name).await?,
+    };
+    let mut lease = current.unwrap_or_else(|| Lease {
+        metadata: ObjectMeta {
+            name: Some(config.name.clone()),
+            namespace: Some(LEASE_NAMESPACE.into()),
+            ..Default::default()
+        },
+        spec: None,
+    });
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    spec.holder_identity = Some(config.name.clone());
+    spec.lease_duration_seconds = Some(seconds);
+    spec.renew_time = Some(now);
+    if let Some(owner) = owner {
+        let owners = lease.metadata.owner_references.get_or_insert_with(Vec::new);
+        if !owners.iter().any(|o| o.uid == owner.uid) {
+            owners.push(owner.clone());
+        }
+    }
+    if lease.metadata.resource_version.is_some() {
+        leases
+            .replace(&config.name, &PostParams::default(), &lease)
+            .await
+    } else {
+        leases.create(&PostParams::default(), &lease).await
+    }
 }
 
 /// What the node has, read from the system.
@@ -475,6 +545,28 @@ mod tests {
                 .0
         };
         assert_eq!(transition(true).timestamp(), earlier.timestamp());
+        let mut watched = node.clone();
+        watched
+            .status
+            .as_mut()
+            .unwrap()
+            .conditions
+            .as_mut()
+            .unwrap()
+            .push(NodeCondition {
+                type_: "NetworkUnavailable".into(),
+                status: "False".into(),
+                ..Default::default()
+            });
+        let kept = status(&config(), true, Some(&watched), now);
+        assert!(
+            kept["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["type"] == "NetworkUnavailable"),
+            "another writer's condition survives: {kept}"
+        );
         assert_eq!(transition(false).timestamp(), now.timestamp());
     }
 }

@@ -192,14 +192,16 @@ fn the_agent_registers_its_node_and_keeps_it_ready() {
 
     // The node IPAM gave the node a podCIDR; the agent hands out pod
     // addresses from it on its socket.
+    eventually("a podCIDR", || !get(".spec.podCIDR").is_empty());
     let pod_cidr = get(".spec.podCIDR");
     let socket = node.lab.dir.join("agent.sock");
     let status = api.runtime().block_on(async {
         let mut client = wharf_proto::connect(&socket).await.expect("agent API");
+        let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             match client.status(wharf_proto::StatusRequest {}).await {
                 Ok(status) => break status.into_inner(),
-                Err(e) if e.code() == tonic::Code::Unavailable => {
+                Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => panic!("{e}"),
