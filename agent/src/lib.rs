@@ -16,6 +16,7 @@ pub mod mode;
 pub mod netdev;
 pub mod netlink;
 pub mod nftables;
+pub mod podnet;
 pub mod proxy;
 pub mod registration;
 pub mod standalone;
