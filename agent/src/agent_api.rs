@@ -7,7 +7,7 @@
 //! releasing (CNI DEL, GC) works.
 
 use std::{
-    os::unix::fs::PermissionsExt as _,
+    os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -30,9 +30,16 @@ pub enum AgentApiError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{path} (mode {mode:o}) is not the agent's own directory: others could reach the socket; give --api-socket a directory of its own"
+    )]
+    SharedDirectory { path: PathBuf, mode: u32 },
     #[error("serving the agent API: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
+
+/// How soon a podCIDR that could not be taken on is tried again.
+const CIDR_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The `Ipam` service over the node's allocations.
 #[derive(Debug, Clone)]
@@ -60,7 +67,16 @@ impl IpamService {
                         .await;
                     match set {
                         Ok(()) => info!("pod addresses available"),
-                        Err(error) => warn!(%error, "cannot hand out pod addresses"),
+                        Err(error) => {
+                            // A failed write is worth retrying; a bad CIDR
+                            // waits for a new one either way.
+                            warn!(%error, "cannot hand out pod addresses; retrying in 5 s");
+                            tokio::select! {
+                                changed = cidrs.changed() => if changed.is_err() { return },
+                                () = tokio::time::sleep(CIDR_RETRY) => {}
+                            }
+                            continue;
+                        }
                     }
                 }
                 if cidrs.changed().await.is_err() {
@@ -163,8 +179,10 @@ impl IpamRpc for IpamService {
 }
 
 /// Binds the socket at `path` and serves until `shutdown`. Its directory
-/// is made root-only (0700) before the bind, so the socket is never
-/// reachable by others, even before it is made 0600 itself.
+/// must be the agent's own: created 0700 if missing, and refused if it
+/// exists and others may enter it, so the socket is never reachable by
+/// anyone but root, even before it is made 0600 itself. (A shared
+/// directory such as /run is never chmodded.)
 pub async fn serve(
     path: &Path,
     service: IpamService,
@@ -175,8 +193,30 @@ pub async fn serve(
         source,
     };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(error)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(error)?;
+        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let metadata = std::fs::metadata(dir).map_err(error)?;
+                // SAFETY: geteuid(2) cannot fail and touches no memory.
+                let uid = unsafe { libc::geteuid() };
+                if metadata.mode() & 0o077 != 0 || metadata.uid() != uid {
+                    return Err(AgentApiError::SharedDirectory {
+                        path: dir.to_path_buf(),
+                        mode: metadata.mode() & 0o7777,
+                    });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(parent) = dir.parent() {
+                    std::fs::create_dir_all(parent).map_err(error)?;
+                }
+                std::fs::DirBuilder::new()
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(error)?;
+            }
+            Err(e) => return Err(error(e)),
+        }
     }
     // A socket left by an earlier run refuses the bind.
     match std::fs::remove_file(path) {
@@ -273,5 +313,24 @@ mod tests {
 
         stop.send(()).unwrap();
         server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_directory_others_can_enter_is_refused_not_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (_cidrs, watched) = watch::channel(None);
+        let service = IpamService::open(&dir.path().join("ipam.json"), watched).unwrap();
+        let error = serve(&shared.join("agent.sock"), service, async {})
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, AgentApiError::SharedDirectory { mode: 0o755, .. }),
+            "{error}"
+        );
+        let mode = std::fs::metadata(&shared).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o755, "left as it was");
     }
 }

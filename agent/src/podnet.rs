@@ -3,7 +3,8 @@
 //! straight in the pod's, the pod's address and routes, and the node's
 //! route back to the pod. wharf-cni drives it.
 //!
-//! The layout (as Calico's, with the gateway on the node's veth end):
+//! The layout (as the CNI project's `ptp` plugin has it: point to point,
+//! the gateway address on the node's veth end):
 //!
 //! ```text
 //!  pod netns                         node netns
@@ -119,14 +120,13 @@ pub struct Macs {
 /// Creates the attachment. A node end of the same name left by an
 /// earlier try is removed first, so a retried ADD starts clean.
 pub fn attach(netns: &Path, wiring: &Wiring) -> Result<Macs, PodnetError> {
-    let namespace = File::open(netns).map_err(|source| PodnetError::Namespace {
-        path: netns.to_path_buf(),
-        source,
-    })?;
+    let namespace = open_namespace(netns)?;
     let mut node = route_socket("opening rtnetlink")?;
     delete_link(&mut node, &wiring.host_ifname)?;
     create_veth(&mut node, wiring, &namespace)?;
     let host = index(&wiring.host_ifname)?;
+    // Tagged first: a plugin killed part-way leaves an end GC can find.
+    set_alias(&mut node, host, &wiring.alias)?;
     let pod = wiring.clone();
     // The pod end is configured from a thread inside the pod's namespace
     // (a netlink socket works in the namespace it was opened in).
@@ -147,7 +147,6 @@ pub fn attach(netns: &Path, wiring: &Wiring) -> Result<Macs, PodnetError> {
         )?;
         Ok(mac(&pod.pod_ifname))
     })?;
-    set_alias(&mut node, host, &wiring.alias)?;
     add_address(&mut node, host, wiring.gateway, &wiring.host_ifname)?;
     set_up(&mut node, host, &wiring.host_ifname)?;
     add_route(&mut node, wiring.address, 32, None, host, RT_SCOPE_LINK)?;
@@ -167,10 +166,7 @@ pub fn detach(host_ifname: &str) -> Result<bool, PodnetError> {
 /// Whether the attachment is as `attach` left it: the node end exists,
 /// and the pod end exists with its address.
 pub fn check(netns: &Path, wiring: &Wiring) -> Result<Vec<String>, PodnetError> {
-    let namespace = File::open(netns).map_err(|source| PodnetError::Namespace {
-        path: netns.to_path_buf(),
-        source,
-    })?;
+    let namespace = open_namespace(netns)?;
     let mut problems = Vec::new();
     if index(&wiring.host_ifname).is_err() {
         problems.push(format!("the node end {} is missing", wiring.host_ifname));
@@ -200,9 +196,19 @@ pub fn attached() -> Result<Vec<(String, String)>, PodnetError> {
             let attributes = reply.payload.get(16..)?;
             let name = c_string(netlink::find(attributes, IFLA_IFNAME)?)?;
             let alias = c_string(netlink::find(attributes, IFLA_IFALIAS)?)?;
-            alias.starts_with(ALIAS_PREFIX).then_some((name, alias))
+            alias
+                .strip_prefix(ALIAS_PREFIX)
+                .is_some_and(|rest| rest.starts_with('/'))
+                .then_some((name, alias))
         })
         .collect())
+}
+
+fn open_namespace(path: &Path) -> Result<File, PodnetError> {
+    File::open(path).map_err(|source| PodnetError::Namespace {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn c_string(bytes: &[u8]) -> Option<String> {

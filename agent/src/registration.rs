@@ -89,8 +89,8 @@ pub async fn run(
         }
     };
     info!(node = %config.name, "registered");
-    // Deleted with its Node by the garbage collector (a Node without a
-    // uid yet cannot own anything; the next renewal adds the owner).
+    // Deleted with its Node by the garbage collector. (The API server
+    // always gives a Node a uid; without one there is nothing to own.)
     let owner = registered
         .metadata
         .uid
@@ -112,7 +112,8 @@ pub async fn run(
 /// Every quarter of the lease duration: reads the Node and writes its
 /// status when the live Ready differs from the agent's (the lifecycle
 /// controller may have marked it Unknown while the agent was away) or
-/// the last write is five minutes old; passes the podCIDR on.
+/// the last write is five minutes old, except that a live Ready=True is
+/// left alone until the proxy's first sync; passes the podCIDR on.
 async fn report_status(
     nodes: &Api<Node>,
     config: &NodeConfig,
@@ -138,8 +139,13 @@ async fn report_status(
             changed
         });
         let ready = telemetry.ready();
-        let differs = ready_status(&node) != Some(if ready { "True" } else { "False" });
-        if differs || written.is_none_or(|at| at.elapsed() >= STATUS_REPORT_INTERVAL) {
+        let live = ready_status(&node);
+        // A restarted agent's dataplane kept forwarding: a live Ready is
+        // not taken back before the first sync has had its chance.
+        let starting = !telemetry.programmed_once() && live == Some("True");
+        let differs = live != Some(if ready { "True" } else { "False" });
+        let due = differs || written.is_none_or(|at| at.elapsed() >= STATUS_REPORT_INTERVAL);
+        if due && !starting {
             match write_status(nodes, config, ready, &node).await {
                 Ok(()) => written = Some(tokio::time::Instant::now()),
                 Err(error) => warn!(%error, "writing node status failed; retrying"),

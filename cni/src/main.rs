@@ -48,7 +48,7 @@ fn main() -> ExitCode {
 fn run(stdin: &[u8]) -> Result<Option<serde_json::Value>, CniError> {
     let invocation = Invocation::from_env(|name| std::env::var(name).ok())?;
     if invocation.command == Command::Version {
-        return Ok(Some(spec::version_info()));
+        return Ok(Some(spec::version_info(stdin)));
     }
     let conf = NetConf::parse(stdin, invocation.command)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -92,10 +92,10 @@ fn agent_error(status: tonic::Status) -> CniError {
     )
 }
 
-fn attachment(invocation: &Invocation) -> Attachment {
+fn attachment(container_id: &str, ifname: &str) -> Attachment {
     Attachment {
-        container_id: invocation.container_id.clone(),
-        ifname: invocation.ifname.clone(),
+        container_id: container_id.to_string(),
+        ifname: ifname.to_string(),
     }
 }
 
@@ -132,7 +132,7 @@ async fn add(invocation: &Invocation, conf: &NetConf) -> Result<serde_json::Valu
     let netns = netns(invocation)?;
     let mut agent = agent(conf).await?;
     let assigned = agent
-        .allocate(attachment(invocation))
+        .allocate(attachment(&invocation.container_id, &invocation.ifname))
         .await
         .map_err(agent_error)?
         .into_inner();
@@ -152,7 +152,9 @@ async fn add(invocation: &Invocation, conf: &NetConf) -> Result<serde_json::Valu
         Err(error) => {
             // Leave nothing behind: the runtime will retry ADD or DEL.
             let _ = podnet::detach(&wiring.host_ifname);
-            let _ = agent.release(attachment(invocation)).await;
+            let _ = agent
+                .release(attachment(&invocation.container_id, &invocation.ifname))
+                .await;
             return Err(CniError::new(
                 Code::Wiring,
                 "setting up the pod's interface failed",
@@ -189,7 +191,7 @@ async fn del(invocation: &Invocation, conf: &NetConf) -> Result<(), CniError> {
     })?;
     agent(conf)
         .await?
-        .release(attachment(invocation))
+        .release(attachment(&invocation.container_id, &invocation.ifname))
         .await
         .map_err(agent_error)?;
     Ok(())
@@ -231,22 +233,12 @@ fn check(invocation: &Invocation, conf: &NetConf) -> Result<(), CniError> {
     }
 }
 
-/// Frees the addresses and removes the node ends of every attachment not
-/// in `cni.dev/valid-attachments`.
+/// Removes the node end of, then frees the address of, every attachment
+/// not in `cni.dev/valid-attachments` (the order DEL keeps). A node end
+/// that cannot be removed does not stop the rest; the first failure is
+/// reported at the end.
 async fn gc(conf: &NetConf) -> Result<(), CniError> {
     let valid = conf.valid_attachments.clone().unwrap_or_default();
-    let attachments = valid
-        .iter()
-        .map(|a| Attachment {
-            container_id: a.container_id.clone(),
-            ifname: a.ifname.clone(),
-        })
-        .collect();
-    agent(conf)
-        .await?
-        .collect(ValidAttachments { attachments })
-        .await
-        .map_err(agent_error)?;
     let keep: Vec<String> = valid
         .iter()
         .map(|a| podnet::alias(&a.container_id, &a.ifname))
@@ -254,12 +246,24 @@ async fn gc(conf: &NetConf) -> Result<(), CniError> {
     let io = |e: podnet::PodnetError| {
         CniError::new(Code::Io, "removing leaked interfaces failed", e.to_string())
     };
+    let mut failure = None;
     for (name, alias) in podnet::attached().map_err(io)? {
-        if !keep.contains(&alias) {
-            podnet::detach(&name).map_err(io)?;
+        if !keep.contains(&alias)
+            && let Err(error) = podnet::detach(&name)
+        {
+            failure.get_or_insert(io(error));
         }
     }
-    Ok(())
+    let attachments = valid
+        .iter()
+        .map(|a| attachment(&a.container_id, &a.ifname))
+        .collect();
+    agent(conf)
+        .await?
+        .collect(ValidAttachments { attachments })
+        .await
+        .map_err(agent_error)?;
+    failure.map_or(Ok(()), Err)
 }
 
 /// Ready when the agent answers and has a podCIDR to hand out from.

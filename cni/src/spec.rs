@@ -142,7 +142,13 @@ impl Invocation {
         if netns.is_none() && matches!(command, Command::Add | Command::Check) {
             return Err(missing("CNI_NETNS"));
         }
-        if ifname.len() > 15 || ifname.contains('/') {
+        let bad_name = ifname.len() > 15
+            || ifname == "."
+            || ifname == ".."
+            || ifname
+                .chars()
+                .any(|c| c == '/' || c == ':' || c.is_whitespace());
+        if per_container && bad_name {
             return Err(CniError::new(
                 Code::InvalidEnvironment,
                 "invalid necessary environment variables",
@@ -181,9 +187,14 @@ pub struct NetConf {
     pub agent_socket: Option<PathBuf>,
     #[serde(default)]
     pub prev_result: Option<Value>,
-    /// GC: the attachments to keep. Other keys (`type`, `runtimeConfig`,
+    /// GC: the attachments to keep (libcni's drafts called the key
+    /// `cni.dev/attachments`). Other keys (`type`, `runtimeConfig`,
     /// `args`, ...) are not this plugin's concern and are ignored.
-    #[serde(default, rename = "cni.dev/valid-attachments")]
+    #[serde(
+        default,
+        rename = "cni.dev/valid-attachments",
+        alias = "cni.dev/attachments"
+    )]
     pub valid_attachments: Option<Vec<ValidAttachment>>,
 }
 
@@ -210,6 +221,14 @@ impl NetConf {
                     command.since(),
                     conf.cni_version
                 ),
+            ));
+        }
+        // Without the list, GC would take every attachment for a leak.
+        if command == Command::Gc && conf.valid_attachments.is_none() {
+            return Err(CniError::new(
+                Code::InvalidConfig,
+                "invalid network configuration",
+                "GC needs cni.dev/valid-attachments",
             ));
         }
         if conf.name.is_empty() {
@@ -255,9 +274,13 @@ fn version_key(version: &str) -> Vec<u32> {
         .collect()
 }
 
-/// VERSION's answer.
-pub fn version_info() -> Value {
-    json!({ "cniVersion": LATEST, "supportedVersions": SUPPORTED_VERSIONS })
+/// VERSION's answer, in the input's `cniVersion` (the latest if none).
+pub fn version_info(stdin: &[u8]) -> Value {
+    let asked = serde_json::from_slice::<Value>(stdin)
+        .ok()
+        .and_then(|v| v["cniVersion"].as_str().map(str::to_string))
+        .unwrap_or_else(|| LATEST.to_string());
+    json!({ "cniVersion": asked, "supportedVersions": SUPPORTED_VERSIONS })
 }
 
 /// What ADD set up, to be written as a result.
@@ -378,6 +401,9 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(error.code, Code::IncompatibleVersion);
+        let gc = br#"{"cniVersion":"1.1.0","name":"wharf","type":"wharf-cni"}"#;
+        let error = NetConf::parse(gc, Command::Gc).unwrap_err();
+        assert_eq!(error.code, Code::InvalidConfig, "no list, no GC");
         let error = NetConf::parse(b"{not json", Command::Add).unwrap_err();
         assert_eq!(error.code, Code::Decode);
         let error = NetConf::parse(br#"{"cniVersion":"1.0.0"}"#, Command::Add).unwrap_err();

@@ -358,7 +358,7 @@ impl Node {
                 path_string(&api.kubeconfig()),
                 format!(
                     "--api-socket={}",
-                    path_string(&self.lab.dir.join("agent.sock"))
+                    path_string(&self.lab.dir.join("run/agent.sock"))
                 ),
                 format!("--state-dir={}", path_string(&self.lab.dir.join("state"))),
             ],

@@ -194,7 +194,7 @@ fn the_agent_registers_its_node_and_keeps_it_ready() {
     // addresses from it on its socket.
     eventually("a podCIDR", || !get(".spec.podCIDR").is_empty());
     let pod_cidr = get(".spec.podCIDR");
-    let socket = node.lab.dir.join("agent.sock");
+    let socket = node.lab.dir.join("run/agent.sock");
     let status = api.runtime().block_on(async {
         let mut client = wharf_proto::connect(&socket).await.expect("agent API");
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -57,6 +57,7 @@ impl Node {
             self.lab
                 .spawn(&ns, false, &agent_binary(), &args, "agent.log"),
         );
+        self.lab.wait_for_log("agent.log", "agent API serving", 1);
         self.lab
             .wait_for_log("agent.log", "pod addresses available", 1);
     }
@@ -322,6 +323,10 @@ fn failures_are_spec_errors_on_stdout() {
 
     // GC keeps only the listed attachments: the others' addresses are
     // freed and their node ends removed.
+    // Without the list GC refuses rather than take everything for a leak.
+    let (ok, error) = node.cni(&[("CNI_COMMAND", "GC")], &node.conf("1.1.0", json!({})));
+    assert!(!ok);
+    assert_eq!(error_code(&error), 7);
     let gc_conf = node.conf(
         "1.1.0",
         json!({ "cni.dev/valid-attachments": [{ "containerID": "c1", "ifname": "eth0" }] }),
