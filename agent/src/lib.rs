@@ -5,6 +5,7 @@
 
 pub mod agent_api;
 pub mod cluster;
+pub mod cni_install;
 pub mod conntrack;
 pub mod ebpf;
 pub mod host;
@@ -19,6 +20,7 @@ pub mod nftables;
 pub mod podnet;
 pub mod proxy;
 pub mod registration;
+pub mod routes;
 pub mod standalone;
 pub mod sync;
 pub mod telemetry;

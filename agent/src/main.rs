@@ -14,6 +14,7 @@ use tracing::info;
 use wharf_agent::{
     agent_api::{self, IpamService},
     cluster::{self, Cluster},
+    cni_install,
     ebpf::{Dataplane, Reconciler, read_counters},
     host::System,
     iptables::{Flavor, IptablesProxy},
@@ -23,6 +24,7 @@ use wharf_agent::{
     nftables::NftablesProxy,
     proxy::ServiceProxy,
     registration::{self, NodeConfig},
+    routes,
     standalone::Manifests,
     sync,
     telemetry::{self, Telemetry},
@@ -87,6 +89,15 @@ struct Args {
     /// (assigned by the control plane's node IPAM).
     #[arg(long)]
     pod_cidr: Option<String>,
+
+    /// Where wharf-cni is installed for the container runtime.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+
+    /// Where its network configuration list (10-wharf.conflist) is
+    /// written, once the node has a podCIDR.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
 
     /// Take services from manifests instead of an API server.
     #[arg(long, requires = "services_from")]
@@ -217,21 +228,33 @@ async fn main() -> anyhow::Result<()> {
             pod_cidr
         };
         tokio::spawn(registration::run(
-            client,
+            client.clone(),
             config,
             Arc::clone(&telemetry),
             reported,
         ));
+        // Pods on this node reach the others' through it, and theirs
+        // through their nodes.
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
+        tokio::spawn(routes::follow(client, args.node_name.clone()));
     }
     if !args.proxy_only && (args.kubeconfig.is_some() || args.pod_cidr.is_some()) {
         let state = args.state_dir.join(&args.node_name);
         std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
-        let service = IpamService::open(&state.join("ipam.json"), pod_cidrs)
+        let service = IpamService::open(&state.join("ipam.json"), pod_cidrs.clone())
             .context("opening the pod address allocations")?;
         let socket = args.api_socket.clone();
         tokio::spawn(async move {
             if let Err(error) = agent_api::serve(&socket, service, std::future::pending()).await {
                 tracing::error!(%error, "the agent API stopped");
+            }
+        });
+        let (bin_dir, conf_dir) = (args.cni_bin_dir.clone(), args.cni_conf_dir.clone());
+        let (socket, network) = (args.api_socket.clone(), Arc::clone(&telemetry));
+        tokio::spawn(async move {
+            match cni_install::install(&bin_dir, &conf_dir, &socket, pod_cidrs).await {
+                Ok(()) => network.set_network_ready(true),
+                Err(error) => tracing::error!(%error, "installing the CNI plugin failed"),
             }
         });
     }

@@ -25,13 +25,15 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::netlink::{self, Attrs, NLM_F_DUMP, NetlinkError, Socket};
+use crate::{
+    netlink::{self, Attrs, NLM_F_DUMP, NetlinkError, Socket},
+    routes::{RT_SCOPE_LINK, RT_SCOPE_UNIVERSE, RTPROT_STATIC, Route, RoutesError},
+};
 
 const RTM_NEWLINK: u16 = 16;
 const RTM_DELLINK: u16 = 17;
 const RTM_GETLINK: u16 = 18;
 const RTM_NEWADDR: u16 = 20;
-const RTM_NEWROUTE: u16 = 24;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_REPLACE: u16 = 0x100;
@@ -46,14 +48,6 @@ const IFLA_INFO_DATA: u16 = 2;
 const VETH_INFO_PEER: u16 = 1;
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
-const RTA_DST: u16 = 1;
-const RTA_OIF: u16 = 4;
-const RTA_GATEWAY: u16 = 5;
-const RT_TABLE_MAIN: u8 = 254;
-const RTPROT_STATIC: u8 = 4;
-const RT_SCOPE_UNIVERSE: u8 = 0;
-const RT_SCOPE_LINK: u8 = 253;
-const RTN_UNICAST: u8 = 1;
 const IFF_UP: u32 = 1;
 
 /// What marks a node veth as wharf's, in its alias.
@@ -75,6 +69,8 @@ pub enum PodnetError {
     },
     #[error("{0} has no interface index")]
     NoSuchLink(String),
+    #[error(transparent)]
+    Route(#[from] RoutesError),
     #[error("the attachment's thread panicked")]
     Panicked,
 }
@@ -396,34 +392,16 @@ fn add_route(
     link: u32,
     scope: u8,
 ) -> Result<(), PodnetError> {
-    // struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope,
-    // type, flags.
-    let mut message = vec![
-        libc::AF_INET as u8,
+    Route {
+        destination,
         prefix,
-        0,
-        0,
-        RT_TABLE_MAIN,
-        RTPROT_STATIC,
+        gateway,
+        oif: Some(link),
         scope,
-        RTN_UNICAST,
-    ];
-    message.extend_from_slice(&0u32.to_ne_bytes());
-    let mut attributes = Attrs::new();
-    if prefix > 0 {
-        attributes.put(RTA_DST, &destination.octets());
+        protocol: RTPROT_STATIC,
     }
-    if let Some(gateway) = gateway {
-        attributes.put(RTA_GATEWAY, &gateway.octets());
-    }
-    attributes.put_u32(RTA_OIF, link);
-    message.extend(attributes.into_bytes());
-    socket
-        .request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, &message)
-        .map(drop)
-        .map_err(netlink_error(format!(
-            "adding the route to {destination}/{prefix}"
-        )))
+    .replace(socket)
+    .map_err(PodnetError::from)
 }
 
 /// A link's hardware address, in the calling thread's namespace.

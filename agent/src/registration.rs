@@ -290,7 +290,7 @@ fn status(
     } else {
         (
             "KubeletNotReady",
-            "wharf-agent: the service proxy has not programmed the dataplane, or a change has waited over 60 s",
+            "wharf-agent: the service proxy has not programmed the dataplane (or a change has waited over 60 s), or the CNI plugin is not configured yet",
         )
     };
     let mut conditions = vec![

@@ -69,6 +69,8 @@ struct Health {
     /// False while the Node is being deleted or drained by the cluster
     /// autoscaler: load balancers should stop sending traffic here.
     node_eligible: bool,
+    /// Pods can be given a network: the CNI plugin is configured.
+    network_ready: bool,
 }
 
 impl Health {
@@ -125,6 +127,7 @@ impl Telemetry {
                 last_programmed: None,
                 pending_since: Some(Instant::now()),
                 node_eligible: true,
+                network_ready: false,
             }),
         }
     }
@@ -143,6 +146,10 @@ impl Telemetry {
 
     pub fn set_node_eligible(&self, eligible: bool) {
         self.health().node_eligible = eligible;
+    }
+
+    pub fn set_network_ready(&self, ready: bool) {
+        self.health().network_ready = ready;
     }
 
     pub fn sync_failed(&self) {
@@ -196,11 +203,11 @@ impl Telemetry {
         self.health().last_programmed.is_some()
     }
 
-    /// Whether the dataplane has been programmed and is keeping up: what
-    /// the node's Ready condition reports.
+    /// Whether the dataplane has been programmed and is keeping up, and
+    /// pods can be networked: what the node's Ready condition reports.
     pub fn ready(&self) -> bool {
         let health = self.health();
-        health.last_programmed.is_some() && health.keeping_up()
+        health.last_programmed.is_some() && health.keeping_up() && health.network_ready
     }
 
     /// The Prometheus text exposition.

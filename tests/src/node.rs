@@ -353,20 +353,14 @@ impl Node {
         self.agent_starts += 1;
         let cgroup = self.lab.cgroup();
         let source = match &self.api {
-            Some(api) => [
-                "--kubeconfig".to_string(),
-                path_string(&api.kubeconfig()),
-                format!(
-                    "--api-socket={}",
-                    path_string(&self.lab.dir.join("run/agent.sock"))
-                ),
-                format!("--state-dir={}", path_string(&self.lab.dir.join("state"))),
-            ],
-            None => [
+            Some(api) => {
+                let mut node = vec!["--kubeconfig".to_string(), path_string(&api.kubeconfig())];
+                node.extend(node_files(&self.lab.dir));
+                node
+            }
+            None => vec![
                 "--standalone".to_string(),
                 format!("--services-from={}", path_string(&self.manifests)),
-                String::new(),
-                String::new(),
             ],
         };
         let mut args = vec![
@@ -381,7 +375,7 @@ impl Node {
             "--cgroup",
             cgroup.to_str().unwrap(),
         ];
-        args.extend(source.iter().map(String::as_str).filter(|a| !a.is_empty()));
+        args.extend(source.iter().map(String::as_str));
         args.extend(self.agent_args.iter().map(String::as_str));
         let (ns, log) = (self.node_ns.clone(), self.agent_log());
         self.agent = Some(self.lab.spawn(&ns, false, &agent_binary(), &args, &log));
@@ -407,6 +401,18 @@ impl Node {
     pub fn counter(&self, reason: Reason) -> u64 {
         counter(&self.node_name, reason)
     }
+}
+
+/// The flags that keep a node agent's files (its API socket, state, and
+/// the CNI plugin and configuration it installs) under `dir`, not in the
+/// host's /run, /var/lib, /opt/cni and /etc/cni.
+pub fn node_files(dir: &std::path::Path) -> Vec<String> {
+    vec![
+        format!("--api-socket={}", path_string(&dir.join("run/agent.sock"))),
+        format!("--state-dir={}", path_string(&dir.join("state"))),
+        format!("--cni-bin-dir={}", path_string(&dir.join("cni/bin"))),
+        format!("--cni-conf-dir={}", path_string(&dir.join("cni/net.d"))),
+    ]
 }
 
 fn path_string(path: &std::path::Path) -> String {

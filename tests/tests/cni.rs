@@ -10,7 +10,10 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use wharf_tests::lab::{Lab, agent_binary, workspace_binary};
+use wharf_tests::{
+    lab::{Lab, agent_binary, workspace_binary},
+    node::node_files,
+};
 
 /// A /29: five pod addresses, .2 to .6.
 const POD_CIDR: &str = "10.244.7.0/29";
@@ -48,9 +51,8 @@ impl Node {
             "--proxy-mode=nftables".into(),
             format!("--node-name={name}"),
             format!("--pod-cidr={POD_CIDR}"),
-            format!("--api-socket={}", self.socket.display()),
-            format!("--state-dir={}", self.lab.dir.join("state").display()),
         ];
+        let args: Vec<String> = args.into_iter().chain(node_files(&self.lab.dir)).collect();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let ns = self.node_ns.clone();
         self.agent = Some(
@@ -58,6 +60,7 @@ impl Node {
                 .spawn(&ns, false, &agent_binary(), &args, "agent.log"),
         );
         self.lab.wait_for_log("agent.log", "agent API serving", 1);
+        self.lab.wait_for_log("agent.log", "CNI configured", 1);
         self.lab
             .wait_for_log("agent.log", "pod addresses available", 1);
     }
@@ -91,9 +94,9 @@ impl Node {
     /// or Null when empty).
     fn cni(&mut self, env: &[(&str, &str)], stdin: &str) -> (bool, Value) {
         let ns = self.node_ns.clone();
-        let mut command = self
-            .lab
-            .command(&ns, false, &workspace_binary("wharf-cni"), &[]);
+        // The copy the agent installed, as a runtime would run it.
+        let plugin = self.lab.dir.join("cni/bin/wharf-cni");
+        let mut command = self.lab.command(&ns, false, &plugin, &[]);
         command
             .env_clear()
             .env("CNI_PATH", "/opt/cni/bin")
@@ -168,6 +171,14 @@ fn error_code(value: &Value) -> u64 {
 #[test]
 fn add_check_del_wire_pods_that_reach_each_other() {
     let mut node = Node::new("cni-add");
+    // The agent installed the plugin and a configuration pointing at it.
+    let conflist: Value = serde_json::from_str(
+        &std::fs::read_to_string(node.lab.dir.join("cni/net.d/10-wharf.conflist")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(conflist["cniVersion"], "1.1.0");
+    assert_eq!(conflist["plugins"][0]["type"], "wharf-cni");
+    assert_eq!(conflist["plugins"][0]["agentSocket"], json!(node.socket));
     let (ok, version) = node.cni(&[("CNI_COMMAND", "VERSION")], r#"{"cniVersion":"1.1.0"}"#);
     assert!(ok, "{version}");
     assert!(

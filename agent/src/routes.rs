@@ -1,0 +1,293 @@
+//! Native routing between nodes: a route to every other node's podCIDR
+//! through that node's InternalIP, for nodes on one L2 segment, so pods
+//! reach pods on any node by their own addresses, without NAT or an
+//! overlay. Routes are followed from the API server's Nodes and tagged
+//! with their own rtnetlink protocol number, so the ones that are no
+//! longer wanted are found and removed (and no one else's are touched).
+
+use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt as _, reflector, watcher},
+};
+use tracing::{info, warn};
+
+use crate::netlink::{self, Attrs, NLM_F_DUMP, NetlinkError, Socket};
+
+const RTM_NEWROUTE: u16 = 24;
+const RTM_DELROUTE: u16 = 25;
+const RTM_GETROUTE: u16 = 26;
+const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_REPLACE: u16 = 0x100;
+const RTA_DST: u16 = 1;
+const RTA_OIF: u16 = 4;
+const RTA_GATEWAY: u16 = 5;
+const RT_TABLE_MAIN: u8 = 254;
+const RTN_UNICAST: u8 = 1;
+pub const RT_SCOPE_UNIVERSE: u8 = 0;
+pub const RT_SCOPE_LINK: u8 = 253;
+/// `static`: what routes to pods on this node are.
+pub const RTPROT_STATIC: u8 = 4;
+/// Routes to other nodes' podCIDRs: a protocol number of wharf's own
+/// (`ip route` shows `proto 199`), so they are told apart from everyone
+/// else's.
+pub const RTPROT_WHARF: u8 = 199;
+
+/// How long to wait after a Node change for the rest of its burst.
+const BATCH: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoutesError {
+    #[error("{action}: {source}")]
+    Netlink {
+        action: String,
+        #[source]
+        source: NetlinkError,
+    },
+}
+
+/// A route: `destination/prefix [via gateway] [dev oif]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Route {
+    pub destination: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Option<Ipv4Addr>,
+    pub oif: Option<u32>,
+    pub scope: u8,
+    pub protocol: u8,
+}
+
+impl Route {
+    /// `struct rtmsg` and attributes, for RTM_NEWROUTE and RTM_DELROUTE.
+    fn message(&self) -> Vec<u8> {
+        // family, dst_len, src_len, tos, table, protocol, scope, type,
+        // flags.
+        let mut message = vec![
+            libc::AF_INET as u8,
+            self.prefix,
+            0,
+            0,
+            RT_TABLE_MAIN,
+            self.protocol,
+            self.scope,
+            RTN_UNICAST,
+        ];
+        message.extend_from_slice(&0u32.to_ne_bytes());
+        let mut attributes = Attrs::new();
+        if self.prefix > 0 {
+            attributes.put(RTA_DST, &self.destination.octets());
+        }
+        if let Some(gateway) = self.gateway {
+            attributes.put(RTA_GATEWAY, &gateway.octets());
+        }
+        if let Some(oif) = self.oif {
+            attributes.put_u32(RTA_OIF, oif);
+        }
+        message.extend(attributes.into_bytes());
+        message
+    }
+
+    /// Adds the route, or replaces the one to the same destination.
+    pub fn replace(&self, socket: &mut Socket) -> Result<(), RoutesError> {
+        socket
+            .request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, &self.message())
+            .map(drop)
+            .map_err(|source| RoutesError::Netlink {
+                action: format!("adding the route to {self}"),
+                source,
+            })
+    }
+
+    fn delete(&self, socket: &mut Socket) -> Result<(), RoutesError> {
+        match socket.request(RTM_DELROUTE, 0, &self.message()) {
+            Ok(_) => Ok(()),
+            // Gone already (its device went away).
+            Err(e) if e.errno() == Some(libc::ESRCH) => Ok(()),
+            Err(source) => Err(RoutesError::Netlink {
+                action: format!("removing the route to {self}"),
+                source,
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.destination, self.prefix)?;
+        if let Some(gateway) = self.gateway {
+            write!(f, " via {gateway}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A route to a peer node's podCIDR through its InternalIP.
+fn peer_route(cidr: &str, via: Ipv4Addr) -> Option<Route> {
+    let (address, prefix) = cidr.split_once('/')?;
+    let address: Ipv4Addr = address.parse().ok()?;
+    let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32)?;
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    Some(Route {
+        destination: Ipv4Addr::from(u32::from(address) & mask),
+        prefix,
+        gateway: Some(via),
+        oif: None,
+        scope: RT_SCOPE_UNIVERSE,
+        protocol: RTPROT_WHARF,
+    })
+}
+
+/// The routes node `me` needs: one per other node with a podCIDR and an
+/// IPv4 InternalIP.
+fn wanted<'a>(nodes: impl IntoIterator<Item = &'a Node>, me: &str) -> BTreeSet<Route> {
+    nodes
+        .into_iter()
+        .filter(|node| node.metadata.name.as_deref() != Some(me))
+        .filter_map(|node| {
+            let cidr = node.spec.as_ref()?.pod_cidr.as_deref()?;
+            let via = node
+                .status
+                .as_ref()?
+                .addresses
+                .as_ref()?
+                .iter()
+                .find(|a| a.type_ == "InternalIP")
+                .and_then(|a| a.address.parse::<Ipv4Addr>().ok())?;
+            peer_route(cidr, via)
+        })
+        .collect()
+}
+
+/// The routes wharf programmed, read back from the kernel.
+fn programmed(socket: &mut Socket) -> Result<BTreeSet<Route>, RoutesError> {
+    let mut request = vec![libc::AF_INET as u8];
+    request.resize(12, 0);
+    let replies = socket
+        .request(RTM_GETROUTE, NLM_F_DUMP, &request)
+        .map_err(|source| RoutesError::Netlink {
+            action: "listing routes".into(),
+            source,
+        })?;
+    Ok(replies
+        .iter()
+        .filter_map(|reply| {
+            let header = reply.payload.get(..12)?;
+            if header[5] != RTPROT_WHARF || header[4] != RT_TABLE_MAIN {
+                return None;
+            }
+            let attributes = &reply.payload[12..];
+            let address = |kind| {
+                netlink::find(attributes, kind)
+                    .and_then(|v| <[u8; 4]>::try_from(v).ok())
+                    .map(Ipv4Addr::from)
+            };
+            Some(Route {
+                destination: address(RTA_DST).unwrap_or(Ipv4Addr::UNSPECIFIED),
+                prefix: header[1],
+                gateway: address(RTA_GATEWAY),
+                oif: None,
+                scope: header[6],
+                protocol: RTPROT_WHARF,
+            })
+        })
+        .collect())
+}
+
+/// Converges the kernel's wharf routes to `wanted`: stale ones removed,
+/// missing or changed ones (re)written.
+fn converge(wanted: &BTreeSet<Route>) -> Result<(), RoutesError> {
+    let mut socket = Socket::open(libc::NETLINK_ROUTE).map_err(|source| RoutesError::Netlink {
+        action: "opening rtnetlink".into(),
+        source,
+    })?;
+    let have = programmed(&mut socket)?;
+    for stale in have.difference(wanted) {
+        stale.delete(&mut socket)?;
+        info!(route = %stale, "removed the route to a node's pods");
+    }
+    for missing in wanted.difference(&have) {
+        missing.replace(&mut socket)?;
+        info!(route = %missing, "routed a node's pods");
+    }
+    Ok(())
+}
+
+/// Follows every Node and keeps routes to the others' podCIDRs, until
+/// dropped. Routes change only once the Node cache has listed, so a
+/// restart never removes a route it has not yet heard of again. A burst
+/// of Node changes costs one pass: changes only wake the converging
+/// task, which then reads the cache as it is.
+pub async fn follow(client: Client, me: String) {
+    let (nodes, writer) = reflector::store::<Node>();
+    let changed = std::sync::Arc::new(tokio::sync::Notify::new());
+    let events = reflector(
+        writer,
+        watcher(Api::<Node>::all(client), watcher::Config::default()).default_backoff(),
+    );
+    let wake = std::sync::Arc::clone(&changed);
+    let watch = async move {
+        futures::pin_mut!(events);
+        let mut listed = false;
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(watcher::Event::InitDone) => listed = true,
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
+                Ok(_) => {}
+                Err(error) => {
+                    warn!(%error, "watching nodes failed; retrying");
+                    continue;
+                }
+            }
+            if listed {
+                wake.notify_one();
+            }
+        }
+    };
+    let program = async move {
+        loop {
+            changed.notified().await;
+            tokio::time::sleep(BATCH).await;
+            let wanted = wanted(nodes.state().iter().map(AsRef::as_ref), &me);
+            // Netlink calls block; they are few and short.
+            match tokio::task::spawn_blocking(move || converge(&wanted)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => warn!(%error, "programming node routes failed"),
+                Err(error) => warn!(%error, "programming node routes panicked"),
+            }
+        }
+    };
+    tokio::join!(watch, program);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node(name: &str, cidr: Option<&str>, ip: &str) -> Node {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"podCIDR": cidr},
+            "status": {"addresses": [{"type": "Hostname", "address": name}, {"type": "InternalIP", "address": ip}]},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn every_other_node_with_a_pod_cidr_gets_a_route() {
+        let nodes = [
+            node("me", Some("10.244.0.0/24"), "192.168.90.1"),
+            node("b", Some("10.244.1.7/24"), "192.168.90.2"),
+            node("c", None, "192.168.90.3"),
+            node("d", Some("10.244.3.0/24"), "fd00::4"),
+        ];
+        let routes: Vec<String> = wanted(&nodes, "me")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(routes, ["10.244.1.0/24 via 192.168.90.2"]);
+    }
+}
