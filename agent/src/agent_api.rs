@@ -45,6 +45,7 @@ const CIDR_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct IpamService {
     ipam: Arc<Mutex<Ipam>>,
+    available: watch::Receiver<Option<String>>,
 }
 
 impl IpamService {
@@ -54,29 +55,35 @@ impl IpamService {
         state: &Path,
         mut cidrs: watch::Receiver<Option<String>>,
     ) -> Result<Self, IpamError> {
+        let ipam = Ipam::open(state)?;
+        let (taken, available) = watch::channel(ipam.cidr().map(|c| c.to_string()));
         let service = Self {
-            ipam: Arc::new(Mutex::new(Ipam::open(state)?)),
+            ipam: Arc::new(Mutex::new(ipam)),
+            available,
         };
         let follower = service.clone();
         tokio::spawn(async move {
             loop {
                 let cidr = cidrs.borrow_and_update().clone();
-                if let Some(cidr) = cidr {
-                    let set = follower
-                        .with(move |ipam| ipam.set_cidr(PodCidr::parse(&cidr)?))
-                        .await;
-                    match set {
-                        Ok(()) => info!("pod addresses available"),
-                        Err(error) => {
-                            // A failed write is worth retrying; a bad CIDR
-                            // waits for a new one either way.
-                            warn!(%error, "cannot hand out pod addresses; retrying in 5 s");
-                            tokio::select! {
-                                changed = cidrs.changed() => if changed.is_err() { return },
-                                () = tokio::time::sleep(CIDR_RETRY) => {}
+                if let Some(text) = cidr {
+                    match PodCidr::parse(&text) {
+                        // Nothing to retry: wait for another CIDR.
+                        Err(error) => warn!(%error, "cannot hand out pod addresses"),
+                        Ok(cidr) => match follower.with(move |ipam| ipam.set_cidr(cidr)).await {
+                            Ok(()) => {
+                                info!(pod_cidr = %cidr, "pod addresses available");
+                                taken.send_replace(Some(cidr.to_string()));
                             }
-                            continue;
-                        }
+                            Err(error) => {
+                                // Writing the allocations failed: retry.
+                                warn!(%error, "cannot hand out pod addresses; retrying in 5 s");
+                                tokio::select! {
+                                    changed = cidrs.changed() => if changed.is_err() { return },
+                                    () = tokio::time::sleep(CIDR_RETRY) => {}
+                                }
+                                continue;
+                            }
+                        },
                     }
                 }
                 if cidrs.changed().await.is_err() {
@@ -85,6 +92,11 @@ impl IpamService {
             }
         });
         Ok(service)
+    }
+
+    /// The podCIDR addresses are handed out from, once there is one.
+    pub fn available(&self) -> watch::Receiver<Option<String>> {
+        self.available.clone()
     }
 
     /// Runs `work` on the allocations on a blocking thread: it fsyncs, and

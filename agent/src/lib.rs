@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod cni_install;
 pub mod conntrack;
 pub mod ebpf;
+pub mod egress;
 pub mod host;
 pub mod ipam;
 pub mod iptables;

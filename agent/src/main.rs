@@ -16,7 +16,8 @@ use wharf_agent::{
     cluster::{self, Cluster},
     cni_install,
     ebpf::{Dataplane, Reconciler, read_counters},
-    host::System,
+    egress,
+    host::{self, System},
     iptables::{Flavor, IptablesProxy},
     ipvs::IpvsProxy,
     mode::{self, Mode},
@@ -89,6 +90,11 @@ struct Args {
     /// (assigned by the control plane's node IPAM).
     #[arg(long)]
     pod_cidr: Option<String>,
+
+    /// The cluster's pod addresses: pod traffic to anything outside them
+    /// (and the nodes) is masqueraded.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    cluster_cidr: String,
 
     /// Where wharf-cni is installed for the container runtime.
     #[arg(long, default_value = "/opt/cni/bin")]
@@ -192,6 +198,13 @@ async fn main() -> anyhow::Result<()> {
     if args.teardown {
         mode::remove_state(None, &System, &args.bpffs, &args.node_name, &node_addresses)
             .context("teardown")?;
+        if host::installed("nft") && egress::remove(&System).context("teardown")? {
+            info!("removed the pod egress table");
+        }
+        routes::remove_all().context("removing the routes to other nodes' pods")?;
+        if cni_install::uninstall(&args.cni_conf_dir).context("teardown")? {
+            info!("removed the CNI configuration");
+        }
         info!(node = %args.node_name, "dataplane removed");
         return Ok(());
     }
@@ -233,16 +246,21 @@ async fn main() -> anyhow::Result<()> {
             Arc::clone(&telemetry),
             reported,
         ));
-        // Pods on this node reach the others' through it, and theirs
-        // through their nodes.
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
-        tokio::spawn(routes::follow(client, args.node_name.clone()));
+        tokio::spawn(routes::follow(
+            client,
+            args.node_name.clone(),
+            args.cluster_cidr.clone(),
+        ));
     }
     if !args.proxy_only && (args.kubeconfig.is_some() || args.pod_cidr.is_some()) {
         let state = args.state_dir.join(&args.node_name);
         std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
-        let service = IpamService::open(&state.join("ipam.json"), pod_cidrs.clone())
+        let service = IpamService::open(&state.join("ipam.json"), pod_cidrs)
             .context("opening the pod address allocations")?;
+        // Pods reach each other, the node and other nodes' pods through
+        // this node.
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
+        let available = service.available();
         let socket = args.api_socket.clone();
         tokio::spawn(async move {
             if let Err(error) = agent_api::serve(&socket, service, std::future::pending()).await {
@@ -252,9 +270,14 @@ async fn main() -> anyhow::Result<()> {
         let (bin_dir, conf_dir) = (args.cni_bin_dir.clone(), args.cni_conf_dir.clone());
         let (socket, network) = (args.api_socket.clone(), Arc::clone(&telemetry));
         tokio::spawn(async move {
-            match cni_install::install(&bin_dir, &conf_dir, &socket, pod_cidrs).await {
-                Ok(()) => network.set_network_ready(true),
-                Err(error) => tracing::error!(%error, "installing the CNI plugin failed"),
+            loop {
+                match cni_install::install(&bin_dir, &conf_dir, &socket, available.clone()).await {
+                    Ok(()) => break network.set_network_ready(true),
+                    Err(error) => {
+                        tracing::error!(%error, "installing the CNI plugin failed; retrying in 10 s");
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                    }
+                }
             }
         });
     }

@@ -26,7 +26,9 @@ use std::{
 };
 
 use crate::{
-    netlink::{self, Attrs, NLM_F_DUMP, NetlinkError, Socket},
+    netlink::{
+        self, Attrs, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NetlinkError, Socket,
+    },
     routes::{RT_SCOPE_LINK, RT_SCOPE_UNIVERSE, RTPROT_STATIC, Route, RoutesError},
 };
 
@@ -34,9 +36,6 @@ const RTM_NEWLINK: u16 = 16;
 const RTM_DELLINK: u16 = 17;
 const RTM_GETLINK: u16 = 18;
 const RTM_NEWADDR: u16 = 20;
-const NLM_F_EXCL: u16 = 0x200;
-const NLM_F_CREATE: u16 = 0x400;
-const NLM_F_REPLACE: u16 = 0x100;
 const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MTU: u16 = 4;

@@ -59,6 +59,10 @@ pub struct NodeConfig {
     pub lease_duration: Duration,
 }
 
+/// How long a restarted agent leaves a live Ready=True alone while it
+/// comes up (syncs, installs the CNI configuration).
+const STARTUP_GRACE: Duration = Duration::from_secs(60);
+
 /// How long to wait before trying a failed registration again.
 const REGISTER_RETRY: Duration = Duration::from_secs(5);
 
@@ -113,7 +117,7 @@ pub async fn run(
 /// status when the live Ready differs from the agent's (the lifecycle
 /// controller may have marked it Unknown while the agent was away) or
 /// the last write is five minutes old, except that a live Ready=True is
-/// left alone until the proxy's first sync; passes the podCIDR on.
+/// left alone while the agent starts; passes the podCIDR on.
 async fn report_status(
     nodes: &Api<Node>,
     config: &NodeConfig,
@@ -123,6 +127,8 @@ async fn report_status(
     let mut ticker = tokio::time::interval(config.lease_duration / 4);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut written: Option<tokio::time::Instant> = None;
+    let started = tokio::time::Instant::now();
+    let mut been_ready = false;
     loop {
         ticker.tick().await;
         let node = match nodes.get(&config.name).await {
@@ -139,10 +145,12 @@ async fn report_status(
             changed
         });
         let ready = telemetry.ready();
+        been_ready |= ready;
         let live = ready_status(&node);
         // A restarted agent's dataplane kept forwarding: a live Ready is
-        // not taken back before the first sync has had its chance.
-        let starting = !telemetry.programmed_once() && live == Some("True");
+        // not taken back until the agent has been ready once, or for
+        // STARTUP_GRACE at most.
+        let starting = !been_ready && started.elapsed() < STARTUP_GRACE && live == Some("True");
         let differs = live != Some(if ready { "True" } else { "False" });
         let due = differs || written.is_none_or(|at| at.elapsed() >= STATUS_REPORT_INTERVAL);
         if due && !starting {

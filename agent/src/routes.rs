@@ -3,7 +3,10 @@
 //! reach pods on any node by their own addresses, without NAT or an
 //! overlay. Routes are followed from the API server's Nodes and tagged
 //! with their own rtnetlink protocol number, so the ones that are no
-//! longer wanted are found and removed (and no one else's are touched).
+//! longer wanted are found and removed; a route someone else already has
+//! to the same destination is left alone (and logged).
+//! The same Nodes say which addresses pod traffic is not masqueraded to
+//! (see `egress`).
 
 use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 
@@ -15,13 +18,17 @@ use kube::{
 };
 use tracing::{info, warn};
 
-use crate::netlink::{self, Attrs, NLM_F_DUMP, NetlinkError, Socket};
+use crate::{
+    egress,
+    host::System,
+    netlink::{
+        self, Attrs, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NetlinkError, Socket,
+    },
+};
 
 const RTM_NEWROUTE: u16 = 24;
 const RTM_DELROUTE: u16 = 25;
 const RTM_GETROUTE: u16 = 26;
-const NLM_F_CREATE: u16 = 0x400;
-const NLM_F_REPLACE: u16 = 0x100;
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
 const RTA_GATEWAY: u16 = 5;
@@ -38,6 +45,10 @@ pub const RTPROT_WHARF: u8 = 199;
 
 /// How long to wait after a Node change for the rest of its burst.
 const BATCH: Duration = Duration::from_millis(100);
+
+/// How often routes are converged with no Node change: failed ones are
+/// retried, and ones the kernel dropped (a link went down) come back.
+const RESYNC: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoutesError {
@@ -101,6 +112,17 @@ impl Route {
             })
     }
 
+    /// Adds the route unless one to the same destination exists.
+    fn create(&self, socket: &mut Socket) -> Result<(), RoutesError> {
+        socket
+            .request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, &self.message())
+            .map(drop)
+            .map_err(|source| RoutesError::Netlink {
+                action: format!("adding the route to {self}"),
+                source,
+            })
+    }
+
     fn delete(&self, socket: &mut Socket) -> Result<(), RoutesError> {
         match socket.request(RTM_DELROUTE, 0, &self.message()) {
             Ok(_) => Ok(()),
@@ -140,24 +162,24 @@ fn peer_route(cidr: &str, via: Ipv4Addr) -> Option<Route> {
     })
 }
 
+/// A node's IPv4 InternalIP.
+fn internal_ip(node: &Node) -> Option<Ipv4Addr> {
+    node.status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .find(|a| a.type_ == "InternalIP")
+        .and_then(|a| a.address.parse().ok())
+}
+
 /// The routes node `me` needs: one per other node with a podCIDR and an
 /// IPv4 InternalIP.
 fn wanted<'a>(nodes: impl IntoIterator<Item = &'a Node>, me: &str) -> BTreeSet<Route> {
     nodes
         .into_iter()
         .filter(|node| node.metadata.name.as_deref() != Some(me))
-        .filter_map(|node| {
-            let cidr = node.spec.as_ref()?.pod_cidr.as_deref()?;
-            let via = node
-                .status
-                .as_ref()?
-                .addresses
-                .as_ref()?
-                .iter()
-                .find(|a| a.type_ == "InternalIP")
-                .and_then(|a| a.address.parse::<Ipv4Addr>().ok())?;
-            peer_route(cidr, via)
-        })
+        .filter_map(|node| peer_route(node.spec.as_ref()?.pod_cidr.as_deref()?, internal_ip(node)?))
         .collect()
 }
 
@@ -175,7 +197,7 @@ fn programmed(socket: &mut Socket) -> Result<BTreeSet<Route>, RoutesError> {
         .iter()
         .filter_map(|reply| {
             let header = reply.payload.get(..12)?;
-            if header[5] != RTPROT_WHARF || header[4] != RT_TABLE_MAIN {
+            if header[5] != RTPROT_WHARF || header[4] != RT_TABLE_MAIN || header[7] != RTN_UNICAST {
                 return None;
             }
             let attributes = &reply.payload[12..];
@@ -197,30 +219,49 @@ fn programmed(socket: &mut Socket) -> Result<BTreeSet<Route>, RoutesError> {
 }
 
 /// Converges the kernel's wharf routes to `wanted`: stale ones removed,
-/// missing or changed ones (re)written.
-fn converge(wanted: &BTreeSet<Route>) -> Result<(), RoutesError> {
-    let mut socket = Socket::open(libc::NETLINK_ROUTE).map_err(|source| RoutesError::Netlink {
-        action: "opening rtnetlink".into(),
-        source,
+/// missing or changed ones written. One route failing (a peer address
+/// that is unreachable, someone else's route to the same CIDR) does not
+/// hold up the others; the failures are returned.
+fn converge(wanted: &BTreeSet<Route>) -> Result<(), Vec<RoutesError>> {
+    let mut socket = Socket::open(libc::NETLINK_ROUTE).map_err(|source| {
+        vec![RoutesError::Netlink {
+            action: "opening rtnetlink".into(),
+            source,
+        }]
     })?;
-    let have = programmed(&mut socket)?;
+    let have = programmed(&mut socket).map_err(|e| vec![e])?;
+    let mut failures = Vec::new();
     for stale in have.difference(wanted) {
-        stale.delete(&mut socket)?;
-        info!(route = %stale, "removed the route to a node's pods");
+        match stale.delete(&mut socket) {
+            Ok(()) => info!(route = %stale, "removed the route to a node's pods"),
+            Err(error) => failures.push(error),
+        }
     }
     for missing in wanted.difference(&have) {
-        missing.replace(&mut socket)?;
-        info!(route = %missing, "routed a node's pods");
+        match missing.create(&mut socket) {
+            Ok(()) => info!(route = %missing, "routed a node's pods"),
+            Err(error) => failures.push(error),
+        }
     }
-    Ok(())
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures)
+    }
 }
 
-/// Follows every Node and keeps routes to the others' podCIDRs, until
-/// dropped. Routes change only once the Node cache has listed, so a
-/// restart never removes a route it has not yet heard of again. A burst
-/// of Node changes costs one pass: changes only wake the converging
-/// task, which then reads the cache as it is.
-pub async fn follow(client: Client, me: String) {
+/// Removes every route wharf added (`--teardown`).
+pub fn remove_all() -> Result<(), RoutesError> {
+    converge(&BTreeSet::new()).map_err(|mut failures| failures.remove(0))
+}
+
+/// Follows every Node and keeps routes to the others' podCIDRs, and the
+/// masquerading of pods (in `cluster_cidr`) to anything but pods and
+/// nodes, until dropped. Routes change only once the Node cache has
+/// listed, so a restart never removes a route it has not yet heard of
+/// again. A burst of Node changes costs one pass: changes only wake the
+/// converging task, which then reads the cache as it is.
+pub async fn follow(client: Client, me: String, cluster_cidr: String) {
     let (nodes, writer) = reflector::store::<Node>();
     let changed = std::sync::Arc::new(tokio::sync::Notify::new());
     let events = reflector(
@@ -247,14 +288,48 @@ pub async fn follow(client: Client, me: String) {
         }
     };
     let program = async move {
+        // The node addresses the egress table was last written for.
+        let mut unmasqueraded: Option<BTreeSet<Ipv4Addr>> = None;
+        let mut resync = tokio::time::interval(RESYNC);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is immediate; the cache may not have listed yet.
+        resync.tick().await;
+        let mut listed = false;
         loop {
-            changed.notified().await;
-            tokio::time::sleep(BATCH).await;
-            let wanted = wanted(nodes.state().iter().map(AsRef::as_ref), &me);
-            // Netlink calls block; they are few and short.
-            match tokio::task::spawn_blocking(move || converge(&wanted)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => warn!(%error, "programming node routes failed"),
+            tokio::select! {
+                () = changed.notified() => {
+                    listed = true;
+                    tokio::time::sleep(BATCH).await;
+                }
+                _ = resync.tick(), if listed => {}
+            }
+            let state = nodes.state();
+            let wanted = wanted(state.iter().map(AsRef::as_ref), &me);
+            let addresses: BTreeSet<Ipv4Addr> =
+                state.iter().filter_map(|node| internal_ip(node)).collect();
+            let egress = (unmasqueraded.as_ref() != Some(&addresses)).then(|| addresses.clone());
+            let cidr = cluster_cidr.clone();
+            // Netlink calls and nft block; they are few and short.
+            let done = tokio::task::spawn_blocking(move || {
+                let routes = converge(&wanted);
+                let egress = egress.map(|nodes| egress::program(&System, &cidr, &nodes));
+                (routes, egress)
+            })
+            .await;
+            match done {
+                Ok((routes, egress)) => {
+                    for error in routes.err().into_iter().flatten() {
+                        warn!(%error, "programming a node route failed; retrying within a minute");
+                    }
+                    match egress {
+                        Some(Ok(())) => unmasqueraded = Some(addresses),
+                        Some(Err(error)) => {
+                            warn!(%error, "programming pod egress masquerading failed");
+                            unmasqueraded = None;
+                        }
+                        None => {}
+                    }
+                }
                 Err(error) => warn!(%error, "programming node routes panicked"),
             }
         }

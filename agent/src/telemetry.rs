@@ -198,11 +198,6 @@ impl Telemetry {
         (healthy, body.to_string())
     }
 
-    /// Whether the dataplane has been programmed since the agent started.
-    pub fn programmed_once(&self) -> bool {
-        self.health().last_programmed.is_some()
-    }
-
     /// Whether the dataplane has been programmed and is keeping up, and
     /// pods can be networked: what the node's Ready condition reports.
     pub fn ready(&self) -> bool {

@@ -6,7 +6,8 @@
 //!
 //! ```text
 //!  host ── uplink ── n1 (192.168.90.1) ── underlay ── n2 (192.168.90.2)
-//!  (API)              └ pod a                          └ pod b
+//!  (API)              ├ pod a                          └ pod b
+//!                     └ ext (203.0.113.2): outside the cluster
 //! ```
 
 use std::{
@@ -45,8 +46,10 @@ fn ip(ns: &str, args: &str) -> String {
 struct Cluster {
     lab: Lab,
     api: ControlPlane,
-    /// (namespace, node name, node address, files directory)
-    nodes: Vec<(String, String, &'static str, PathBuf)>,
+    /// The namespace outside the cluster.
+    ext: String,
+    /// (namespace, node name, node address, files directory, agent)
+    nodes: Vec<(String, String, &'static str, PathBuf, usize)>,
 }
 
 impl Cluster {
@@ -57,25 +60,30 @@ impl Cluster {
         lab.veth(&n1, "underlay", &n2, "underlay");
         lab.ip(&n1, "addr add 192.168.90.1/24 dev underlay");
         lab.ip(&n2, "addr add 192.168.90.2/24 dev underlay");
+        let ext = lab.netns("ext");
+        lab.veth(&n1, "outside", &ext, "eth0");
+        lab.ip(&n1, "addr add 203.0.113.1/24 dev outside");
+        lab.ip(&ext, "addr add 203.0.113.2/24 dev eth0");
         // The API server listens on the host end of n1's uplink; n2 gets
-        // there through n1, and the host back through n1's uplink.
-        let (host, inside) = lab.uplink(&n1);
+        // there through n1, which masquerades it (so the host needs no
+        // route of the test's).
+        let (host, _) = lab.uplink(&n1);
         lab.sysctl(&n1, "net.ipv4.ip_forward", "1");
         lab.ip(&n2, &format!("route add {host}/32 via 192.168.90.1"));
-        command(
-            "ip",
-            &[
-                "route",
-                "add",
-                "192.168.90.0/24",
-                "via",
-                &inside.to_string(),
-            ],
-        );
+        for rule in [
+            "add table ip lab",
+            "add chain ip lab out { type nat hook postrouting priority srcnat ; }",
+            "add rule ip lab out oifname uplink masquerade",
+        ] {
+            let mut args = vec!["netns", "exec", &n1, "nft"];
+            args.extend(rule.split(' '));
+            command("ip", &args);
+        }
         let api = ControlPlane::listening_on(host, StoreKind::Embedded, &["--without=scheduler"]);
         let mut cluster = Self {
             lab,
             api,
+            ext,
             nodes: Vec::new(),
         };
         for (ns, address) in [(n1, "192.168.90.1"), (n2, "192.168.90.2")] {
@@ -93,12 +101,14 @@ impl Cluster {
             format!("--kubeconfig={}", self.api.kubeconfig().display()),
             format!("--node-name={name}"),
             format!("--node-ip={address}"),
+            // Status every 2 s: Ready shows soon after the node is.
+            "--node-lease-duration-seconds=8".into(),
         ];
         args.extend(node_files(&files));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = format!("{short}.log");
-        self.lab.spawn(&ns, false, &agent_binary(), &args, &log);
-        self.nodes.push((ns, name, address, files));
+        let agent = self.lab.spawn(&ns, false, &agent_binary(), &args, &log);
+        self.nodes.push((ns, name, address, files, agent));
     }
 
     fn node_field(&self, name: &str, path: &str) -> String {
@@ -111,7 +121,7 @@ impl Cluster {
     /// A pod on node `index`, wired by the plugin that node installed;
     /// returns (namespace, address).
     fn pod(&mut self, index: usize, name: &str) -> (String, String) {
-        let (node_ns, _, _, files) = self.nodes[index].clone();
+        let (node_ns, _, _, files, _) = self.nodes[index].clone();
         let pod_ns = self.lab.netns(name);
         let conflist: Value = serde_json::from_str(
             &std::fs::read_to_string(files.join("cni/net.d/10-wharf.conflist")).unwrap(),
@@ -144,8 +154,12 @@ impl Cluster {
             .write_all(conf.to_string().as_bytes())
             .unwrap();
         let output = child.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "ADD failed: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
         let result: Value = serde_json::from_slice(&output.stdout).unwrap();
-        assert!(output.status.success(), "ADD failed: {result}");
         let address = result["ips"][0]["address"].as_str().unwrap();
         let address = address.split('/').next().unwrap().to_string();
         (pod_ns, address)
@@ -173,7 +187,8 @@ impl Cluster {
             &workspace_binary("wharf-probe"),
             &["get", &format!("{address}:8080"), "--client"],
         );
-        let words: Vec<&str> = lines[0].split(' ').collect();
+        let line = lines.first().expect("one response line");
+        let words: Vec<&str> = line.split(' ').collect();
         let client = words[2].rsplit_once(':').unwrap().0.to_string();
         (words[0].to_string(), client)
     }
@@ -195,7 +210,7 @@ fn pods_on_two_nodes_follow_the_network_model() {
     eventually("n1's route to n2's pods", || {
         ip(&n1, "route").contains(&format!("{cidr_b} via 192.168.90.2 dev underlay proto 199"))
     });
-    for (_, _, _, files) in &cluster.nodes {
+    for (_, _, _, files, _) in &cluster.nodes {
         assert!(files.join("cni/bin/wharf-cni").exists());
     }
 
@@ -224,9 +239,46 @@ fn pods_on_two_nodes_follow_the_network_model() {
         ("n2".into(), address_a.clone())
     );
 
+    // 4. Egress to outside the cluster is masqueraded: the outside has
+    //    no route to pods.
+    let ext = cluster.ext.clone();
+    cluster.serve(&ext, "ext");
+    assert_eq!(
+        cluster.get(&pod_a, "203.0.113.2"),
+        ("ext".into(), "203.0.113.1".into())
+    );
+
     // A node that leaves takes its route with it.
     cluster.api.kubectl_ok(&["delete", "node", &names[1]]);
     eventually("n1's route to n2's pods removed", || {
         !ip(&n1, "route").contains(&cidr_b)
     });
+
+    // --teardown takes away what the node role added: routes, the
+    // egress table, the CNI configuration.
+    let cidr_a = cluster.node_field(&names[0], ".spec.podCIDR");
+    eventually("n2's route to n1's pods", || {
+        ip(&n2, "route").contains(&cidr_a)
+    });
+    let (_, name, _, files, agent) = cluster.nodes[1].clone();
+    cluster.lab.stop(agent);
+    let conf_dir = format!("--cni-conf-dir={}", files.join("cni/net.d").display());
+    let name = format!("--node-name={name}");
+    cluster.lab.run(
+        &n2,
+        false,
+        &agent_binary(),
+        &[&name, &conf_dir, "--teardown"],
+    );
+    assert!(
+        !ip(&n2, "route").contains("proto 199"),
+        "{}",
+        ip(&n2, "route")
+    );
+    assert!(!files.join("cni/net.d/10-wharf.conflist").exists());
+    let tables = Command::new("ip")
+        .args(["netns", "exec", &n2, "nft", "list", "tables"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&tables.stdout).contains("wharf-egress"));
 }
