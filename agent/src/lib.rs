@@ -1,7 +1,10 @@
 //! wharf-agent: the node agent. Today: the service proxy in four modes
 //! (eBPF, iptables, nftables, IPVS), driven by an API server's Services
-//! and EndpointSlices or, in standalone mode, by manifests; and the
-//! node's registration (Node object, Lease, conditions).
+//! and EndpointSlices or, in standalone mode, by manifests; the node's
+//! registration (Node object, Lease, conditions); and the pod network:
+//! IPAM behind the agent API, the CNI plugin's install and pod wiring,
+//! routes to other nodes' pods and egress masquerading. Pods themselves
+//! are not run yet.
 
 pub mod agent_api;
 pub mod cluster;

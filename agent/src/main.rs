@@ -50,7 +50,9 @@ enum ProxyMode {
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// This node's name: keys its pinned state under <bpffs>/wharf/<name>.
+    /// This node's name: its Node object, the EndpointSlice `nodeName` of
+    /// its local endpoints, and the key of its pinned state under
+    /// <bpffs>/wharf/<name>.
     #[arg(long, default_value_t = default_node_name())]
     node_name: String,
 
@@ -58,8 +60,8 @@ struct Args {
     #[arg(long, value_enum, default_value = "ebpf")]
     proxy_mode: ProxyMode,
 
-    /// The API server to follow Services, EndpointSlices and this node's
-    /// Node on (wharf-control's or any kube-apiserver's).
+    /// The API server to follow Services, EndpointSlices and Nodes on
+    /// (wharf-control's or any kube-apiserver's).
     #[arg(long, required_unless_present_any = ["standalone", "teardown", "counters"], conflicts_with_all = ["standalone", "services_from"])]
     kubeconfig: Option<PathBuf>,
 
@@ -78,7 +80,7 @@ struct Args {
     node_lease_duration_seconds: u64,
 
     /// The agent API's UNIX socket (wharf-cni asks it for pod addresses).
-    #[arg(long, default_value = "/run/wharf/agent.sock")]
+    #[arg(long, default_value = wharf_proto::DEFAULT_SOCKET)]
     api_socket: PathBuf,
 
     /// Where the agent keeps its state (pod address allocations, under a

@@ -3,7 +3,8 @@
 //! Lease in `kube-node-lease` renewed every quarter of its duration
 //! (10 s for kubelet's 40 s), which the node lifecycle controller watches.
 //! The Ready condition follows the agent's own health: the node is Ready
-//! once its dataplane is programmed and while no change waits too long.
+//! once its dataplane is programmed (and while no change waits too long)
+//! and the CNI plugin is configured.
 
 use std::{net::Ipv4Addr, sync::Arc, time::Duration};
 

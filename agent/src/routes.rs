@@ -46,8 +46,9 @@ pub const RTPROT_WHARF: u8 = 199;
 /// How long to wait after a Node change for the rest of its burst.
 const BATCH: Duration = Duration::from_millis(100);
 
-/// How often routes are converged with no Node change: failed ones are
-/// retried, and ones the kernel dropped (a link went down) come back.
+/// How often routes and the egress table are rewritten with no Node
+/// change: failed routes are retried, and ones the kernel dropped (a
+/// link went down) or someone flushed come back.
 const RESYNC: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
@@ -294,20 +295,34 @@ pub async fn follow(client: Client, me: String, cluster_cidr: String) {
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The first tick is immediate; the cache may not have listed yet.
         resync.tick().await;
+        // The routes last converged to, so the many Node changes that
+        // move neither (status writes) cost a comparison, not a dump.
+        let mut routed: Option<BTreeSet<Route>> = None;
         let mut listed = false;
         loop {
-            tokio::select! {
+            let full = tokio::select! {
                 () = changed.notified() => {
                     listed = true;
                     tokio::time::sleep(BATCH).await;
+                    false
                 }
-                _ = resync.tick(), if listed => {}
-            }
+                _ = resync.tick(), if listed => true,
+            };
             let state = nodes.state();
             let wanted = wanted(state.iter().map(AsRef::as_ref), &me);
             let addresses: BTreeSet<Ipv4Addr> =
                 state.iter().filter_map(|node| internal_ip(node)).collect();
-            let egress = (unmasqueraded.as_ref() != Some(&addresses)).then(|| addresses.clone());
+            if !full
+                && routed.as_ref() == Some(&wanted)
+                && unmasqueraded.as_ref() == Some(&addresses)
+            {
+                continue;
+            }
+            routed = Some(wanted.clone());
+            // A resync rewrites the egress table too, in case it was
+            // flushed behind the agent's back.
+            let egress =
+                (full || unmasqueraded.as_ref() != Some(&addresses)).then(|| addresses.clone());
             let cidr = cluster_cidr.clone();
             // Netlink calls and nft block; they are few and short.
             let done = tokio::task::spawn_blocking(move || {
@@ -318,8 +333,11 @@ pub async fn follow(client: Client, me: String, cluster_cidr: String) {
             .await;
             match done {
                 Ok((routes, egress)) => {
-                    for error in routes.err().into_iter().flatten() {
-                        warn!(%error, "programming a node route failed; retrying within a minute");
+                    if let Err(failures) = routes {
+                        routed = None;
+                        for error in failures {
+                            warn!(%error, "programming a node route failed; retrying within a minute");
+                        }
                     }
                     match egress {
                         Some(Ok(())) => unmasqueraded = Some(addresses),

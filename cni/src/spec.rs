@@ -14,9 +14,6 @@ pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "
 /// The latest version, used when the input does not say.
 pub const LATEST: &str = "1.1.0";
 
-/// Where the agent's API socket is unless the configuration says.
-pub const DEFAULT_AGENT_SOCKET: &str = "/run/wharf/agent.sock";
-
 /// The spec's well-known error codes (section "Error").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Code {
@@ -251,7 +248,7 @@ impl NetConf {
     pub fn agent_socket(&self) -> PathBuf {
         self.agent_socket
             .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_AGENT_SOCKET))
+            .unwrap_or_else(|| PathBuf::from(wharf_proto::DEFAULT_SOCKET))
     }
 }
 

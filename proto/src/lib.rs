@@ -14,6 +14,9 @@ mod generated {
 
 pub use generated::*;
 
+/// Where the agent serves its API unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/wharf/agent.sock";
+
 /// A client of the agent API on the UNIX socket at `path`.
 pub async fn connect(
     path: &std::path::Path,

@@ -29,7 +29,6 @@ impl Node {
     fn new(test: &str) -> Self {
         let mut lab = Lab::new(test);
         let node_ns = lab.netns("node");
-        lab.sysctl(&node_ns, "net.ipv4.ip_forward", "1");
         let socket = lab.dir.join("run/agent.sock");
         let mut node = Self {
             lab,

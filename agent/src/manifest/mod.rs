@@ -6,6 +6,4 @@ mod files;
 mod translate;
 
 pub use files::{ManifestError, load_path};
-pub use translate::{
-    Locality, SERVICE_NAME_LABEL, TranslateError, Translation, ZONE_LABEL, desired_state, translate,
-};
+pub use translate::{Locality, TranslateError, Translation, ZONE_LABEL, desired_state, translate};
