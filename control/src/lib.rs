@@ -12,7 +12,6 @@ pub mod labels;
 pub mod leader;
 pub mod pki;
 pub mod pods;
-pub mod quantity;
 pub mod resources;
 pub mod scheduler;
 pub mod store;

@@ -7,8 +7,6 @@ use k8s_openapi::{
     apimachinery::pkg::api::resource::Quantity,
 };
 
-use crate::quantity;
-
 /// Amounts of the resources the scheduler accounts. CPU is in millicores,
 /// memory and ephemeral storage in bytes; `extended` holds any other
 /// resource name (`example.com/gpu`) in whole units.
@@ -32,17 +30,17 @@ impl Resources {
         let mut resources = Self::default();
         for (name, amount) in list.into_iter().flatten() {
             match name.as_str() {
-                "cpu" => resources.milli_cpu = quantity::milli(amount).unwrap_or(0),
-                "memory" => resources.memory = quantity::value(amount).unwrap_or(0),
+                "cpu" => resources.milli_cpu = wharf_quantity::milli(amount).unwrap_or(0),
+                "memory" => resources.memory = wharf_quantity::value(amount).unwrap_or(0),
                 "ephemeral-storage" => {
-                    resources.ephemeral_storage = quantity::value(amount).unwrap_or(0);
+                    resources.ephemeral_storage = wharf_quantity::value(amount).unwrap_or(0);
                 }
-                "pods" => resources.pods = quantity::value(amount).unwrap_or(0),
+                "pods" => resources.pods = wharf_quantity::value(amount).unwrap_or(0),
                 // hugepages and the like are accounted as extended.
                 other => {
                     resources
                         .extended
-                        .insert(other.to_owned(), quantity::value(amount).unwrap_or(0));
+                        .insert(other.to_owned(), wharf_quantity::value(amount).unwrap_or(0));
                 }
             }
         }

@@ -500,7 +500,7 @@ async fn report_usage(client: Client, state: Arc<Mutex<State>>) {
             };
             let sums = per_node.entry(pod.node.clone()).or_default();
             for (resource, amount) in &pod.usage {
-                let milli = wharf_control::quantity::milli(amount).unwrap_or(0);
+                let milli = wharf_quantity::milli(amount).unwrap_or(0);
                 *sums.entry(resource.clone()).or_default() +=
                     milli * i64::try_from(pod.containers.len()).unwrap_or(0);
             }

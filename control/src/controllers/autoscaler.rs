@@ -31,7 +31,7 @@ use kube::{
 };
 
 use super::{Context, Error, write_status};
-use crate::{events::EventType, pods, quantity, usage::PodMetrics};
+use crate::{events::EventType, pods, usage::PodMetrics};
 
 /// Ratios this close to 1 leave the replicas alone (upstream's
 /// `--horizontal-pod-autoscaler-tolerance`).
@@ -65,7 +65,7 @@ pub(super) fn sample(metrics: &PodMetrics, resource: &str) -> Option<Sample> {
     let milli = metrics
         .containers
         .iter()
-        .map(|c| c.usage.get(resource).and_then(quantity::milli))
+        .map(|c| c.usage.get(resource).and_then(wharf_quantity::milli))
         .sum::<Option<i64>>()?;
     let window = go_duration_seconds(&metrics.window).unwrap_or(0);
     Some(Sample {
@@ -186,7 +186,7 @@ pub(super) fn resource_replicas(
     };
     let average = match (&utilization, &target.average_value) {
         (Some(_), _) => 0,
-        (None, Some(value)) => quantity::milli(value)
+        (None, Some(value)) => wharf_quantity::milli(value)
             .filter(|v| *v > 0)
             .ok_or_else(|| format!("invalid target.averageValue {value:?}"))?,
         (None, None) => return Err("target.averageValue is required for AverageValue".to_owned()),
@@ -201,7 +201,7 @@ pub(super) fn resource_replicas(
                     .as_ref()
                     .and_then(|r| r.requests.as_ref())
                     .and_then(|r| r.get(resource))
-                    .and_then(quantity::milli);
+                    .and_then(wharf_quantity::milli);
                 let Some(request) = request else {
                     return Err(format!(
                         "missing request for {resource} in container {} of Pod {}",
@@ -245,7 +245,7 @@ pub(super) fn resource_replicas(
             current: MetricValueStatus {
                 average_utilization: percent,
                 average_value: Some(Quantity(if resource == "cpu" {
-                    quantity::format_milli_cpu(per_pod)
+                    wharf_quantity::format_milli_cpu(per_pod)
                 } else {
                     (per_pod / 1000).to_string()
                 })),

@@ -130,7 +130,7 @@ fn qos_class(spec: &PodSpec) -> &'static str {
                 let amount = list
                     .as_ref()
                     .and_then(|l| l.get(name))
-                    .and_then(crate::quantity::milli)
+                    .and_then(wharf_quantity::milli)
                     .filter(|m| *m > 0);
                 if let Some(amount) = amount {
                     let total = totals.entry(name).or_default();
