@@ -3,8 +3,8 @@
 //! and EndpointSlices or, in standalone mode, by manifests; the node's
 //! registration (Node object, Lease, conditions); and the pod network:
 //! IPAM behind the agent API, the CNI plugin's install and pod wiring,
-//! routes to other nodes' pods and egress masquerading. Pods themselves
-//! are not run yet.
+//! routes to other nodes' pods and egress masquerading; and the kubelet
+//! role, which runs the pods bound to the node (process runtime).
 
 pub mod agent_api;
 pub mod cluster;
@@ -16,6 +16,7 @@ pub mod host;
 pub mod ipam;
 pub mod iptables;
 pub mod ipvs;
+pub mod kubelet;
 pub mod manifest;
 pub mod mode;
 pub mod netdev;

@@ -20,6 +20,7 @@ use wharf_agent::{
     host::{self, System},
     iptables::{Flavor, IptablesProxy},
     ipvs::IpvsProxy,
+    kubelet::{self, cgroups::Cgroups, sandbox::CniPaths, worker::Context},
     mode::{self, Mode},
     netdev,
     nftables::NftablesProxy,
@@ -30,6 +31,15 @@ use wharf_agent::{
     sync,
     telemetry::{self, Telemetry},
 };
+
+/// How pods' containers are run.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Runtime {
+    /// Each container's command runs on the node's filesystem (copy on
+    /// write) in its own namespaces and cgroups; images are recorded,
+    /// not pulled.
+    Process,
+}
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum ProxyMode {
@@ -70,6 +80,16 @@ struct Args {
     /// server also registers its Node and renews its Lease.
     #[arg(long, requires = "kubeconfig")]
     proxy_only: bool,
+
+    /// How the pods bound to this node are run.
+    #[arg(long, value_enum, default_value = "process")]
+    runtime: Runtime,
+
+    /// Where v1 cgroup hierarchies are mounted: on a hybrid host, pod
+    /// memory and CPU limits go to the v1 memory and cpu hierarchies
+    /// when cgroup v2 lacks those controllers.
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    cgroup_v1_root: PathBuf,
 
     /// The pod capacity the Node announces (kubelet's default).
     #[arg(long, default_value_t = 110)]
@@ -204,6 +224,24 @@ async fn main() -> anyhow::Result<()> {
             info!("removed the pod egress table");
         }
         routes::remove_all().context("removing the routes to other nodes' pods")?;
+        // Pods go first: their CNI DEL needs the configuration.
+        let cgroups = Cgroups::new(&args.cgroup, &args.cgroup_v1_root, &args.node_name)
+            .context("teardown: pod cgroups")?;
+        kubelet::remove_orphans(
+            &pods_dir(&args),
+            &cgroups,
+            &cni_paths(&args),
+            &[],
+            kubelet::Cleanup::Everything,
+        )
+        .await;
+        cgroups.remove_all().context("teardown: pod cgroups")?;
+        // The node's state (pod address allocations, pods) goes with it.
+        let state = args.state_dir.join(&args.node_name);
+        if state.exists() {
+            std::fs::remove_dir_all(&state)
+                .with_context(|| format!("teardown: removing {}", state.display()))?;
+        }
         if cni_install::uninstall(&args.cni_conf_dir).context("teardown")? {
             info!("removed the CNI configuration");
         }
@@ -249,10 +287,38 @@ async fn main() -> anyhow::Result<()> {
             reported,
         ));
         tokio::spawn(routes::follow(
-            client,
+            client.clone(),
             args.node_name.clone(),
             args.cluster_cidr.clone(),
         ));
+        let Runtime::Process = args.runtime;
+        let capacity = registration::system::capacity(args.max_pods);
+        let amount = |name: &str| {
+            capacity[name]
+                .as_str()
+                .map(|q| k8s_openapi::apimachinery::pkg::api::resource::Quantity(q.into()))
+        };
+        let ctx = Context {
+            client,
+            node: args.node_name.clone(),
+            node_ip: node_addresses
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            pods_dir: pods_dir(&args),
+            cgroups: Cgroups::new(&args.cgroup, &args.cgroup_v1_root, &args.node_name)
+                .context("pod cgroups")?,
+            cni: cni_paths(&args),
+            node_milli_cpu: amount("cpu")
+                .as_ref()
+                .and_then(wharf_quantity::milli)
+                .unwrap_or(1000),
+            node_memory: amount("memory")
+                .as_ref()
+                .and_then(wharf_quantity::value)
+                .unwrap_or(0),
+        };
+        tokio::spawn(kubelet::run(Arc::new(ctx)));
     }
     if !args.proxy_only && (args.kubeconfig.is_some() || args.pod_cidr.is_some()) {
         let state = args.state_dir.join(&args.node_name);
@@ -366,6 +432,18 @@ async fn serve<P: ServiceProxy>(
     }
     Ok(())
 }
+/// Where this node's pods keep their state.
+fn pods_dir(args: &Args) -> PathBuf {
+    args.state_dir.join(&args.node_name).join("pods")
+}
+
+fn cni_paths(args: &Args) -> CniPaths {
+    CniPaths {
+        bin_dir: args.cni_bin_dir.clone(),
+        conf_dir: args.cni_conf_dir.clone(),
+    }
+}
+
 /// The addresses NodePort frontends answer on: `--node-ip` and those of
 /// the external devices.
 fn node_addresses(args: &Args) -> anyhow::Result<Vec<Ipv4Addr>> {

@@ -414,7 +414,7 @@ async fn renew_once(
 }
 
 /// What the node has, read from the system.
-mod system {
+pub mod system {
     use std::{fs, path::Path};
 
     use serde_json::{Value, json};

@@ -34,6 +34,9 @@ pub struct Lab {
     children: Vec<Child>,
     /// Agent node names whose pins to remove.
     nodes: Vec<String>,
+    /// Commands run at drop, after the processes are killed and before
+    /// the namespaces go: (namespace, program, arguments).
+    cleanups: Vec<(String, PathBuf, Vec<String>)>,
     pub dir: PathBuf,
 }
 
@@ -50,6 +53,7 @@ impl Lab {
             cgroup: None,
             children: Vec::new(),
             nodes: Vec::new(),
+            cleanups: Vec::new(),
             dir,
         }
     }
@@ -283,6 +287,13 @@ impl Lab {
         .expect("attaching the passthrough XDP program");
     }
 
+    /// Runs `program args` in `ns` when the lab is dropped (an agent's
+    /// `--teardown`, which stops the pods it left), even after a failure.
+    pub fn cleanup_on_drop(&mut self, ns: &str, program: &Path, args: Vec<String>) {
+        self.cleanups
+            .push((ns.to_string(), program.to_path_buf(), args));
+    }
+
     /// Registers an agent node name whose pins the lab removes.
     pub fn node(&mut self, name: &str) -> String {
         let full = format!("{}-{name}", self.prefix);
@@ -296,6 +307,10 @@ impl Drop for Lab {
         for child in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        for (ns, program, args) in std::mem::take(&mut self.cleanups) {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let _ = self.command(&ns, false, &program, &args).output();
         }
         for node in &self.nodes {
             let _ = Dataplane::teardown(Path::new(BPFFS), node);

@@ -3,6 +3,7 @@
 //! dataplane with private pins, network-namespace plumbing, and a wharf-control
 //! process with kubectl pointed at it.
 
+pub mod cluster;
 pub mod control;
 pub mod fixture;
 pub mod frame;

@@ -1,0 +1,397 @@
+//! The kubelet role end to end: two nodes whose agents run the pods the
+//! scheduler binds to them (process runtime), with wharf-control's
+//! scheduler and controllers. A Deployment's pods start on both nodes
+//! (init container, environment, volumes, probes), serve through a
+//! ClusterIP from pods on both nodes with their addresses intact, are
+//! restarted when killed, leave the Service's endpoints when their
+//! readiness probe fails, and stop gracefully (preStop hook) when
+//! deleted; one-shot pods report how they ended (completed, failed, OOM
+//! killed) with what their containers saw inside; a node's teardown
+//! leaves no pod behind.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde_json::Value;
+use wharf_tests::{
+    cluster::{Cluster, NodeAgent, eventually, eventually_within},
+    lab::{agent_binary, workspace_binary},
+};
+
+fn pod_json(cluster: &Cluster, name: &str) -> Value {
+    let output = cluster.api.kubectl(&["get", "pod", name, "-o", "json"]);
+    serde_json::from_slice(&output.stdout).unwrap_or(Value::Null)
+}
+
+/// The pods of a label selector: (name, uid, node, address, ready).
+fn pods(cluster: &Cluster, selector: &str) -> Vec<(String, String, String, String, bool)> {
+    let list: Value = serde_json::from_str(
+        &cluster
+            .api
+            .kubectl_ok(&["get", "pods", "-l", selector, "-o", "json"]),
+    )
+    .unwrap();
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|pod| {
+            let ready = pod["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            (
+                pod["metadata"]["name"].as_str().unwrap().to_string(),
+                pod["metadata"]["uid"].as_str().unwrap().to_string(),
+                pod["spec"]["nodeName"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                pod["status"]["podIP"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                ready && pod["metadata"]["deletionTimestamp"].is_null(),
+            )
+        })
+        .collect()
+}
+
+/// A pod's directory on its node.
+fn pod_dir(node: &NodeAgent, uid: &str) -> PathBuf {
+    node.files
+        .join("state")
+        .join(&node.name)
+        .join("pods")
+        .join(uid)
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie awaiting its
+/// reaper).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat[stat.rfind(')')? + 2..].chars().next()?;
+            Some(state != 'Z')
+        })
+        .unwrap_or(false)
+}
+
+fn node_of<'a>(cluster: &'a Cluster, name: &str) -> &'a NodeAgent {
+    cluster.nodes.iter().find(|n| n.name == name).unwrap()
+}
+
+/// Waits for a one-shot pod to finish; returns its status.
+fn finished(cluster: &Cluster, name: &str) -> Value {
+    let mut status = Value::Null;
+    eventually_within(&format!("{name} finished"), Duration::from_secs(60), || {
+        status = pod_json(cluster, name)["status"].clone();
+        matches!(status["phase"].as_str(), Some("Succeeded" | "Failed"))
+    });
+    status
+}
+
+fn one_shot(cluster: &Cluster, name: &str, node: &str, memory: &str, script: &str) {
+    cluster.api.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default}}
+spec:
+  restartPolicy: Never
+  nodeSelector: {{kubernetes.io/hostname: {node}}}
+  containers:
+  - name: main
+    image: debian:bookworm
+    command: ["sh", "-c", {script:?}]
+    resources: {{limits: {{memory: {memory}}}}}
+    env:
+    - {{name: GREETING, valueFrom: {{configMapKeyRef: {{name: settings, key: greeting}}}}}}
+    - {{name: MEM_MI, valueFrom: {{resourceFieldRef: {{resource: limits.memory, divisor: 1Mi}}}}}}
+    volumeMounts: [{{name: config, mountPath: /config}}]
+  volumes:
+  - {{name: config, configMap: {{name: settings}}}}
+"#
+    ));
+}
+
+#[test]
+fn nodes_run_their_pods() {
+    let mut cluster = Cluster::new("pods", "iptables", &[]);
+    cluster.wait_ready();
+    let probe = workspace_binary("wharf-probe");
+    let goodbye = cluster.lab.dir.join("goodbye");
+    cluster.api.apply(
+        "apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings, namespace: default}
+data: {greeting: hello from a configmap}
+",
+    );
+
+    // One-shot pods on n1: what a container sees, and how pods end.
+    let n1 = cluster.nodes[0].name.clone();
+    one_shot(
+        &cluster,
+        "checker",
+        &n1,
+        "64Mi",
+        "hostname; cat /proc/1/comm; cat /config/greeting; echo; echo \"env=$GREETING\"; \
+         echo \"mem=$MEM_MI\"; touch /scribble && echo wrote; grep checker /etc/hosts",
+    );
+    one_shot(&cluster, "failing", &n1, "64Mi", "echo failing; exit 3");
+    // tail keeps the whole (newline-free) input in memory: past the
+    // limit, the kernel's OOM killer ends it.
+    one_shot(
+        &cluster,
+        "hog",
+        &n1,
+        "16Mi",
+        "head -c 500000000 /dev/zero | tail -n 1 > /dev/null",
+    );
+
+    let status = finished(&cluster, "checker");
+    assert_eq!(status["phase"], "Succeeded", "{status}");
+    let terminated = &status["containerStatuses"][0]["state"]["terminated"];
+    assert_eq!(terminated["exitCode"], 0);
+    assert_eq!(terminated["reason"], "Completed");
+    let checker_ip = status["podIP"].as_str().unwrap().to_string();
+    let logs = |uid: &str| {
+        std::fs::read_to_string(pod_dir(&cluster.nodes[0], uid).join("logs/main/0.log"))
+            .unwrap_or_default()
+    };
+    let checker_uid = pod_json(&cluster, "checker")["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let seen = logs(&checker_uid);
+    let lines: Vec<&str> = seen.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "checker",
+            "sh",
+            "hello from a configmap",
+            "env=hello from a configmap",
+            "mem=64",
+            "wrote",
+            &format!("{checker_ip}\tchecker"),
+        ],
+        "the container's own hostname, PID namespace, volume, environment, writable root and /etc/hosts"
+    );
+    assert!(
+        !Path::new("/scribble").exists(),
+        "writes stay in the container's own layer"
+    );
+
+    let status = finished(&cluster, "failing");
+    assert_eq!(status["phase"], "Failed", "{status}");
+    assert_eq!(
+        status["containerStatuses"][0]["state"]["terminated"]["exitCode"],
+        3
+    );
+    assert_eq!(
+        status["containerStatuses"][0]["state"]["terminated"]["reason"],
+        "Error"
+    );
+
+    let status = finished(&cluster, "hog");
+    assert_eq!(status["phase"], "Failed", "{status}");
+    let terminated = &status["containerStatuses"][0]["state"]["terminated"];
+    assert_eq!(terminated["reason"], "OOMKilled", "{status}");
+    assert_eq!(terminated["exitCode"], 137);
+    // Finished pods give their addresses back.
+    assert!(!Path::new(&format!("/run/netns/wharf-{checker_uid}")).exists());
+
+    // A Deployment spread over both nodes, behind a ClusterIP.
+    cluster.api.apply(&format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web, namespace: default}}
+spec:
+  replicas: 4
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec:
+      terminationGracePeriodSeconds: 3
+      topologySpreadConstraints:
+      - {{maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule, labelSelector: {{matchLabels: {{app: web}}}}}}
+      initContainers:
+      - name: init
+        image: debian:bookworm
+        command: ["touch", "/flags/ready"]
+        volumeMounts: [{{name: flags, mountPath: /flags}}]
+      containers:
+      - name: web
+        image: wharf.dev/probe:test
+        command: ["{probe}", "serve", "$(POD_NAME)", "--http", "8080"]
+        env: [{{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}]
+        ports: [{{name: http, containerPort: 8080}}]
+        readinessProbe: {{exec: {{command: ["test", "-e", "/flags/ready"]}}, periodSeconds: 1, failureThreshold: 1}}
+        livenessProbe: {{httpGet: {{port: http, path: /}}, periodSeconds: 2}}
+        lifecycle: {{preStop: {{exec: {{command: ["sh", "-c", "echo bye > /goodbye/$HOSTNAME"]}}}}}}
+        volumeMounts:
+        - {{name: flags, mountPath: /flags}}
+        - {{name: goodbye, mountPath: /goodbye}}
+      volumes:
+      - {{name: flags, emptyDir: {{}}}}
+      - {{name: goodbye, hostPath: {{path: {goodbye}, type: DirectoryOrCreate}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  clusterIP: 10.96.0.80
+  selector: {{app: web}}
+  ports: [{{port: 80, targetPort: http}}]
+"#,
+        probe = probe.display(),
+        goodbye = goodbye.display(),
+    ));
+    eventually_within("4 web pods Ready", Duration::from_secs(60), || {
+        let web = pods(&cluster, "app=web");
+        web.len() == 4 && web.iter().all(|p| p.4)
+    });
+    let web = pods(&cluster, "app=web");
+    let nodes: BTreeSet<&str> = web.iter().map(|p| p.2.as_str()).collect();
+    assert_eq!(nodes.len(), 2, "spread over both nodes: {web:?}");
+
+    // From a pod on each node, the ClusterIP reaches all four pods; those
+    // on the other node see the client pod's own address.
+    for client in [&web[0], &web[3]] {
+        let client_ns = format!("wharf-{}", client.1);
+        let mut seen = BTreeSet::new();
+        eventually("every backend through the ClusterIP", || {
+            if let Ok((backend, source)) = cluster.try_get(&client_ns, "10.96.0.80:80") {
+                if backend != client.0 {
+                    assert_eq!(source, client.3, "no NAT between pods");
+                }
+                seen.insert(backend);
+            }
+            seen.len() == 4
+        });
+    }
+    // Nodes reach pods.
+    let n2_ns = cluster.nodes[1].ns.clone();
+    assert_eq!(cluster.get(&n2_ns, &web[0].3).0, web[0].0);
+
+    // A killed container is restarted at once, in the same pod.
+    let (name, uid, node, address, _) = web[1].clone();
+    let instance: Value = serde_json::from_slice(
+        &std::fs::read(
+            pod_dir(node_of(&cluster, &node), &uid).join("containers/web/instance.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let pid = instance["pid"].as_i64().unwrap();
+    // SAFETY: kill(2) with a pid read from the agent's record.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    eventually_within(
+        "the killed container restarted",
+        Duration::from_secs(30),
+        || {
+            let status = &pod_json(&cluster, &name)["status"]["containerStatuses"][0];
+            status["restartCount"] == 1 && status["ready"] == true
+        },
+    );
+    let status = pod_json(&cluster, &name)["status"].clone();
+    let last = &status["containerStatuses"][0]["lastState"]["terminated"];
+    assert_eq!(last["exitCode"], 137, "{status}");
+    assert_eq!(last["reason"], "Error", "{status}");
+    assert_eq!(
+        status["podIP"],
+        address.as_str(),
+        "the pod keeps its address"
+    );
+    let n1_ns = cluster.nodes[0].ns.clone();
+    eventually("the restarted container serves", || {
+        cluster
+            .try_get(&n1_ns, &address)
+            .is_ok_and(|(who, _)| who == name)
+    });
+
+    // A failing readiness probe takes the pod out of the endpoints.
+    let (name, uid, node, address, _) = web[2].clone();
+    let flag = pod_dir(node_of(&cluster, &node), &uid).join("volumes/flags/ready");
+    std::fs::remove_file(&flag).unwrap();
+    eventually("the unready pod left the endpoints", || {
+        let ready = cluster.api.kubectl_ok(&[
+            "get",
+            "endpointslices",
+            "-l",
+            "kubernetes.io/service-name=web",
+            "-o",
+            &format!("jsonpath={{.items[*].endpoints[?(@.addresses[0]==\"{address}\")].conditions.ready}}"),
+        ]);
+        ready.trim() == "false"
+    });
+    let client_ns = format!("wharf-{}", web[0].1);
+    for _ in 0..20 {
+        if let Ok((backend, _)) = cluster.try_get(&client_ns, "10.96.0.80:80") {
+            assert_ne!(backend, name, "an unready pod got traffic");
+        }
+    }
+    std::fs::write(&flag, "").unwrap();
+    eventually("the pod is Ready again", || {
+        pods(&cluster, "app=web").iter().any(|p| p.0 == name && p.4)
+    });
+
+    // A deleted pod stops gracefully: preStop runs, the pod object and
+    // its network go, and the Deployment replaces it.
+    let (name, uid, _, _, _) = web[3].clone();
+    cluster
+        .api
+        .kubectl_ok(&["delete", "pod", &name, "--wait=false"]);
+    eventually_within("the deleted pod gone", Duration::from_secs(30), || {
+        pod_json(&cluster, &name).is_null()
+    });
+    assert_eq!(
+        std::fs::read_to_string(goodbye.join(&name)).unwrap_or_default(),
+        "bye\n",
+        "the preStop hook ran"
+    );
+    assert!(!Path::new(&format!("/run/netns/wharf-{uid}")).exists());
+    eventually_within("4 web pods Ready again", Duration::from_secs(60), || {
+        let web = pods(&cluster, "app=web");
+        web.len() == 4 && web.iter().all(|p| p.4)
+    });
+
+    // Teardown of a stopped node's agent stops its pods and removes
+    // their namespaces and cgroups.
+    let web = pods(&cluster, "app=web");
+    let node = cluster.nodes[1].clone();
+    cluster.lab.stop(node.agent);
+    let on_node: Vec<_> = web.iter().filter(|p| p.2 == node.name).cloned().collect();
+    assert!(!on_node.is_empty());
+    let pids: Vec<i32> = on_node
+        .iter()
+        .map(|p| {
+            let record: Value = serde_json::from_slice(
+                &std::fs::read(pod_dir(&node, &p.1).join("containers/web/instance.json")).unwrap(),
+            )
+            .unwrap();
+            record["pid"].as_i64().unwrap() as i32
+        })
+        .collect();
+    assert!(
+        pids.iter().all(|pid| alive(*pid)),
+        "pods outlive their agent"
+    );
+    let mut teardown = node.file_args();
+    teardown.push("--teardown".into());
+    let teardown: Vec<&str> = teardown.iter().map(String::as_str).collect();
+    cluster.lab.run(&node.ns, false, &agent_binary(), &teardown);
+    for pid in pids {
+        assert!(!alive(pid), "pid {pid} survived the teardown");
+    }
+    for pod in &on_node {
+        assert!(!Path::new(&format!("/run/netns/wharf-{}", pod.1)).exists());
+    }
+    assert!(!Path::new(&format!("/sys/fs/cgroup/unified/wharf-pods-{}", node.name)).exists());
+}
