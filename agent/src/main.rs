@@ -225,8 +225,7 @@ async fn main() -> anyhow::Result<()> {
         }
         routes::remove_all().context("removing the routes to other nodes' pods")?;
         // Pods go first: their CNI DEL needs the configuration.
-        let cgroups = Cgroups::new(&args.cgroup, &args.cgroup_v1_root, &args.node_name)
-            .context("teardown: pod cgroups")?;
+        let cgroups = Cgroups::new(&args.cgroup, &args.cgroup_v1_root, &args.node_name);
         kubelet::remove_orphans(
             &pods_dir(&args),
             &cgroups,
@@ -306,8 +305,7 @@ async fn main() -> anyhow::Result<()> {
                 .map(ToString::to_string)
                 .unwrap_or_default(),
             pods_dir: pods_dir(&args),
-            cgroups: Cgroups::new(&args.cgroup, &args.cgroup_v1_root, &args.node_name)
-                .context("pod cgroups")?,
+            cgroups: Cgroups::new(&args.cgroup, &args.cgroup_v1_root, &args.node_name),
             cni: cni_paths(&args),
             node_milli_cpu: amount("cpu")
                 .as_ref()

@@ -53,14 +53,22 @@ pub struct NodeAgent {
     pub address: &'static str,
     /// The agent's files (state, CNI plugin and configuration).
     pub files: PathBuf,
+    /// The node's cgroup v2 directory: its pods' cgroups, and socket-LB
+    /// in eBPF mode.
+    pub cgroup: PathBuf,
     /// The agent's index among the lab's processes.
     pub agent: usize,
+    /// The agent's arguments.
+    pub args: Vec<String>,
 }
 
 impl NodeAgent {
-    /// The flags naming this node's files, for `--teardown`.
+    /// The flags naming this node's files and cgroup, for `--teardown`.
     pub fn file_args(&self) -> Vec<String> {
-        let mut args = vec![format!("--node-name={}", self.name)];
+        let mut args = vec![
+            format!("--node-name={}", self.name),
+            format!("--cgroup={}", self.cgroup.display()),
+        ];
         args.extend(node_files(&self.files));
         args
     }
@@ -121,8 +129,10 @@ impl Cluster {
         let short = ns.rsplit('-').next().unwrap().to_string();
         let name = self.lab.node(&short);
         let files = self.lab.dir.join(&short);
+        let cgroup = self.lab.cgroup_dir(&short);
         let mut args = vec![
             format!("--proxy-mode={mode}"),
+            format!("--cgroup={}", cgroup.display()),
             format!("--kubeconfig={}", self.api.kubeconfig().display()),
             format!("--node-name={name}"),
             format!("--node-ip={address}"),
@@ -138,13 +148,25 @@ impl Cluster {
             name,
             address,
             files,
+            cgroup,
             agent,
+            args,
         };
         // Whatever the test leaves running on the node goes with the lab.
         let mut teardown = node.file_args();
         teardown.push("--teardown".into());
         self.lab.cleanup_on_drop(&ns, &agent_binary(), teardown);
         self.nodes.push(node);
+    }
+
+    /// Starts node `index`'s agent again (after `lab.stop`), with the
+    /// same arguments; its log goes to `<node>-<n>.log`.
+    pub fn restart_agent(&mut self, index: usize, log: &str) {
+        let node = &self.nodes[index];
+        let args: Vec<&str> = node.args.iter().map(String::as_str).collect();
+        let ns = node.ns.clone();
+        let agent = self.lab.spawn(&ns, false, &agent_binary(), &args, log);
+        self.nodes[index].agent = agent;
     }
 
     pub fn node_field(&self, name: &str, path: &str) -> String {

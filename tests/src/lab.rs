@@ -31,6 +31,7 @@ pub struct Lab {
     prefix: String,
     namespaces: Vec<String>,
     cgroup: Option<PathBuf>,
+    cgroup_dirs: Vec<PathBuf>,
     children: Vec<Child>,
     /// Agent node names whose pins to remove.
     nodes: Vec<String>,
@@ -51,6 +52,7 @@ impl Lab {
             prefix,
             namespaces: Vec::new(),
             cgroup: None,
+            cgroup_dirs: Vec::new(),
             children: Vec::new(),
             nodes: Vec::new(),
             cleanups: Vec::new(),
@@ -151,6 +153,15 @@ impl Lab {
                 path
             })
             .clone()
+    }
+
+    /// A directory of its own below the lab's cgroup (removed at drop,
+    /// before the lab's).
+    pub fn cgroup_dir(&mut self, name: &str) -> PathBuf {
+        let path = self.cgroup().join(name);
+        fs::create_dir_all(&path).expect("creating a cgroup below the lab's");
+        self.cgroup_dirs.push(path.clone());
+        path
     }
 
     /// A command that will run in `ns` (and the lab cgroup if `in_cgroup`).
@@ -317,6 +328,9 @@ impl Drop for Lab {
         }
         for ns in &self.namespaces {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        for dir in &self.cgroup_dirs {
+            let _ = fs::remove_dir(dir);
         }
         if let Some(cgroup) = &self.cgroup {
             let _ = fs::remove_dir(cgroup);

@@ -1,13 +1,14 @@
-//! The kubelet role end to end: two nodes whose agents run the pods the
-//! scheduler binds to them (process runtime), with wharf-control's
-//! scheduler and controllers. A Deployment's pods start on both nodes
-//! (init container, environment, volumes, probes), serve through a
-//! ClusterIP from pods on both nodes with their addresses intact, are
-//! restarted when killed, leave the Service's endpoints when their
-//! readiness probe fails, and stop gracefully (preStop hook) when
-//! deleted; one-shot pods report how they ended (completed, failed, OOM
-//! killed) with what their containers saw inside; a node's teardown
-//! leaves no pod behind.
+//! The kubelet role end to end, in iptables and in eBPF mode: two nodes
+//! whose agents run the pods the scheduler binds to them (process
+//! runtime), with wharf-control's scheduler and controllers. One-shot
+//! pods report how they ended (completed, failed, OOM killed) with what
+//! their containers saw inside. A Deployment's pods start on both nodes
+//! (init container, environment, volumes, probes) and serve client pods
+//! on both nodes through a ClusterIP with their addresses intact; they
+//! are restarted when killed, leave the Service's endpoints when their
+//! readiness probe fails, keep running and serving while their agent is
+//! away and are adopted when it returns, and stop gracefully (preStop
+//! hook) when deleted; a node's teardown leaves no pod behind.
 
 use std::{
     collections::BTreeSet,
@@ -119,9 +120,73 @@ spec:
     ));
 }
 
+/// Runs a client pod on `node` that makes `count` requests to the
+/// ClusterIP; returns (backend, the client address it saw) per request.
+fn requests_from(cluster: &Cluster, node: &str, count: u32) -> Vec<(String, String)> {
+    let probe = workspace_binary("wharf-probe");
+    let name = format!("client-{}", rand_suffix());
+    cluster.api.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default}}
+spec:
+  restartPolicy: Never
+  nodeSelector: {{kubernetes.io/hostname: {node}}}
+  containers:
+  - name: main
+    image: wharf.dev/probe:test
+    command: ["{probe}", "get", "10.96.0.80:80", "--count", "{count}", "--client"]
+"#,
+        probe = probe.display(),
+    ));
+    let status = finished(cluster, &name);
+    assert_eq!(status["phase"], "Succeeded", "{name}: {status}");
+    let uid = pod_json(cluster, &name)["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let log =
+        std::fs::read_to_string(pod_dir(node_of(cluster, node), &uid).join("logs/main/0.log"))
+            .unwrap();
+    cluster
+        .api
+        .kubectl_ok(&["delete", "pod", &name, "--wait=false"]);
+    log.lines()
+        .map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let client = words[2].rsplit_once(':').unwrap().0;
+            (words[0].to_string(), client.to_string())
+        })
+        .collect()
+}
+
+fn rand_suffix() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed).to_string()
+}
+
+/// The container's first process, from the agent's record.
+fn container_pid(node: &NodeAgent, uid: &str) -> i32 {
+    let record: Value = serde_json::from_slice(
+        &std::fs::read(pod_dir(node, uid).join("containers/web/instance.json")).unwrap(),
+    )
+    .unwrap();
+    record["pid"].as_i64().unwrap() as i32
+}
+
 #[test]
-fn nodes_run_their_pods() {
-    let mut cluster = Cluster::new("pods", "iptables", &[]);
+fn nodes_run_their_pods_iptables() {
+    scenario("iptables");
+}
+
+#[test]
+fn nodes_run_their_pods_ebpf() {
+    scenario("ebpf");
+}
+
+fn scenario(mode: &str) {
+    let mut cluster = Cluster::new(&format!("pods-{mode}"), mode, &[]);
     cluster.wait_ready();
     let probe = workspace_binary("wharf-probe");
     let goodbye = cluster.lab.dir.join("goodbye");
@@ -261,20 +326,24 @@ spec:
     let nodes: BTreeSet<&str> = web.iter().map(|p| p.2.as_str()).collect();
     assert_eq!(nodes.len(), 2, "spread over both nodes: {web:?}");
 
-    // From a pod on each node, the ClusterIP reaches all four pods; those
-    // on the other node see the client pod's own address.
-    for client in [&web[0], &web[3]] {
-        let client_ns = format!("wharf-{}", client.1);
-        let mut seen = BTreeSet::new();
-        eventually("every backend through the ClusterIP", || {
-            if let Ok((backend, source)) = cluster.try_get(&client_ns, "10.96.0.80:80") {
-                if backend != client.0 {
-                    assert_eq!(source, client.3, "no NAT between pods");
-                }
-                seen.insert(backend);
-            }
-            seen.len() == 4
-        });
+    // Client pods on each node reach all four pods through the
+    // ClusterIP; those on the other node see the client pod's own
+    // address (no NAT between pods).
+    let addresses: Vec<&str> = web.iter().map(|p| p.3.as_str()).collect();
+    for node in [&cluster.nodes[0].name, &cluster.nodes[1].name] {
+        let answers = requests_from(&cluster, node, 40);
+        let backends: BTreeSet<&str> = answers.iter().map(|a| a.0.as_str()).collect();
+        assert_eq!(backends.len(), 4, "from {node}: {answers:?}");
+        for (_, client) in &answers {
+            assert!(
+                !addresses.contains(&client.as_str()),
+                "{client} is a backend's address"
+            );
+            assert!(
+                client.starts_with("10.244."),
+                "the client pod's own address, not {client}"
+            );
+        }
     }
     // Nodes reach pods.
     let n2_ns = cluster.nodes[1].ns.clone();
@@ -331,20 +400,57 @@ spec:
         ]);
         ready.trim() == "false"
     });
-    let client_ns = format!("wharf-{}", web[0].1);
-    for _ in 0..20 {
-        if let Ok((backend, _)) = cluster.try_get(&client_ns, "10.96.0.80:80") {
-            assert_ne!(backend, name, "an unready pod got traffic");
-        }
-    }
+    let answers = requests_from(&cluster, &node, 20);
+    assert!(
+        answers.iter().all(|a| a.0 != name),
+        "an unready pod got traffic: {answers:?}"
+    );
     std::fs::write(&flag, "").unwrap();
     eventually("the pod is Ready again", || {
         pods(&cluster, "app=web").iter().any(|p| p.0 == name && p.4)
     });
 
-    // A deleted pod stops gracefully: preStop runs, the pod object and
-    // its network go, and the Deployment replaces it.
-    let (name, uid, _, _, _) = web[3].clone();
+    // Pods outlive their agent: n1's keep running and serving while it
+    // is away, and the restarted agent adopts them (same processes, no
+    // restart counted) and manages them as before.
+    let web = pods(&cluster, "app=web");
+    let n1 = cluster.nodes[0].clone();
+    let on_n1: Vec<_> = web.iter().filter(|p| p.2 == n1.name).cloned().collect();
+    let pids: Vec<i32> = on_n1.iter().map(|p| container_pid(&n1, &p.1)).collect();
+    cluster.lab.stop(n1.agent);
+    let n2_name = cluster.nodes[1].name.clone();
+    let answers = requests_from(&cluster, &n2_name, 40);
+    for pod in &on_n1 {
+        assert!(
+            answers.iter().any(|a| a.0 == pod.0),
+            "{} unreachable while its agent is away",
+            pod.0
+        );
+    }
+    cluster.restart_agent(0, "n1-again.log");
+    eventually("the restarted agent's node Ready", || {
+        cluster.lab.log("n1-again.log").contains("pod cache synced")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    for (pod, pid) in on_n1.iter().zip(&pids) {
+        assert!(alive(*pid), "{} was not adopted", pod.0);
+        assert_eq!(container_pid(&n1, &pod.1), *pid, "{} was restarted", pod.0);
+        let status = pod_json(&cluster, &pod.0)["status"].clone();
+        assert_eq!(
+            status["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "Ready")
+                .unwrap()["status"],
+            "True",
+            "{status}"
+        );
+    }
+
+    // A deleted pod (an adopted one) stops gracefully: preStop runs, the
+    // pod object and its network go, and the Deployment replaces it.
+    let (name, uid, _, _, _) = on_n1[0].clone();
     cluster
         .api
         .kubectl_ok(&["delete", "pod", &name, "--wait=false"]);
@@ -357,6 +463,7 @@ spec:
         "the preStop hook ran"
     );
     assert!(!Path::new(&format!("/run/netns/wharf-{uid}")).exists());
+    assert!(!alive(pids[0]));
     eventually_within("4 web pods Ready again", Duration::from_secs(60), || {
         let web = pods(&cluster, "app=web");
         web.len() == 4 && web.iter().all(|p| p.4)
@@ -369,16 +476,7 @@ spec:
     cluster.lab.stop(node.agent);
     let on_node: Vec<_> = web.iter().filter(|p| p.2 == node.name).cloned().collect();
     assert!(!on_node.is_empty());
-    let pids: Vec<i32> = on_node
-        .iter()
-        .map(|p| {
-            let record: Value = serde_json::from_slice(
-                &std::fs::read(pod_dir(&node, &p.1).join("containers/web/instance.json")).unwrap(),
-            )
-            .unwrap();
-            record["pid"].as_i64().unwrap() as i32
-        })
-        .collect();
+    let pids: Vec<i32> = on_node.iter().map(|p| container_pid(&node, &p.1)).collect();
     assert!(
         pids.iter().all(|pid| alive(*pid)),
         "pods outlive their agent"
@@ -393,5 +491,10 @@ spec:
     for pod in &on_node {
         assert!(!Path::new(&format!("/run/netns/wharf-{}", pod.1)).exists());
     }
-    assert!(!Path::new(&format!("/sys/fs/cgroup/unified/wharf-pods-{}", node.name)).exists());
+    assert!(
+        !node
+            .cgroup
+            .join(format!("wharf-pods-{}", node.name))
+            .exists()
+    );
 }

@@ -15,8 +15,6 @@ use std::{
     time::Duration,
 };
 
-use tracing::warn;
-
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
     #[error("{path}: {source}")]
@@ -115,50 +113,41 @@ fn make_dir(path: &Path) -> Result<(), CgroupError> {
 impl Cgroups {
     /// Pods of node `node` under `v2_root` (the agent's `--cgroup`);
     /// `v1_root` is where v1 hierarchies are mounted
-    /// (`/sys/fs/cgroup`).
-    pub fn new(v2_root: &Path, v1_root: &Path, node: &str) -> Result<Self, CgroupError> {
+    /// (`/sys/fs/cgroup`). Nothing is created before the first pod.
+    pub fn new(v2_root: &Path, v1_root: &Path, node: &str) -> Self {
         let dir = format!("wharf-pods-{node}");
-        let v2 = Hierarchy {
-            root: v2_root.to_path_buf(),
-            pods: v2_root.join(&dir),
-        };
-        make_dir(&v2.pods)?;
         let available = controllers(v2_root);
-        let mut enabled = Vec::new();
-        for controller in ["memory", "cpu"] {
-            if !available.iter().any(|c| c == controller) {
-                continue;
-            }
-            // The node's directory delegates the controller to pods; it
-            // fails while processes sit in the parent (cgroup v2's
-            // no-internal-processes rule).
-            let on = |dir: &Path| {
-                write(
-                    &dir.join("cgroup.subtree_control"),
-                    &format!("+{controller}"),
-                )
-            };
-            match on(v2_root).and_then(|()| on(&v2.pods)) {
-                Ok(()) => enabled.push(controller),
-                Err(error) => warn!(%error, controller, "cgroup v2 controller unavailable to pods"),
-            }
-        }
+        let in_v2 = |controller: &str| available.iter().any(|c| c == controller);
         let v1 = |controller: &str| {
             let root = v1_root.join(controller);
-            if enabled.contains(&controller) || !root.join("cgroup.procs").exists() {
-                return Ok(None);
-            }
-            let pods = root.join(&dir);
-            make_dir(&pods)?;
-            Ok::<_, CgroupError>(Some(Hierarchy { root, pods }))
+            (!in_v2(controller) && root.join("cgroup.procs").exists()).then(|| Hierarchy {
+                pods: root.join(&dir),
+                root,
+            })
         };
-        Ok(Self {
-            v1_memory: v1("memory")?,
-            v1_cpu: v1("cpu")?,
-            v2_memory: enabled.contains(&"memory"),
-            v2_cpu: enabled.contains(&"cpu"),
-            v2,
-        })
+        Self {
+            v1_memory: v1("memory"),
+            v1_cpu: v1("cpu"),
+            v2_memory: in_v2("memory"),
+            v2_cpu: in_v2("cpu"),
+            v2: Hierarchy {
+                root: v2_root.to_path_buf(),
+                pods: v2_root.join(&dir),
+            },
+        }
+    }
+
+    /// The v2 controllers pods get, as `cgroup.subtree_control` wants
+    /// them.
+    fn v2_controllers(&self) -> String {
+        let mut controllers = Vec::new();
+        if self.v2_memory {
+            controllers.push("+memory");
+        }
+        if self.v2_cpu {
+            controllers.push("+cpu");
+        }
+        controllers.join(" ")
     }
 
     fn hierarchies(&self) -> impl Iterator<Item = &Hierarchy> {
@@ -174,7 +163,9 @@ impl Cgroups {
         container: &str,
         limits: Limits,
     ) -> Result<ContainerCgroup, CgroupError> {
+        let controllers = self.v2_controllers();
         let leaf = |h: &Hierarchy| -> Result<PathBuf, CgroupError> {
+            make_dir(&h.pods)?;
             let pod = h.pods.join(format!("pod{pod_uid}"));
             make_dir(&pod)?;
             let dir = pod.join(container);
@@ -184,17 +175,18 @@ impl Cgroups {
             make_dir(&dir)?;
             Ok(dir)
         };
+        if !controllers.is_empty() {
+            // Delegated from the agent's cgroup down to the pod's; this
+            // fails while processes sit in the agent's cgroup (v2's
+            // no-internal-processes rule), and the container with it.
+            write(&self.v2.root.join("cgroup.subtree_control"), &controllers)?;
+            make_dir(&self.v2.pods)?;
+            write(&self.v2.pods.join("cgroup.subtree_control"), &controllers)?;
+        }
         let v2 = leaf(&self.v2)?;
-        if self.v2_memory || self.v2_cpu {
+        if !controllers.is_empty() {
             let pod = v2.parent().unwrap_or(&v2);
-            let mut controllers = Vec::new();
-            if self.v2_memory {
-                controllers.push("+memory");
-            }
-            if self.v2_cpu {
-                controllers.push("+cpu");
-            }
-            write(&pod.join("cgroup.subtree_control"), &controllers.join(" "))?;
+            write(&pod.join("cgroup.subtree_control"), &controllers)?;
         }
         if self.v2_memory {
             let max = limits.memory.map_or("max".into(), |m| m.to_string());
@@ -268,19 +260,21 @@ impl Cgroups {
         Ok(())
     }
 
-    /// The pod uids that have cgroups here.
+    /// The pod uids that have cgroups here, in any hierarchy.
     pub fn pods(&self) -> Vec<String> {
-        std::fs::read_dir(&self.v2.pods)
-            .into_iter()
-            .flatten()
-            .flatten()
+        let mut uids: Vec<String> = self
+            .hierarchies()
+            .flat_map(|h| std::fs::read_dir(&h.pods).into_iter().flatten().flatten())
             .filter_map(|e| {
                 e.file_name()
                     .to_str()?
                     .strip_prefix("pod")
                     .map(str::to_string)
             })
-            .collect()
+            .collect();
+        uids.sort();
+        uids.dedup();
+        uids
     }
 
     /// Removes the node's pod directories (teardown; pods must be gone).
