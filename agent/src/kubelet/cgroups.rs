@@ -197,9 +197,8 @@ impl Cgroups {
                 .cpu_limit
                 .map_or("max".into(), |m| Limits::quota(m).to_string());
             write(&v2.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
-            if let Some(request) = limits.cpu_request {
-                write(&v2.join("cpu.weight"), &Limits::weight(request).to_string())?;
-            }
+            let weight = limits.cpu_request.map_or(1, Limits::weight);
+            write(&v2.join("cpu.weight"), &weight.to_string())?;
         }
         let mut v1 = Vec::new();
         let mut memory_v1 = None;
@@ -219,7 +218,8 @@ impl Cgroups {
                 .map_or("-1".into(), |m| Limits::quota(m).to_string());
             write(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
             write(&dir.join("cpu.cfs_quota_us"), &quota)?;
-            let shares = limits.cpu_request.map_or(1024, Limits::shares);
+            // No request: the minimum, as kubelet gives BestEffort.
+            let shares = limits.cpu_request.map_or(2, Limits::shares);
             write(&dir.join("cpu.shares"), &shares.to_string())?;
             v1.push(dir);
         }
@@ -242,9 +242,24 @@ impl Cgroups {
         }
     }
 
-    /// Removes a pod's cgroups (its processes must be gone; a cgroup
-    /// still emptying is retried for a second).
+    /// Removes a pod's cgroups, off the runtime (see `remove_pod`).
+    pub async fn release_pod(&self, pod_uid: &str) -> Result<(), CgroupError> {
+        let (cgroups, uid) = (self.clone(), pod_uid.to_string());
+        tokio::task::spawn_blocking(move || cgroups.remove_pod(&uid))
+            .await
+            .unwrap_or(Ok(()))
+    }
+
+    /// Removes a pod's cgroups, killing whatever still runs in them
+    /// first; a cgroup still emptying is retried for a second.
     pub fn remove_pod(&self, pod_uid: &str) -> Result<(), CgroupError> {
+        let _ = std::fs::write(
+            self.v2
+                .pods
+                .join(format!("pod{pod_uid}"))
+                .join("cgroup.kill"),
+            "1",
+        );
         for h in self.hierarchies() {
             let pod = h.pods.join(format!("pod{pod_uid}"));
             let Ok(entries) = std::fs::read_dir(&pod) else {
@@ -306,6 +321,13 @@ fn remove_dir(path: &Path) -> Result<(), CgroupError> {
 }
 
 impl ContainerCgroup {
+    /// Kills whatever is left in the container's cgroup v2 directory
+    /// (`cgroup.kill`, Linux 5.14): processes an exec started that
+    /// outlived the container's first process.
+    pub fn kill_all(&self) {
+        let _ = std::fs::write(self.v2.join("cgroup.kill"), "1");
+    }
+
     /// Whether the kernel's OOM killer has killed a process here.
     pub fn oom_killed(&self) -> bool {
         let count = |path: PathBuf| {

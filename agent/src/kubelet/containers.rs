@@ -27,6 +27,7 @@ use super::{
     cgroups::{CgroupError, Cgroups, ContainerCgroup, Limits},
     probe::Outcome,
     spawn::{self, Bind, Exit, Placement, Process, SpawnError},
+    status::Ended,
 };
 
 /// The most of an exec's output kept for a probe's message (kubelet
@@ -60,8 +61,15 @@ pub struct Record {
     pub started_at: DateTime<Utc>,
     pub restart_count: i32,
     pub id: String,
-    /// The environment it runs with (exec probes and hooks get it too).
+    /// The environment, working directory and identity it runs with
+    /// (exec probes and hooks get them too).
     pub env: Vec<(String, String)>,
+    #[serde(default)]
+    pub working_dir: String,
+    #[serde(default)]
+    pub user: Option<u32>,
+    #[serde(default)]
+    pub group: Option<u32>,
 }
 
 /// A running container instance.
@@ -86,6 +94,10 @@ impl Layout<'_> {
 
     fn record(&self) -> PathBuf {
         self.dir().join("instance.json")
+    }
+
+    fn end(&self) -> PathBuf {
+        self.dir().join("ended.json")
     }
 
     /// The log of the container's `n`th instance (0-based).
@@ -145,7 +157,16 @@ pub async fn start(cgroups: &Cgroups, start: Start<'_>) -> Result<Instance, Cont
             container: start.container.name.clone(),
         });
     }
-    let cgroup = cgroups.create(start.uid, &start.container.name, limits(start.container))?;
+    let (cgroups, uid, name, limits) = (
+        cgroups.clone(),
+        start.uid.to_string(),
+        start.container.name.clone(),
+        limits(start.container),
+    );
+    // Off the runtime: an emptying cgroup is waited for.
+    let cgroup = tokio::task::spawn_blocking(move || cgroups.create(&uid, &name, limits))
+        .await
+        .map_err(|e| ContainerError::Interrupted(e.to_string()))??;
     let log = start.layout.log(start.restart_count);
     if let Some(dir) = log.parent() {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
@@ -160,34 +181,32 @@ pub async fn start(cgroups: &Cgroups, start: Start<'_>) -> Result<Instance, Cont
         .and_then(|s| s.security_context.as_ref());
     let user = security
         .and_then(|s| s.run_as_user)
-        .or_else(|| pod_security.and_then(|s| s.run_as_user));
+        .or_else(|| pod_security.and_then(|s| s.run_as_user))
+        .and_then(|u| u32::try_from(u).ok());
     let group = security
         .and_then(|s| s.run_as_group)
-        .or_else(|| pod_security.and_then(|s| s.run_as_group));
+        .or_else(|| pod_security.and_then(|s| s.run_as_group))
+        .and_then(|g| u32::try_from(g).ok());
+    let working_dir = start.container.working_dir.clone().unwrap_or_default();
     let stdout = spawn::append(&log)?;
     let stderr = stdout.try_clone().map_err(io(&log))?;
     let spec = spawn::Spec {
         argv: start.argv,
         env: start.env.clone(),
-        working_dir: start.container.working_dir.clone().unwrap_or_default(),
+        working_dir: working_dir.clone(),
         placement: Placement::Container {
             netns: start.netns,
-            hostname: start
-                .pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.hostname.clone())
-                .or_else(|| start.pod.metadata.name.clone())
-                .unwrap_or_default(),
+            hostname: super::env::hostname(start.pod),
             stage,
             binds: start.binds,
         },
         cgroup: Some(cgroup.v2.clone()),
         v1_cgroups: cgroup.v1.clone(),
-        user: user.and_then(|u| u32::try_from(u).ok()),
-        group: group.and_then(|g| u32::try_from(g).ok()),
+        user,
+        group,
         stdout,
         stderr,
+        kill_on_drop: false,
     };
     let process = tokio::task::spawn_blocking(move || spawn::spawn(spec))
         .await
@@ -202,10 +221,18 @@ pub async fn start(cgroups: &Cgroups, start: Start<'_>) -> Result<Instance, Cont
             start.uid, start.container.name, start.restart_count
         ),
         env: start.env,
+        working_dir,
+        user,
+        group,
     };
     let path = start.layout.record();
     let text = serde_json::to_vec(&record).unwrap_or_default();
-    std::fs::write(&path, text).map_err(io(&path))?;
+    if let Err(error) = std::fs::write(&path, text) {
+        // Unrecorded, it could not be adopted or cleaned up later.
+        process.signal(libc::SIGKILL);
+        process.wait().await;
+        return Err(io(&path)(error));
+    }
     Ok(Instance {
         process: Arc::new(process),
         record,
@@ -236,6 +263,18 @@ pub fn recorded(layout: &Layout<'_>) -> Option<Record> {
     serde_json::from_slice(&std::fs::read(layout.record()).ok()?).ok()
 }
 
+/// Records how the instance `ended` names ended.
+pub fn record_end(layout: &Layout<'_>, ended: &Ended) -> Result<(), ContainerError> {
+    let path = layout.end();
+    std::fs::write(&path, serde_json::to_vec(ended).unwrap_or_default()).map_err(io(&path))
+}
+
+/// How instance `id` ended, if that was recorded.
+pub fn recorded_end(layout: &Layout<'_>, id: &str) -> Option<Ended> {
+    let ended: Ended = serde_json::from_slice(&std::fs::read(layout.end()).ok()?).ok()?;
+    (ended.container_id == id).then_some(ended)
+}
+
 /// Stops an instance: SIGTERM, then SIGKILL after `grace`. Returns how
 /// it ended.
 pub async fn stop(instance: &Instance, grace: Duration) -> Exit {
@@ -255,22 +294,24 @@ pub async fn exec(instance: &Instance, argv: &[String], timeout: Duration) -> Ou
         Ok(pipe) => pipe,
         Err(error) => return Outcome::Failure(error.to_string()),
     };
-    let spec = match write.try_clone() {
-        Ok(stderr) => spawn::Spec {
-            argv: argv.to_vec(),
-            env: instance.record.env.clone(),
-            working_dir: String::new(),
-            placement: Placement::Inside {
-                pid: instance.process.pid,
-            },
-            cgroup: Some(instance.cgroup.v2.clone()),
-            v1_cgroups: instance.cgroup.v1.clone(),
-            user: None,
-            group: None,
-            stdout: write,
-            stderr,
-        },
-        Err(error) => return Outcome::Failure(error.to_string()),
+    let (stderr, pidfd) = match (write.try_clone(), instance.process.pidfd()) {
+        (Ok(stderr), Ok(pidfd)) => (stderr, pidfd),
+        (Err(error), _) | (_, Err(error)) => return Outcome::Failure(error.to_string()),
+    };
+    let spec = spawn::Spec {
+        argv: argv.to_vec(),
+        env: instance.record.env.clone(),
+        working_dir: instance.record.working_dir.clone(),
+        placement: Placement::Inside { pidfd },
+        cgroup: Some(instance.cgroup.v2.clone()),
+        v1_cgroups: instance.cgroup.v1.clone(),
+        user: instance.record.user,
+        group: instance.record.group,
+        stdout: write,
+        stderr,
+        // A probe given up on (timed out, or its container gone) takes
+        // its command with it.
+        kill_on_drop: true,
     };
     let process = match tokio::task::spawn_blocking(move || spawn::spawn(spec)).await {
         Ok(Ok(process)) => process,

@@ -293,11 +293,7 @@ pub fn environment(
         vars.insert(name, value);
     };
     // HOSTNAME as a container runtime sets it.
-    set(
-        "HOSTNAME".into(),
-        pod.metadata.name.clone().unwrap_or_default(),
-        &mut vars,
-    );
+    set("HOSTNAME".into(), hostname(pod), &mut vars);
     for from in container.env_from.iter().flatten() {
         let prefix = from.prefix.clone().unwrap_or_default();
         let entries = match (&from.config_map_ref, &from.secret_ref) {
@@ -410,17 +406,36 @@ pub fn environment(
         .collect())
 }
 
-/// The command line: command (or, without one, nothing to run: the
-/// process runtime has no image entrypoint) then args, each expanded.
+/// The command line: command then args, each expanded. Empty without a
+/// command: args alone would go to an image's entrypoint, which the
+/// process runtime does not have.
 pub fn command_line(container: &Container, env: &[(String, String)]) -> Vec<String> {
     let vars: BTreeMap<String, String> = env.iter().cloned().collect();
-    container
-        .command
+    let Some(command) = container.command.as_ref().filter(|c| !c.is_empty()) else {
+        return Vec::new();
+    };
+    command
         .iter()
-        .flatten()
         .chain(container.args.iter().flatten())
         .map(|word| expand(word, &vars))
         .collect()
+}
+
+/// The pod's hostname as kubelet makes it: `spec.hostname` or the pod's
+/// name, cut to 63 characters (the kernel's limit is 64) without a
+/// trailing `-` or `.`.
+pub fn hostname(pod: &Pod) -> String {
+    let name = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.hostname.clone())
+        .or_else(|| pod.metadata.name.clone())
+        .unwrap_or_default();
+    let mut cut: String = name.chars().take(63).collect();
+    while cut.ends_with('-') || cut.ends_with('.') {
+        cut.pop();
+    }
+    cut
 }
 
 #[cfg(test)]
@@ -518,6 +533,25 @@ mod tests {
                 name: "creds".into()
             })
         );
+    }
+
+    #[test]
+    fn hostnames_are_cut_as_kubelet_cuts_them() {
+        let long = format!("{}-x", "a".repeat(62));
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": long}})).unwrap();
+        assert_eq!(hostname(&pod), "a".repeat(62));
+        let named: Pod = serde_json::from_value(
+            json!({"metadata": {"name": "p"}, "spec": {"hostname": "h", "containers": []}}),
+        )
+        .unwrap();
+        assert_eq!(hostname(&named), "h");
+    }
+
+    #[test]
+    fn args_without_a_command_have_nothing_to_run() {
+        let container: Container =
+            serde_json::from_value(json!({"name": "c", "args": ["sleep", "1"]})).unwrap();
+        assert!(command_line(&container, &[]).is_empty());
     }
 
     #[test]

@@ -26,7 +26,11 @@ pub mod status;
 pub mod volumes;
 pub mod worker;
 
-use std::{collections::HashMap, path::Path, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+    sync::Arc,
+};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
@@ -53,7 +57,10 @@ pub async fn run(ctx: Arc<Context>) {
     let stream = watcher(api, config).default_backoff().reflect(writer);
     let mut stream = std::pin::pin!(stream);
     let mut workers: HashMap<String, watch::Sender<Option<Arc<Pod>>>> = HashMap::new();
-    let mut running: JoinSet<String> = JoinSet::new();
+    let mut running: JoinSet<(String, worker::Finish)> = JoinSet::new();
+    // Pods whose worker stopped and deleted them, still in the cache
+    // until the watch reports the deletion: no new worker for them.
+    let mut done: HashSet<String> = HashSet::new();
     let mut listed = false;
     loop {
         tokio::select! {
@@ -74,15 +81,23 @@ pub async fn run(ctx: Arc<Context>) {
                 Some(Err(error)) => warn!(%error, "pod watch failed; retrying"),
                 None => return,
             },
-            Some(done) = running.join_next() => {
-                if let Ok(uid) = done {
-                    workers.remove(&uid);
+            Some(joined) = running.join_next() => {
+                match joined {
+                    Ok((uid, ended)) => {
+                        workers.remove(&uid);
+                        if ended == worker::Finish::Deleted {
+                            done.insert(uid);
+                        }
+                    }
+                    // A worker that panicked: its pod gets a new one.
+                    Err(_) => workers.retain(|_, updates| !updates.is_closed()),
                 }
             }
         }
         let pods = store.state();
+        done.retain(|uid| pods.iter().any(|p| p.metadata.uid.as_ref() == Some(uid)));
         for pod in &pods {
-            let Some(uid) = pod.metadata.uid.clone() else {
+            let Some(uid) = pod.metadata.uid.clone().filter(|uid| !done.contains(uid)) else {
                 continue;
             };
             match workers.get(&uid) {
@@ -102,8 +117,8 @@ pub async fn run(ctx: Arc<Context>) {
                     let ctx = Arc::clone(&ctx);
                     let pod = Arc::clone(pod);
                     running.spawn(async move {
-                        worker::run(ctx, pod, receiver).await;
-                        uid
+                        let ended = worker::run(ctx, pod, receiver).await;
+                        (uid, ended)
                     });
                 }
             }
@@ -189,7 +204,7 @@ pub async fn remove_orphans(
         if let Err(error) = sandbox::remove_namespace(&uid).await {
             warn!(pod = %uid, %error, "removing an orphaned pod's network namespace failed");
         }
-        if let Err(error) = cgroups.remove_pod(&uid) {
+        if let Err(error) = cgroups.release_pod(&uid).await {
             warn!(pod = %uid, %error, "removing an orphaned pod's cgroups failed");
         }
         let _ = std::fs::remove_dir_all(&dir);

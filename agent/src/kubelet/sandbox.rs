@@ -198,6 +198,9 @@ async fn call(
     }
     let mut child = Command::new(paths.bin_dir.join(&kind))
         .env_clear()
+        // As libcni: the runtime's environment goes along (plugins that
+        // run iptables need PATH).
+        .envs(std::env::vars_os().filter(|(k, _)| !k.to_string_lossy().starts_with("CNI_")))
         .env("CNI_COMMAND", verb)
         .env("CNI_PATH", &paths.bin_dir)
         .envs(env.iter().copied())
@@ -241,7 +244,24 @@ fn first_address(result: &Value) -> Option<Ipv4Addr> {
         .next()
 }
 
-/// Creates pod `uid`'s namespace and network.
+/// The sandbox of a `hostNetwork` pod: the node's own namespace (the
+/// agent's, opened when a container starts) and address; no CNI.
+pub fn host(node_ip: &str) -> Result<Sandbox, SandboxError> {
+    let address = node_ip.parse().map_err(|_| {
+        SandboxError::NoAddress(format!("the node has no IPv4 address ({node_ip:?})"))
+    })?;
+    Ok(Sandbox {
+        netns: PathBuf::from("/proc/self/ns/net"),
+        address,
+        network: String::new(),
+        cni_version: String::new(),
+        result: Value::Null,
+    })
+}
+
+/// Creates pod `uid`'s namespace and network; a failed ADD is undone
+/// (DEL through the list) before the error is returned, so a retry
+/// starts clean and leaks no address.
 pub async fn create(
     paths: &CniPaths,
     namespace: &str,
@@ -255,14 +275,25 @@ pub async fn create(
         ip_netns("add", &netns_name).await?;
     }
     let call_for = Invocation::new(&config, namespace, name, uid, &netns);
-    let mut previous: Option<Value> = None;
-    for plugin in config["plugins"].as_array().into_iter().flatten() {
-        let plugin = call_for.configuration(plugin, previous.as_ref());
-        previous = Some(call(paths, "ADD", &plugin, &call_for.env()).await?);
+    let added = async {
+        let mut previous: Option<Value> = None;
+        for plugin in config["plugins"].as_array().into_iter().flatten() {
+            let plugin = call_for.configuration(plugin, previous.as_ref());
+            previous = Some(call(paths, "ADD", &plugin, &call_for.env()).await?);
+        }
+        let result = previous.unwrap_or(Value::Null);
+        let address =
+            first_address(&result).ok_or_else(|| SandboxError::NoAddress(result.to_string()))?;
+        Ok::<_, SandboxError>((result, address))
     }
-    let result = previous.unwrap_or(Value::Null);
-    let address =
-        first_address(&result).ok_or_else(|| SandboxError::NoAddress(result.to_string()))?;
+    .await;
+    let (result, address) = match added {
+        Ok(added) => added,
+        Err(error) => {
+            let _ = delete_network(paths, namespace, name, uid, None).await;
+            return Err(error);
+        }
+    };
     Ok(Sandbox {
         netns,
         address,
@@ -283,6 +314,10 @@ pub async fn delete_network(
     uid: &str,
     sandbox: Option<&Sandbox>,
 ) -> Result<(), SandboxError> {
+    // A hostNetwork pod was never ADDed.
+    if sandbox.is_some_and(|s| s.network.is_empty()) {
+        return Ok(());
+    }
     let Ok((_, config)) = load_configuration(&paths.conf_dir) else {
         return Ok(());
     };

@@ -133,9 +133,10 @@ pub enum Placement {
         stage: PathBuf,
         binds: Vec<Bind>,
     },
-    /// Inside the container whose first process is `pid` (exec probes
-    /// and hooks): its network, IPC, UTS and mount namespaces.
-    Inside { pid: i32 },
+    /// Inside the container whose first process `pidfd` refers to (exec
+    /// probes and hooks): its network, IPC, UTS and mount namespaces,
+    /// joined through the pidfd, so a recycled pid cannot misdirect it.
+    Inside { pidfd: OwnedFd },
 }
 
 /// One process to start.
@@ -156,6 +157,10 @@ pub struct Spec {
     /// Its standard output and error (standard input is /dev/null).
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
+    /// Kill (and reap) it if its `Process` is dropped before it ended:
+    /// for commands run inside a container, never for containers, which
+    /// outlive the agent.
+    pub kill_on_drop: bool,
 }
 
 /// `struct clone_args` (linux/sched.h), the first 88 bytes (CLONE_ARGS_SIZE_VER2).
@@ -259,6 +264,7 @@ struct Prepared {
     stdout: OwnedFd,
     stderr: OwnedFd,
     new_namespaces: u64,
+    kill_on_drop: bool,
 }
 
 fn prepare_root(stage: &Path, hostname: &str, binds: &[Bind]) -> Result<PreparedRoot, SpawnError> {
@@ -361,20 +367,15 @@ fn prepare(spec: Spec) -> Result<(Prepared, Option<OwnedFd>), SpawnError> {
             (libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC)
                 as u64,
         ),
-        Placement::Inside { pid } => {
-            let mut namespaces = Vec::new();
-            // The mount namespace last: it changes the root the other
-            // paths were opened in (they are open already, though).
-            for (name, kind) in [
-                ("net", libc::CLONE_NEWNET),
-                ("ipc", libc::CLONE_NEWIPC),
-                ("uts", libc::CLONE_NEWUTS),
-                ("mnt", libc::CLONE_NEWNS),
-            ] {
-                let path = PathBuf::from(format!("/proc/{pid}/ns/{name}"));
-                namespaces.push((open(&path, libc::O_RDONLY)?, kind));
-            }
-            (namespaces, None, 0)
+        Placement::Inside { pidfd } => {
+            let pidfd = pidfd.try_clone().map_err(|source| SpawnError::Syscall {
+                step: "duplicating the container's pidfd",
+                source,
+            })?;
+            // setns(2) with a pidfd joins several namespaces at once.
+            let kinds =
+                libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNS;
+            (vec![(pidfd, kinds)], None, 0)
         }
     };
     let cgroup = spec
@@ -401,6 +402,7 @@ fn prepare(spec: Spec) -> Result<(Prepared, Option<OwnedFd>), SpawnError> {
         stdout: spec.stdout,
         stderr: spec.stderr,
         new_namespaces,
+        kill_on_drop: spec.kill_on_drop,
     };
     Ok((prepared, cgroup))
 }
@@ -472,7 +474,7 @@ pub fn spawn(spec: Spec) -> Result<Process, SpawnError> {
     drop(report_write);
     // SAFETY: CLONE_PIDFD stored a new descriptor owned by this process.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    let process = Process::new(pidfd, pid as i32)?;
+    let process = Process::new(pidfd, pid as i32, prepared.kill_on_drop)?;
     let mut failure = [0u8; 8];
     let mut read = 0;
     let mut report_read = report_read;
@@ -569,16 +571,21 @@ unsafe fn child(
         {
             fail(report, Step::Hostname);
         }
-        if let Some(group) = prepared.group {
-            if libc::setgroups(0, std::ptr::null()) != 0 {
-                fail(report, Step::Setgroups);
-            }
-            if libc::setgid(group) != 0 {
-                fail(report, Step::Setgid);
-            }
+        // Raw syscalls: glibc's wrappers synchronise the change across
+        // the threads it believes exist (the parent's, copied), which
+        // can deadlock in a child of clone3.
+        if (prepared.user.is_some() || prepared.group.is_some())
+            && libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+        {
+            fail(report, Step::Setgroups);
+        }
+        if let Some(group) = prepared.group
+            && libc::syscall(libc::SYS_setresgid, group, group, group) != 0
+        {
+            fail(report, Step::Setgid);
         }
         if let Some(user) = prepared.user
-            && libc::setuid(user) != 0
+            && libc::syscall(libc::SYS_setresuid, user, user, user) != 0
         {
             fail(report, Step::Setuid);
         }
@@ -782,10 +789,42 @@ pub struct Process {
     /// The exit once reaped: a process is reaped once, and every waiter
     /// (the worker's, a stop's) learns the same exit.
     exit: std::sync::Mutex<Option<Exit>>,
+    kill_on_drop: bool,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let reaped = self
+            .exit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some();
+        if !self.kill_on_drop || reaped {
+            return;
+        }
+        self.signal(libc::SIGKILL);
+        // Reaped off the runtime: a killed process ends at once, but
+        // waitid blocks until it has.
+        if let Ok(pidfd) = self.pidfd.get_ref().try_clone() {
+            std::thread::spawn(move || {
+                // SAFETY: siginfo_t is plain data; waitid(2) fills it.
+                let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+                // SAFETY: a blocking waitid on a pidfd this thread owns.
+                unsafe {
+                    libc::waitid(
+                        libc::P_PIDFD,
+                        pidfd.as_raw_fd() as libc::id_t,
+                        &mut info,
+                        libc::WEXITED,
+                    )
+                };
+            });
+        }
+    }
 }
 
 impl Process {
-    fn new(pidfd: OwnedFd, pid: i32) -> Result<Self, SpawnError> {
+    fn new(pidfd: OwnedFd, pid: i32, kill_on_drop: bool) -> Result<Self, SpawnError> {
         // SAFETY: an OwnedFd keeps its descriptor open and unchanged
         // until the AsyncFd that owns it is dropped.
         let pidfd =
@@ -798,6 +837,7 @@ impl Process {
             pidfd,
             pid,
             exit: std::sync::Mutex::new(None),
+            kill_on_drop,
         })
     }
 
@@ -817,7 +857,12 @@ impl Process {
         if start_time_of(pid) != Some(start_time) {
             return None;
         }
-        Self::new(pidfd, pid).ok()
+        Self::new(pidfd, pid, false).ok()
+    }
+
+    /// A second descriptor for the process (to join its namespaces).
+    pub fn pidfd(&self) -> std::io::Result<OwnedFd> {
+        self.pidfd.get_ref().try_clone()
     }
 
     /// Sends `signal` (through the pidfd); false once the process is

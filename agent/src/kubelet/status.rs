@@ -15,7 +15,7 @@ use k8s_openapi::{
 };
 
 /// Conditions this agent writes; the rest belong to other writers.
-const OWNED: [&str; 4] = [
+pub const OWNED: [&str; 4] = [
     "PodReadyToStartContainers",
     "Initialized",
     "ContainersReady",
@@ -23,7 +23,7 @@ const OWNED: [&str; 4] = [
 ];
 
 /// How a container instance ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Ended {
     pub exit_code: i32,
     pub signal: Option<i32>,
@@ -73,8 +73,8 @@ pub struct Facts {
     pub containers: Vec<View>,
     /// The pod's restartPolicy: `Always`, `OnFailure` or `Never`.
     pub restart_policy: String,
-    /// Set when an init container failed under `Never`, or the pod
-    /// cannot run at all: the pod has failed.
+    /// The pod has failed as a whole, with kubelet's reason and message
+    /// (`DeadlineExceeded`).
     pub failed: Option<(String, String)>,
 }
 
@@ -142,18 +142,32 @@ pub fn restarts(policy: &str, exit_code: i32) -> bool {
     }
 }
 
-/// The phase: Pending until every init container succeeded and a
-/// container started; Succeeded or Failed once every container ended
+/// The phase, by kubelet's rules (`getPhase`): Failed when the pod
+/// failed as a whole or an init container failed for good; Pending
+/// while init containers have not all succeeded or a container waits
+/// without having run; Succeeded or Failed once every container ended
 /// for good; Running otherwise.
 pub fn phase(facts: &Facts) -> &'static str {
     if facts.failed.is_some() {
+        return "Failed";
+    }
+    let init_failed = facts.restart_policy == "Never"
+        && facts
+            .init
+            .iter()
+            .any(|v| matches!(&v.now, Now::Ended(e) if e.exit_code != 0));
+    if init_failed {
         return "Failed";
     }
     let init_done = facts
         .init
         .iter()
         .all(|v| matches!(&v.now, Now::Ended(e) if e.exit_code == 0));
-    if !init_done || facts.containers.is_empty() {
+    let waiting = facts
+        .containers
+        .iter()
+        .any(|v| matches!(v.now, Now::Waiting { .. }) && v.last.is_none());
+    if !init_done || waiting || facts.containers.is_empty() {
         return "Pending";
     }
     let ended_for_good: Vec<&Ended> = facts
@@ -171,11 +185,7 @@ pub fn phase(facts: &Facts) -> &'static str {
             "Failed"
         };
     }
-    let ever_started = facts
-        .containers
-        .iter()
-        .any(|v| !matches!(v.now, Now::Waiting { .. }) || v.last.is_some());
-    if ever_started { "Running" } else { "Pending" }
+    "Running"
 }
 
 fn condition(kind: &str, ok: bool, reason: Option<&str>, live: &[PodCondition]) -> PodCondition {
@@ -195,8 +205,9 @@ fn condition(kind: &str, ok: bool, reason: Option<&str>, live: &[PodCondition]) 
     }
 }
 
-/// The status to write, given the live pod (for others' conditions,
-/// transition times and readiness gates).
+/// The status to write, given the live pod (for transition times and
+/// readiness gates). Its conditions are only those kubelet owns: sent
+/// as a strategic merge patch, they merge by type with others'.
 pub fn status(pod: &Pod, facts: &Facts) -> PodStatus {
     let live: Vec<PodCondition> = pod
         .status
@@ -223,12 +234,7 @@ pub fn status(pod: &Pod, facts: &Facts) -> PodStatus {
     } else {
         "ContainersNotReady"
     };
-    let mut conditions: Vec<PodCondition> = live
-        .iter()
-        .filter(|c| !OWNED.contains(&c.type_.as_str()))
-        .cloned()
-        .collect();
-    conditions.extend([
+    let conditions = vec![
         condition(
             "PodReadyToStartContainers",
             facts.sandbox_ready,
@@ -257,7 +263,7 @@ pub fn status(pod: &Pod, facts: &Facts) -> PodStatus {
             }),
             &live,
         ),
-    ]);
+    ];
     let (reason, message) = facts.failed.clone().unzip();
     PodStatus {
         phase: Some(phase.to_string()),
@@ -399,9 +405,27 @@ mod tests {
             )),
             "Running"
         );
-        let mut failed = facts(vec![], vec![view("a", waiting(), false)], "Never");
-        failed.failed = Some(("Init".into(), "init container i failed".into()));
-        assert_eq!(phase(&failed), "Failed");
+        assert_eq!(
+            phase(&facts(
+                vec![view("i", Now::Ended(ended(1)), false)],
+                vec![view("a", waiting(), false)],
+                "Never"
+            )),
+            "Failed",
+            "an init container failed for good"
+        );
+        assert_eq!(
+            phase(&facts(
+                vec![view("i", Now::Ended(ended(1)), false)],
+                vec![view("a", waiting(), false)],
+                "Always"
+            )),
+            "Pending",
+            "an init container to be retried"
+        );
+        let mut deadline = facts(vec![], vec![view("a", running(), true)], "Always");
+        deadline.failed = Some(("DeadlineExceeded".into(), "too long".into()));
+        assert_eq!(phase(&deadline), "Failed");
     }
 
     #[test]
@@ -422,7 +446,10 @@ mod tests {
         );
         let conditions = status.conditions.unwrap();
         let get = |kind: &str| conditions.iter().find(|c| c.type_ == kind).unwrap();
-        assert_eq!(get("PodScheduled").status, "True");
+        assert!(
+            conditions.iter().all(|c| OWNED.contains(&c.type_.as_str())),
+            "others' conditions are left to the merge"
+        );
         assert_eq!(get("ContainersReady").status, "True");
         // The readiness gate is not met: not Ready, and the transition
         // time of the unchanged condition is kept.

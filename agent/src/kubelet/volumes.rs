@@ -243,18 +243,33 @@ fn files(
     Ok(None)
 }
 
-/// Makes the pod's volumes ready under `pod_dir/volumes`.
+/// Makes the pod's volumes ready under `pod_dir/volumes`. With
+/// `keep_written`, file-backed volumes already written are left as they
+/// are: running containers (adopted by a restarted agent) mount them.
 pub fn prepare(
     pod: &Pod,
     pod_dir: &Path,
     refs: &Refs,
     downward: &Downward,
+    keep_written: bool,
 ) -> Result<BTreeMap<String, Ready>, VolumeError> {
     let mut ready = BTreeMap::new();
     for volume in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
         let name = volume.name.as_str();
         let dir = pod_dir.join("volumes").join(name);
-        if let Some(files) = files(volume, pod, refs, downward)? {
+        let file_backed = volume.config_map.is_some()
+            || volume.secret.is_some()
+            || volume.downward_api.is_some()
+            || volume.projected.is_some();
+        if file_backed && keep_written && dir.is_dir() {
+            ready.insert(
+                name.to_string(),
+                Ready {
+                    path: dir,
+                    read_only: true,
+                },
+            );
+        } else if let Some(files) = files(volume, pod, refs, downward)? {
             // Written anew into a fresh directory, then swapped in, so a
             // container never sees half of it.
             let fresh = pod_dir.join("volumes").join(format!(".{name}.new"));
@@ -403,6 +418,25 @@ pub fn hosts_file(pod: &Pod, pod_ip: &str) -> String {
     text
 }
 
+/// A subPath of a volume, made if missing; refused if it leads out of
+/// the volume (a symlink a container planted there would otherwise bind
+/// the node's files into a later container, CVE-2017-1002101).
+fn sub_path(volume: &str, root: &Path, sub: &str) -> Result<PathBuf, VolumeError> {
+    let path = root.join(relative(volume, sub)?);
+    if !path.exists() {
+        std::fs::create_dir_all(&path).map_err(io(volume, &path))?;
+    }
+    let resolved = std::fs::canonicalize(&path).map_err(io(volume, &path))?;
+    let root = std::fs::canonicalize(root).map_err(io(volume, root))?;
+    if !resolved.starts_with(&root) {
+        return Err(invalid(
+            volume,
+            format!("subPath {sub:?} leads out of the volume"),
+        ));
+    }
+    Ok(resolved)
+}
+
 /// A container's mounts: its volumeMounts, then the pod's /etc/hosts
 /// unless a mount covers it.
 pub fn binds(
@@ -425,13 +459,7 @@ pub fn binds(
             });
         }
         let source = match mount.sub_path.as_deref().filter(|s| !s.is_empty()) {
-            Some(sub) => {
-                let path = ready.path.join(relative(&mount.name, sub)?);
-                if !path.exists() {
-                    std::fs::create_dir_all(&path).map_err(io(&mount.name, &path))?;
-                }
-                path
-            }
+            Some(sub) => sub_path(&mount.name, &ready.path, sub)?,
             None => ready.path.clone(),
         };
         binds.push(Bind {
@@ -483,7 +511,7 @@ mod tests {
             "settings".into(),
             Some(serde_json::from_value(json!({"data": {"a": "alpha", "b": "beta"}})).unwrap()),
         );
-        let ready = prepare(&pod, dir.path(), &refs, &Downward::default()).unwrap();
+        let ready = prepare(&pod, dir.path(), &refs, &Downward::default(), false).unwrap();
         let cfg = &ready["cfg"];
         assert!(cfg.read_only);
         assert_eq!(
@@ -520,6 +548,23 @@ mod tests {
             ]
         );
         assert!(binds[1].source.ends_with("scratch/part") && binds[1].source.is_dir());
+        // A subPath through a symlink out of the volume is refused.
+        std::os::unix::fs::symlink("/etc", ready["scratch"].path.join("escape")).unwrap();
+        let mut escaping = container.clone();
+        escaping.volume_mounts = Some(vec![
+            serde_json::from_value(
+                json!({"name": "scratch", "mountPath": "/x", "subPath": "escape"}),
+            )
+            .unwrap(),
+        ]);
+        assert!(super::binds(&escaping, &ready, &hosts).is_err());
+        // Written volumes are kept when asked to.
+        std::fs::write(cfg.path.join("sub/a.txt"), "changed").unwrap();
+        let kept = prepare(&pod, dir.path(), &refs, &Downward::default(), true).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(kept["cfg"].path.join("sub/a.txt")).unwrap(),
+            "changed"
+        );
         let text = hosts_file(&pod, "10.244.1.5");
         assert!(
             text.contains("10.244.1.5\tp\n") && text.contains("10.0.0.9\tdb\tdb.local\n"),
@@ -548,13 +593,23 @@ mod tests {
                     &pod(volume.clone()),
                     dir.path(),
                     &refs,
-                    &Downward::default()
+                    &Downward::default(),
+                    false,
                 )
                 .is_err(),
                 "{volume}"
             );
         }
         let optional = json!({"name": "v", "configMap": {"name": "absent", "optional": true}});
-        assert!(prepare(&pod(optional), dir.path(), &refs, &Downward::default()).is_ok());
+        assert!(
+            prepare(
+                &pod(optional),
+                dir.path(),
+                &refs,
+                &Downward::default(),
+                false
+            )
+            .is_ok()
+        );
     }
 }

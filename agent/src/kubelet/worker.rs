@@ -112,6 +112,8 @@ struct Slot {
     /// Why it does not run (none yet, or a start that failed).
     waiting: Option<(String, Option<String>)>,
     backoff: Option<Duration>,
+    /// The back-off the current wait is for (reported).
+    applied_backoff: Duration,
     not_before: Option<Instant>,
     /// Being stopped (liveness failure): no new start until it exited.
     stopping: bool,
@@ -132,6 +134,7 @@ impl Slot {
             ended: None,
             waiting: None,
             backoff: None,
+            applied_backoff: Duration::ZERO,
             not_before: None,
             stopping: false,
         }
@@ -150,12 +153,17 @@ impl Slot {
                 },
                 self.last.clone(),
             ),
+            // A start that failed after an earlier instance ended.
+            (None, Some(ended)) if self.waiting.is_some() && self.restarts(policy) => {
+                let (reason, message) = self.waiting.clone().unwrap_or_default();
+                (Now::Waiting { reason, message }, Some(ended.clone()))
+            }
             (None, Some(ended)) if self.restarts(policy) => (
                 Now::Waiting {
                     reason: "CrashLoopBackOff".into(),
                     message: Some(format!(
                         "back-off {}s restarting failed container={}",
-                        self.backoff.unwrap_or(BACKOFF_INITIAL).as_secs(),
+                        self.applied_backoff.as_secs(),
                         self.spec.name
                     )),
                 },
@@ -205,7 +213,16 @@ pub struct Worker {
     sandbox_not_before: Option<Instant>,
     volumes: Option<BTreeMap<String, volumes::Ready>>,
     slots: Vec<Slot>,
+    /// The pod failed as a whole (activeDeadlineSeconds).
     failed: Option<(String, String)>,
+    /// The pod reached Succeeded or Failed here: nothing runs again.
+    finished: bool,
+    /// The pod is being stopped: containers are reported as ended, not
+    /// as restarting, and the phase is terminal.
+    terminating: bool,
+    /// Instances were adopted from an earlier agent: the volumes they
+    /// mount are kept as they are.
+    adopted: bool,
     written: Option<PodStatus>,
     write_not_before: Option<Instant>,
     started_at: k8s_openapi::chrono::DateTime<Utc>,
@@ -229,9 +246,26 @@ fn pod_name(pod: &Pod) -> (String, String) {
     )
 }
 
+/// How a worker ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// The pod was stopped and deleted from the API; until the watch
+    /// reports that, it must not get a new worker.
+    Deleted,
+    /// The pod was stopped and is gone (or its deletion failed and a new
+    /// worker is to try again).
+    Stopped,
+    /// The agent is shutting down; the pod runs on.
+    Left,
+}
+
 /// Runs pod `pod`'s worker until the pod is gone from the node. `updates`
 /// carries the pod as the API has it, None once it is gone.
-pub async fn run(ctx: Arc<Context>, pod: Arc<Pod>, mut updates: watch::Receiver<Option<Arc<Pod>>>) {
+pub async fn run(
+    ctx: Arc<Context>,
+    pod: Arc<Pod>,
+    mut updates: watch::Receiver<Option<Arc<Pod>>>,
+) -> Finish {
     let (tx, mut events) = mpsc::unbounded_channel();
     let uid = pod.metadata.uid.clone().unwrap_or_default();
     let mut worker = Worker::new(ctx, uid, pod, tx);
@@ -242,7 +276,7 @@ pub async fn run(ctx: Arc<Context>, pod: Arc<Pod>, mut updates: watch::Receiver<
             Some(pod) => worker.pod = pod,
             None => {
                 worker.terminate(GONE_GRACE, false).await;
-                return;
+                return Finish::Stopped;
             }
         }
         if worker.pod.metadata.deletion_timestamp.is_some() {
@@ -253,8 +287,12 @@ pub async fn run(ctx: Arc<Context>, pod: Arc<Pod>, mut updates: watch::Receiver<
                 .or_else(|| worker.pod.spec.as_ref()?.termination_grace_period_seconds)
                 .and_then(|s| u64::try_from(s).ok())
                 .unwrap_or(30);
-            worker.terminate(Duration::from_secs(grace), true).await;
-            return;
+            if worker.terminate(Duration::from_secs(grace), true).await {
+                return Finish::Deleted;
+            }
+            // Tried again by a new worker, not at once.
+            tokio::time::sleep(RETRY).await;
+            return Finish::Stopped;
         }
         let wake = worker.step().await;
         let sleep = async {
@@ -268,7 +306,7 @@ pub async fn run(ctx: Arc<Context>, pod: Arc<Pod>, mut updates: watch::Receiver<
                 if changed.is_err() {
                     // The manager is gone (agent shutting down): leave
                     // the pod running for the next agent.
-                    return;
+                    return Finish::Left;
                 }
             }
             Some(event) = events.recv() => worker.record(event),
@@ -313,6 +351,9 @@ impl Worker {
             volumes: None,
             slots,
             failed: None,
+            finished: false,
+            terminating: false,
+            adopted: false,
             written: None,
             write_not_before: None,
             started_at,
@@ -353,6 +394,7 @@ impl Worker {
             let Some(record) = containers::recorded(&layout) else {
                 continue;
             };
+            let end = containers::recorded_end(&layout, &record.id);
             let adopted = containers::adopt(
                 &self.ctx.cgroups,
                 &self.uid,
@@ -363,11 +405,12 @@ impl Worker {
             slot.restart_count = record.restart_count;
             match adopted {
                 Some(instance) => {
+                    self.adopted = true;
                     info!(pod = %self.uid, container = %slot.spec.name, pid = instance.process.pid, "container adopted");
                     self.watch(index, Arc::new(instance));
                 }
                 None => {
-                    slot.ended = Some(Ended {
+                    slot.ended = Some(end.unwrap_or(Ended {
                         exit_code: 137,
                         signal: None,
                         reason: "ContainerStatusUnknown".into(),
@@ -375,7 +418,7 @@ impl Worker {
                         started_at: record.started_at,
                         finished_at: Utc::now(),
                         container_id: record.id,
-                    });
+                    }));
                 }
             }
         }
@@ -400,6 +443,9 @@ impl Worker {
                 if let Some(probes) = slot.probes.take() {
                     probes.abort();
                 }
+                // Whatever the first process left (an exec probe's
+                // children) goes with it.
+                instance.cgroup.kill_all();
                 let oom = instance.cgroup.oom_killed();
                 let reason = match exit {
                     Exit::Unknown => "ContainerStatusUnknown",
@@ -415,7 +461,7 @@ impl Worker {
                 slot.ready = false;
                 slot.started = false;
                 slot.stopping = false;
-                slot.ended = Some(Ended {
+                let ended = Ended {
                     exit_code: exit.code(),
                     signal: match exit {
                         Exit::Signal(signal) => Some(signal),
@@ -426,9 +472,19 @@ impl Worker {
                     started_at: instance.record.started_at,
                     finished_at: Utc::now(),
                     container_id: instance.record.id.clone(),
-                });
+                };
+                // Kept for a restarted agent, which can no longer learn it.
+                let layout = Layout {
+                    pod_dir: &self.dir,
+                    container: &name,
+                };
+                if let Err(error) = containers::record_end(&layout, &ended) {
+                    warn!(pod = %self.uid, container = %name, %error, "recording how the container ended failed");
+                }
+                slot.ended = Some(ended);
                 // The first restart is immediate, then back-off.
                 let delay = slot.backoff;
+                slot.applied_backoff = delay.unwrap_or_default();
                 slot.not_before = delay.map(|d| Instant::now() + d);
                 slot.backoff = Some(delay.map_or(BACKOFF_INITIAL, |d| (d * 2).min(BACKOFF_MAX)));
             }
@@ -448,7 +504,10 @@ impl Worker {
                     return;
                 }
                 match kind {
-                    Kind::Startup => slot.started = ok,
+                    Kind::Startup => {
+                        slot.started = ok;
+                        slot.ready = ok && slot.spec.readiness_probe.is_none();
+                    }
                     Kind::Readiness => slot.ready = ok,
                     Kind::Liveness if !ok && !slot.stopping => {
                         warn!(pod = %uid, container = %name, %message, "liveness probe failed; restarting the container");
@@ -526,25 +585,62 @@ impl Worker {
             && self.slots.iter().all(|s| s.instance.is_none())
     }
 
+    /// Fails the pod as a whole once it has run past
+    /// `activeDeadlineSeconds`: its containers are stopped.
+    fn enforce_deadline(&mut self) -> Option<Instant> {
+        let deadline = self.pod.spec.as_ref()?.active_deadline_seconds?;
+        let deadline = Duration::from_secs(u64::try_from(deadline).ok()?);
+        let ran = (Utc::now() - self.started_at).to_std().unwrap_or_default();
+        if ran < deadline {
+            return Some(Instant::now() + (deadline - ran));
+        }
+        if self.failed.is_none() {
+            info!(pod = %self.uid, "active deadline exceeded; stopping the pod");
+            self.failed = Some((
+                "DeadlineExceeded".into(),
+                "Pod was active on the node longer than the specified deadline".into(),
+            ));
+            let grace = self.grace();
+            for slot in &mut self.slots {
+                slot.stopping = true;
+                if let Some(instance) = slot.instance.clone() {
+                    tokio::spawn(async move {
+                        containers::stop(&instance, grace).await;
+                    });
+                }
+            }
+        }
+        None
+    }
+
     /// One pass; returns when the next one is due at the latest.
     async fn step(&mut self) -> Option<Instant> {
+        while self.tasks.try_join_next().is_some() {}
         if self.finished_in_api() {
+            self.finished = true;
             if self.sandbox.is_some() {
                 self.release_sandbox().await;
             }
             return None;
         }
         let mut wake: Vec<Instant> = Vec::new();
-        if self.failed.is_none() && self.ensure_sandbox().await {
+        wake.extend(self.enforce_deadline());
+        if self.finished || self.failed.is_some() {
+            // Nothing starts again.
+        } else if self.ensure_sandbox().await {
             self.run_containers(&mut wake).await;
-        } else if let Some(at) = self.sandbox_not_before {
+        } else if let Some(at) = self.sandbox_not_before.filter(|at| *at > Instant::now()) {
             wake.push(at);
         }
         let phase = status::phase(&self.facts());
-        if (phase == "Succeeded" || phase == "Failed") && self.sandbox.is_some() {
-            // A finished pod gives its address back; its logs stay until
-            // it is deleted.
-            self.release_sandbox().await;
+        let running = self.slots.iter().any(|s| s.instance.is_some());
+        if (phase == "Succeeded" || phase == "Failed") && !running {
+            self.finished = true;
+            if self.sandbox.is_some() {
+                // A finished pod gives its address back; its logs stay
+                // until it is deleted.
+                self.release_sandbox().await;
+            }
         }
         if let Some(at) = self.write_status().await {
             wake.push(at);
@@ -572,7 +668,18 @@ impl Worker {
                 self.dir.join("pod.json"),
                 json!({"namespace": namespace, "name": name}).to_string(),
             );
-            match sandbox::create(&self.ctx.cni, &namespace, &name, &self.uid).await {
+            let host_network = self
+                .pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false);
+            let made = if host_network {
+                sandbox::host(&self.ctx.node_ip)
+            } else {
+                sandbox::create(&self.ctx.cni, &namespace, &name, &self.uid).await
+            };
+            match made {
                 Ok(sandbox) => {
                     info!(pod = %format!("{namespace}/{name}"), address = %sandbox.address, "sandbox ready");
                     let record = serde_json::to_vec(&sandbox).unwrap_or_default();
@@ -590,25 +697,26 @@ impl Worker {
             }
         }
         if self.volumes.is_none() {
-            let refs = self.refs().await;
             let downward = self.downward();
             let hosts = volumes::hosts_file(&self.pod, &downward.pod_ip);
-            let prepared = volumes::prepare(&self.pod, &self.dir, &refs, &downward).and_then(|v| {
+            let prepared = self.refs().await.and_then(|refs| {
+                let volumes =
+                    volumes::prepare(&self.pod, &self.dir, &refs, &downward, self.adopted)
+                        .map_err(|e| e.to_string())?;
                 let path = self.dir.join("etc-hosts");
-                std::fs::write(&path, hosts).map_err(|source| volumes::VolumeError::Io {
-                    volume: "/etc/hosts".into(),
-                    path,
-                    source,
-                })?;
-                Ok(v)
+                std::fs::write(&path, hosts).map_err(|e| format!("{}: {e}", path.display()))?;
+                Ok(volumes)
             });
             match prepared {
-                Ok(volumes) => self.volumes = Some(volumes),
+                Ok(volumes) => {
+                    self.volumes = Some(volumes);
+                    self.sandbox_not_before = None;
+                }
                 Err(error) => {
                     // Containers wait with the reason; retried.
                     for slot in &mut self.slots {
                         slot.waiting =
-                            Some(("CreateContainerConfigError".into(), Some(error.to_string())));
+                            Some(("CreateContainerConfigError".into(), Some(error.clone())));
                     }
                     self.sandbox_not_before = Some(Instant::now() + RETRY);
                     return false;
@@ -636,21 +744,29 @@ impl Worker {
     }
 
     /// The ConfigMaps and Secrets the pod refers to, as they are now.
-    async fn refs(&self) -> Refs {
+    /// A failure to read one (not its absence) fails the whole: an
+    /// optional reference must not be dropped for an API hiccup.
+    async fn refs(&self) -> Result<Refs, String> {
         let (namespace, _) = pod_name(&self.pod);
         let (maps, secrets) = Refs::wanted(&self.pod);
         let mut refs = Refs::default();
         let config_maps: Api<ConfigMap> = Api::namespaced(self.ctx.client.clone(), &namespace);
         for name in maps {
-            let found = config_maps.get_opt(&name).await.ok().flatten();
+            let found = config_maps
+                .get_opt(&name)
+                .await
+                .map_err(|e| format!("couldn't get configmap {namespace}/{name}: {e}"))?;
             refs.config_maps.insert(name, found);
         }
         let secret_api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &namespace);
         for name in secrets {
-            let found = secret_api.get_opt(&name).await.ok().flatten();
+            let found = secret_api
+                .get_opt(&name)
+                .await
+                .map_err(|e| format!("couldn't get secret {namespace}/{name}: {e}"))?;
             refs.secrets.insert(name, found);
         }
-        refs
+        Ok(refs)
     }
 
     /// Starts what should run and is due; notes when the next start is.
@@ -667,10 +783,7 @@ impl Worker {
                 return;
             }
             if slot.ended.is_some() && !slot.restarts(&policy) {
-                self.failed = Some((
-                    "Init:Error".into(),
-                    format!("init container {} failed", slot.spec.name),
-                ));
+                // Failed for good: the phase says so.
                 return;
             }
             self.start_when_due(index, wake).await;
@@ -710,8 +823,10 @@ impl Worker {
         let hosts = self.dir.join("etc-hosts");
         let no_volumes = BTreeMap::new();
         let volumes = self.volumes.as_ref().unwrap_or(&no_volumes);
-        let config = env::environment(&self.pod, &slot.spec, &refs, &downward)
-            .map_err(|e| e.to_string())
+        let config = refs
+            .and_then(|refs| {
+                env::environment(&self.pod, &slot.spec, &refs, &downward).map_err(|e| e.to_string())
+            })
             .and_then(|env| {
                 let binds =
                     volumes::binds(&slot.spec, volumes, &hosts).map_err(|e| e.to_string())?;
@@ -757,7 +872,34 @@ impl Worker {
                 slot.restart_count = restart_count;
                 slot.waiting = None;
                 slot.not_before = None;
-                self.watch(index, Arc::new(instance));
+                let post_start = slot
+                    .spec
+                    .lifecycle
+                    .as_ref()
+                    .and_then(|l| l.post_start.clone());
+                let (container, generation) = (slot.spec.clone(), slot.generation + 1);
+                let instance = Arc::new(instance);
+                self.watch(index, Arc::clone(&instance));
+                if let Some(hook) = post_start {
+                    // A failed postStart hook restarts the container, as
+                    // a failed liveness probe does.
+                    let (events, pod_ip, grace) =
+                        (self.events.clone(), self.pod_ip(), self.grace());
+                    self.tasks.spawn(async move {
+                        let deadline = Instant::now() + grace;
+                        let outcome =
+                            run_hook(&instance, &container, &hook, pod_ip, deadline).await;
+                        if let Outcome::Failure(message) = outcome {
+                            let _ = events.send(Event::Probe {
+                                name: container.name.clone(),
+                                generation,
+                                kind: Kind::Liveness,
+                                ok: false,
+                                message: format!("PostStartHook failed: {message}"),
+                            });
+                        }
+                    });
+                }
             }
             Err(error) => {
                 warn!(pod = %self.uid, container = %name, %error, "container failed to start");
@@ -772,7 +914,13 @@ impl Worker {
     }
 
     fn facts(&self) -> Facts {
-        let policy = self.policy();
+        // A pod being stopped restarts nothing: its containers end for
+        // good and its phase is terminal, as kubelet reports it.
+        let policy = if self.terminating {
+            "Never".to_string()
+        } else {
+            self.policy()
+        };
         let init_done = self.slots.iter().filter(|s| s.init).all(Slot::succeeded);
         let waiting = if self.sandbox.is_none() || init_done {
             "ContainerCreating"
@@ -831,7 +979,7 @@ impl Worker {
         let api: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &namespace);
         let patch = json!({ "status": status });
         match api
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch))
             .await
         {
             Ok(_) => {
@@ -870,9 +1018,11 @@ impl Worker {
     }
 
     /// Stops every container (preStop hooks first, SIGTERM, SIGKILL after
-    /// `grace`), removes the sandbox, cgroups and files, and, when the
-    /// pod is still in the API, deletes it there for good.
-    async fn terminate(&mut self, grace: Duration, delete: bool) {
+    /// `grace`), removes the sandbox, cgroups and files, and, with
+    /// `delete`, deletes the pod from the API for good; false if that
+    /// failed.
+    async fn terminate(&mut self, grace: Duration, delete: bool) -> bool {
+        self.terminating = true;
         let (namespace, name) = pod_name(&self.pod);
         info!(pod = %format!("{namespace}/{name}"), ?grace, "stopping the pod");
         let deadline = Instant::now() + grace;
@@ -886,11 +1036,12 @@ impl Worker {
                 .lifecycle
                 .as_ref()
                 .and_then(|l| l.pre_stop.clone());
+            let container = slot.spec.clone();
             let pod_ip = self.pod_ip();
             let name = slot.spec.name.clone();
             stops.spawn(async move {
                 if let Some(hook) = hook {
-                    let outcome = run_hook(&instance, &hook, pod_ip, deadline).await;
+                    let outcome = run_hook(&instance, &container, &hook, pod_ip, deadline).await;
                     if let Outcome::Failure(message) = outcome {
                         warn!(container = %name, %message, "preStop hook failed");
                     }
@@ -915,9 +1066,6 @@ impl Worker {
         if delete {
             // The final status: every container terminated.
             self.write_not_before = None;
-            for slot in &mut self.slots {
-                slot.backoff = None;
-            }
             self.write_status().await;
         }
         let sandbox = self.sandbox.clone();
@@ -938,7 +1086,7 @@ impl Worker {
                 false
             }
         };
-        if let Err(error) = self.ctx.cgroups.remove_pod(&self.uid) {
+        if let Err(error) = self.ctx.cgroups.release_pod(&self.uid).await {
             warn!(pod = %self.uid, %error, "removing the pod's cgroups failed");
         }
         if released {
@@ -954,14 +1102,20 @@ impl Worker {
                 }),
                 ..DeleteParams::default()
             };
-            match api.delete(&name, &params).await {
-                Ok(_) => info!(pod = %format!("{namespace}/{name}"), "pod deleted"),
-                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-                Err(error) => {
-                    warn!(pod = %format!("{namespace}/{name}"), %error, "deleting the pod failed")
+            return match api.delete(&name, &params).await {
+                Ok(_) => {
+                    info!(pod = %format!("{namespace}/{name}"), "pod deleted");
+                    true
                 }
-            }
+                // Gone already, or a new pod of that name.
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => true,
+                Err(error) => {
+                    warn!(pod = %format!("{namespace}/{name}"), %error, "deleting the pod failed");
+                    false
+                }
+            };
         }
+        true
     }
 }
 
@@ -970,7 +1124,11 @@ fn merge_conditions(
     live: Option<Vec<k8s_openapi::api::core::v1::PodCondition>>,
     written: Option<Vec<k8s_openapi::api::core::v1::PodCondition>>,
 ) -> Option<Vec<k8s_openapi::api::core::v1::PodCondition>> {
-    let written = written.unwrap_or_default();
+    let written: Vec<_> = written
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|w| status::OWNED.contains(&w.type_.as_str()))
+        .collect();
     let mut merged: Vec<_> = live
         .unwrap_or_default()
         .into_iter()
@@ -980,9 +1138,10 @@ fn merge_conditions(
     Some(merged)
 }
 
-/// Runs a preStop (or postStart) handler, bounded by `deadline`.
+/// Runs a postStart or preStop handler, bounded by `deadline`.
 async fn run_hook(
     instance: &Instance,
+    container: &Container,
     handler: &k8s_openapi::api::core::v1::LifecycleHandler,
     pod_ip: Option<IpAddr>,
     deadline: Instant,
@@ -1001,8 +1160,7 @@ async fn run_hook(
             http_get: Some(get.clone()),
             ..Default::default()
         };
-        let container = Container::default();
-        return match probe::check(&container, &probe, ip) {
+        return match probe::check(container, &probe, ip) {
             Ok(Check::Http {
                 address,
                 path,
