@@ -97,13 +97,17 @@ fn finished(cluster: &Cluster, name: &str) -> Value {
     status
 }
 
-fn one_shot(cluster: &Cluster, name: &str, node: &str, memory: &str, script: &str) {
+/// A pod that runs `script` once on `node`; `spec` adds pod fields
+/// (YAML flow mappings, comma-separated).
+fn one_shot(cluster: &Cluster, name: &str, node: &str, memory: &str, script: &str, spec: &str) {
     cluster.api.apply(&format!(
         r#"apiVersion: v1
 kind: Pod
 metadata: {{name: {name}, namespace: default}}
 spec:
+  {spec}
   restartPolicy: Never
+  terminationGracePeriodSeconds: 1
   nodeSelector: {{kubernetes.io/hostname: {node}}}
   containers:
   - name: main
@@ -207,8 +211,27 @@ data: {greeting: hello from a configmap}
         "64Mi",
         "hostname; cat /proc/1/comm; cat /config/greeting; echo; echo \"env=$GREETING\"; \
          echo \"mem=$MEM_MI\"; touch /scribble && echo wrote; grep checker /etc/hosts",
+        "",
     );
-    one_shot(&cluster, "failing", &n1, "64Mi", "echo failing; exit 3");
+    one_shot(&cluster, "failing", &n1, "64Mi", "echo failing; exit 3", "");
+    // Past its active deadline, a pod is stopped and failed.
+    one_shot(
+        &cluster,
+        "overdue",
+        &n1,
+        "64Mi",
+        "sleep 60",
+        "activeDeadlineSeconds: 2",
+    );
+    // A hostNetwork pod has the node's network and address.
+    one_shot(
+        &cluster,
+        "hostnet",
+        &n1,
+        "64Mi",
+        "ip -4 -o addr show",
+        "hostNetwork: true",
+    );
     // tail keeps the whole (newline-free) input in memory: past the
     // limit, the kernel's OOM killer ends it.
     one_shot(
@@ -217,6 +240,7 @@ data: {greeting: hello from a configmap}
         &n1,
         "16Mi",
         "head -c 500000000 /dev/zero | tail -n 1 > /dev/null",
+        "",
     );
 
     let status = finished(&cluster, "checker");
@@ -269,6 +293,24 @@ data: {greeting: hello from a configmap}
     let terminated = &status["containerStatuses"][0]["state"]["terminated"];
     assert_eq!(terminated["reason"], "OOMKilled", "{status}");
     assert_eq!(terminated["exitCode"], 137);
+    let status = finished(&cluster, "overdue");
+    assert_eq!(status["phase"], "Failed", "{status}");
+    assert_eq!(status["reason"], "DeadlineExceeded", "{status}");
+
+    let status = finished(&cluster, "hostnet");
+    assert_eq!(status["phase"], "Succeeded", "{status}");
+    let node_address = cluster.nodes[0].address;
+    assert_eq!(status["podIP"], node_address);
+    let hostnet_uid = pod_json(&cluster, "hostnet")["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        logs(&hostnet_uid).contains(&format!("inet {node_address}/24")),
+        "{}",
+        logs(&hostnet_uid)
+    );
+
     // Finished pods give their addresses back.
     assert!(!Path::new(&format!("/run/netns/wharf-{checker_uid}")).exists());
 
@@ -299,7 +341,9 @@ spec:
         ports: [{{name: http, containerPort: 8080}}]
         readinessProbe: {{exec: {{command: ["test", "-e", "/flags/ready"]}}, periodSeconds: 1, failureThreshold: 1}}
         livenessProbe: {{httpGet: {{port: http, path: /}}, periodSeconds: 2}}
-        lifecycle: {{preStop: {{exec: {{command: ["sh", "-c", "echo bye > /goodbye/$HOSTNAME"]}}}}}}
+        lifecycle:
+          postStart: {{exec: {{command: ["sh", "-c", "echo hello > /flags/post-start"]}}}}
+          preStop: {{exec: {{command: ["sh", "-c", "echo bye > /goodbye/$HOSTNAME"]}}}}
         volumeMounts:
         - {{name: flags, mountPath: /flags}}
         - {{name: goodbye, mountPath: /goodbye}}
@@ -325,6 +369,12 @@ spec:
     let web = pods(&cluster, "app=web");
     let nodes: BTreeSet<&str> = web.iter().map(|p| p.2.as_str()).collect();
     assert_eq!(nodes.len(), 2, "spread over both nodes: {web:?}");
+    for pod in &web {
+        let hook = pod_dir(node_of(&cluster, &pod.2), &pod.1).join("volumes/flags/post-start");
+        eventually("the postStart hook ran", || {
+            std::fs::read_to_string(&hook).is_ok_and(|text| text == "hello\n")
+        });
+    }
 
     // Client pods on each node reach all four pods through the
     // ClusterIP; those on the other node see the client pod's own
