@@ -7,6 +7,7 @@
 //! role, which runs the pods bound to the node (process runtime).
 
 pub mod agent_api;
+pub mod bootstrap;
 pub mod cluster;
 pub mod cni_install;
 pub mod conntrack;

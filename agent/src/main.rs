@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tracing::info;
 use wharf_agent::{
     agent_api::{self, IpamService},
+    bootstrap,
     cluster::{self, Cluster},
     cni_install,
     ebpf::{Dataplane, Reconciler, read_counters},
@@ -72,8 +73,31 @@ struct Args {
 
     /// The API server to follow Services, EndpointSlices and Nodes on
     /// (wharf-control's or any kube-apiserver's).
-    #[arg(long, required_unless_present_any = ["standalone", "teardown", "counters"], conflicts_with_all = ["standalone", "services_from"])]
+    #[arg(long, required_unless_present_any = ["standalone", "teardown", "counters", "server"], conflicts_with_all = ["standalone", "services_from", "server"])]
     kubeconfig: Option<PathBuf>,
+
+    /// Join the cluster at this API server URL with a bootstrap token
+    /// instead of a kubeconfig: the agent obtains its own node
+    /// credentials (`--state-dir/<node>/kubelet.kubeconfig`, reused on
+    /// later starts). `wharf-control token create --print-join-command`
+    /// prints the three flags.
+    #[arg(long, requires_all = ["token", "ca_cert_hash"], conflicts_with_all = ["standalone", "services_from"])]
+    server: Option<String>,
+
+    /// The bootstrap token (`<id>.<secret>`), with --server.
+    #[arg(long, requires = "server")]
+    token: Option<String>,
+
+    /// The cluster CA's pin (`sha256:<hex>` of its certificate), with
+    /// --server: the token is sent only to a server that presents it.
+    #[arg(long, requires = "server")]
+    ca_cert_hash: Option<String>,
+
+    /// Where the kubelet API (container logs for `kubectl logs`) is
+    /// served, over mutual TLS with a serving certificate the cluster CA
+    /// signed.
+    #[arg(long, default_value = "0.0.0.0:10250")]
+    kubelet_bind_address: SocketAddr,
 
     /// Run only the service proxy: the kube-proxy replacement on a node
     /// whose kubelet is another's. Without it, an agent following an API
@@ -261,7 +285,29 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let telemetry = Arc::new(Telemetry::new());
-    let client = match &args.kubeconfig {
+    let kubeconfig = match (
+        &args.kubeconfig,
+        &args.server,
+        &args.token,
+        &args.ca_cert_hash,
+    ) {
+        (Some(path), ..) => Some(path.clone()),
+        (None, Some(server), Some(token), Some(ca_cert_hash)) => {
+            let join = bootstrap::Join {
+                server: server.clone(),
+                token: token.clone(),
+                ca_cert_hash: ca_cert_hash.clone(),
+            };
+            let state = args.state_dir.join(&args.node_name);
+            Some(
+                bootstrap::node_kubeconfig(&join, &state, &args.node_name)
+                    .await
+                    .context("joining the cluster")?,
+            )
+        }
+        _ => None,
+    };
+    let client = match &kubeconfig {
         Some(path) => Some(cluster::client(path).await?),
         None => None,
     };
@@ -297,6 +343,7 @@ async fn main() -> anyhow::Result<()> {
                 .as_str()
                 .map(|q| k8s_openapi::apimachinery::pkg::api::resource::Quantity(q.into()))
         };
+        let client_for_kubelet = client.clone();
         let ctx = Context {
             client,
             node: args.node_name.clone(),
@@ -317,8 +364,20 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or(0),
         };
         tokio::spawn(kubelet::run(Arc::new(ctx)));
+        if let Some(kubeconfig) = &kubeconfig {
+            let ca = bootstrap::cluster_ca(kubeconfig).context("the cluster CA")?;
+            let addresses = node_addresses.iter().copied().map(Into::into).collect();
+            tokio::spawn(kubelet::server::serve(
+                client_for_kubelet,
+                args.node_name.clone(),
+                addresses,
+                args.kubelet_bind_address,
+                ca,
+                pods_dir(&args),
+            ));
+        }
     }
-    if !args.proxy_only && (args.kubeconfig.is_some() || args.pod_cidr.is_some()) {
+    if !args.proxy_only && (kubeconfig.is_some() || args.pod_cidr.is_some()) {
         let state = args.state_dir.join(&args.node_name);
         std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
         let service = IpamService::open(&state.join("ipam.json"), pod_cidrs)

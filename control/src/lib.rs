@@ -8,6 +8,7 @@ pub mod controllers;
 pub mod etcd_process;
 pub mod events;
 pub mod informer;
+pub mod join;
 pub mod labels;
 pub mod leader;
 pub mod pki;

@@ -1,13 +1,18 @@
 //! wharf-control command line.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use wharf_control::{
     apiserver::{self, Config, ServiceRanges, TolerationDefaults},
     components::{self, Component},
-    controllers,
+    controllers, join, pki,
     store::{EmbeddedStore, EtcdStore},
 };
 
@@ -47,6 +52,27 @@ enum Command {
         kubeconfig: PathBuf,
         #[command(flatten)]
         controllers: ControllerArgs,
+    },
+    /// Join tokens for new nodes.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum TokenCommand {
+    /// Creates a bootstrap token (a Secret in kube-system) and prints it:
+    /// `wharf-agent --server URL --token T --ca-cert-hash H` joins a node
+    /// with it.
+    Create {
+        /// An admin's kubeconfig (the server's `admin.kubeconfig`).
+        #[arg(long)]
+        kubeconfig: PathBuf,
+        /// How long the token authenticates, in seconds.
+        #[arg(long, default_value_t = 86_400)]
+        ttl_seconds: u64,
+        /// Print the whole `wharf-agent` command line, not just the token.
+        #[arg(long)]
+        print_join_command: bool,
     },
 }
 
@@ -122,10 +148,24 @@ struct ControllerArgs {
     /// Seconds between two syncs of each HorizontalPodAutoscaler.
     #[arg(long, default_value_t = 15)]
     horizontal_pod_autoscaler_sync_period: u64,
+
+    /// A data directory whose cluster CA (`pki/ca.{crt,key}`) signs
+    /// approved node certificate requests (default: the server's
+    /// `--data-dir`; a standalone `controllers` signs nothing without it).
+    #[arg(long)]
+    cluster_signing_dir: Option<PathBuf>,
 }
 
 impl ControllerArgs {
-    fn options(&self) -> anyhow::Result<controllers::Options> {
+    fn options(&self, data_dir: Option<&Path>) -> anyhow::Result<controllers::Options> {
+        let signing_dir = self.cluster_signing_dir.as_deref().or(data_dir);
+        let signer = signing_dir
+            .map(|dir| {
+                pki::Authority::load_or_create(dir)
+                    .with_context(|| format!("loading the cluster CA from {}", dir.display()))
+            })
+            .transpose()?
+            .map(Arc::new);
         let cluster_cidr = controllers::parse_cidr(&self.cluster_cidr)
             .with_context(|| format!("--cluster-cidr {} is not an IPv4 CIDR", self.cluster_cidr))?;
         anyhow::ensure!(
@@ -141,6 +181,7 @@ impl ControllerArgs {
             autoscaler_sync_period: Duration::from_secs(
                 self.horizontal_pod_autoscaler_sync_period.max(1),
             ),
+            signer,
         })
     }
 }
@@ -172,9 +213,25 @@ async fn main() -> anyhow::Result<()> {
             kubeconfig,
             controllers,
         }) => {
-            let component = Component::Controllers(controllers.options()?);
+            let component = Component::Controllers(controllers.options(None)?);
             let client = components::client(&kubeconfig).await?;
             components::run(component, client, shutdown_signal()).await;
+            Ok(())
+        }
+        Some(Command::Token(TokenCommand::Create {
+            kubeconfig,
+            ttl_seconds,
+            print_join_command,
+        })) => {
+            let join = join::create(&kubeconfig, Duration::from_secs(ttl_seconds)).await?;
+            if print_join_command {
+                println!(
+                    "wharf-agent --server {} --token {} --ca-cert-hash {} --node-name <name>",
+                    join.server, join.token, join.ca_cert_hash
+                );
+            } else {
+                println!("{}", join.token);
+            }
             Ok(())
         }
         None => serve(cli.server).await,
@@ -193,7 +250,7 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
     }
     if !args.without.contains(&Builtin::Controllers) {
         builtins.push((
-            Component::Controllers(args.controllers.options()?),
+            Component::Controllers(args.controllers.options(Some(&data_dir))?),
             "controller-manager.kubeconfig",
         ));
     }

@@ -184,6 +184,35 @@ impl Authority {
         self.issue(&mut params, user)
     }
 
+    /// Signs a PKCS#10 request (PEM), whose signature it checks: the
+    /// requested subject and names, with the usages of the signer
+    /// (`server`: serving, else client), never as a CA. Returns the
+    /// certificate's PEM.
+    pub fn sign_request(&self, request_pem: &str, server: bool) -> Result<String, PkiError> {
+        let mut request = rcgen::CertificateSigningRequestParams::from_pem(request_pem)
+            .map_err(cert_error("certificate request"))?;
+        let params = &mut request.params;
+        validity(params);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![if server {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(rcgen::SerialNumber::from(
+            rand::random::<[u8; 16]>().to_vec(),
+        ));
+        let cert = request
+            .signed_by(&self.issuer)
+            .map_err(cert_error("signed certificate"))?;
+        Ok(cert.pem())
+    }
+
     /// Writes `pki/<name>.{crt,key}`.
     pub fn save(&self, name: &str, credential: &Credential) -> Result<(), PkiError> {
         let cert_path = self.dir.join(format!("{name}.crt"));
@@ -194,6 +223,12 @@ impl Authority {
         )
     }
 }
+
+/// The signers wharf-control issues certificates for
+/// (kube-controller-manager's names): node client certificates, and the
+/// serving certificates of node agents' kubelet API.
+pub const KUBELET_CLIENT_SIGNER: &str = "kubernetes.io/kube-apiserver-client-kubelet";
+pub const KUBELET_SERVING_SIGNER: &str = "kubernetes.io/kubelet-serving";
 
 /// How a kubeconfig's user authenticates.
 #[derive(Clone, Copy, Debug)]
@@ -239,6 +274,30 @@ pub fn kubeconfig(server: &str, ca_pem: &str, user: &str, auth: &KubeconfigUser<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_are_signed_with_the_signers_usages() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::load_or_create(dir.path()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = subject("system:node:n1", &["system:nodes"]);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress("192.168.90.1".parse().unwrap()));
+        let request = params.serialize_request(&key).unwrap().pem().unwrap();
+        let pem = ca.sign_request(&request, true).unwrap();
+        let der = rustls_pemfile_der(&pem);
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert!(!cert.is_ca(), "a requested CA flag is dropped");
+        let user = crate::apiserver::authn::user_from_certificate(&der).unwrap();
+        assert_eq!(user.name, "system:node:n1");
+        assert!(user.in_group("system:nodes"));
+        let usages = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(usages.server_auth && !usages.client_auth);
+        assert!(ca.sign_request("not a request", false).is_err());
+    }
 
     #[test]
     fn the_ca_is_made_once_and_reloaded() {

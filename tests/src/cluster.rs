@@ -4,13 +4,18 @@
 //! share it.
 //!
 //! ```text
-//!  host ── uplink ── n1 (192.168.90.1) ── underlay ── n2 (192.168.90.2)
+//!  host ── uplink ── n1 (192.168.N.1) ── underlay ── n2 (192.168.N.2)
 //!  (API)              └ ext (203.0.113.2): outside the cluster
 //! ```
+//!
+//! N differs between the clusters of one test process, and the host
+//! routes 192.168.N.0/24 through n1, so the API server reaches every
+//! node's kubelet API.
 
 use std::{
     path::PathBuf,
     process::Command,
+    sync::atomic::{AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -50,7 +55,7 @@ pub fn ip(ns: &str, args: &str) -> String {
 pub struct NodeAgent {
     pub ns: String,
     pub name: String,
-    pub address: &'static str,
+    pub address: String,
     /// The agent's files (state, CNI plugin and configuration).
     pub files: PathBuf,
     /// The node's cgroup v2 directory: its pods' cgroups, and socket-LB
@@ -87,12 +92,15 @@ impl Cluster {
     /// Two nodes whose agents run proxy mode `mode`; `control_args` go to
     /// wharf-control.
     pub fn new(test: &str, mode: &str, control_args: &[&str]) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let net = 100 + NEXT.fetch_add(1, Ordering::Relaxed) % 100;
+        let (a1, a2) = (format!("192.168.{net}.1"), format!("192.168.{net}.2"));
         let mut lab = Lab::new(test);
         let n1 = lab.netns("n1");
         let n2 = lab.netns("n2");
         lab.veth(&n1, "underlay", &n2, "underlay");
-        lab.ip(&n1, "addr add 192.168.90.1/24 dev underlay");
-        lab.ip(&n2, "addr add 192.168.90.2/24 dev underlay");
+        lab.ip(&n1, &format!("addr add {a1}/24 dev underlay"));
+        lab.ip(&n2, &format!("addr add {a2}/24 dev underlay"));
         let ext = lab.netns("ext");
         lab.veth(&n1, "outside", &ext, "eth0");
         lab.ip(&n1, "addr add 203.0.113.1/24 dev outside");
@@ -100,9 +108,10 @@ impl Cluster {
         // The API server listens on the host end of n1's uplink; n2 gets
         // there through n1, which masquerades it (so the host needs no
         // route of the test's).
-        let (host, _) = lab.uplink(&n1);
+        let (host, inside) = lab.uplink(&n1);
         lab.sysctl(&n1, "net.ipv4.ip_forward", "1");
-        lab.ip(&n2, &format!("route add {host}/32 via 192.168.90.1"));
+        lab.ip(&n2, &format!("route add {host}/32 via {a1}"));
+        lab.host_route(&format!("192.168.{net}.0/24"), inside);
         for rule in [
             "add table ip lab",
             "add chain ip lab out { type nat hook postrouting priority srcnat ; }",
@@ -119,13 +128,13 @@ impl Cluster {
             ext,
             nodes: Vec::new(),
         };
-        for (ns, address) in [(n1, "192.168.90.1"), (n2, "192.168.90.2")] {
+        for (ns, address) in [(n1, a1), (n2, a2)] {
             cluster.start_agent(ns, address, mode);
         }
         cluster
     }
 
-    fn start_agent(&mut self, ns: String, address: &'static str, mode: &str) {
+    fn start_agent(&mut self, ns: String, address: String, mode: &str) {
         let short = ns.rsplit('-').next().unwrap().to_string();
         let name = self.lab.node(&short);
         let files = self.lab.dir.join(&short);

@@ -38,6 +38,8 @@ pub struct Lab {
     /// Commands run at drop, after the processes are killed and before
     /// the namespaces go: (namespace, program, arguments).
     cleanups: Vec<(String, PathBuf, Vec<String>)>,
+    /// Routes added to the host's table: (destination, next hop).
+    host_routes: Vec<(String, Ipv4Addr)>,
     pub dir: PathBuf,
 }
 
@@ -56,6 +58,7 @@ impl Lab {
             children: Vec::new(),
             nodes: Vec::new(),
             cleanups: Vec::new(),
+            host_routes: Vec::new(),
             dir,
         }
     }
@@ -298,6 +301,16 @@ impl Lab {
         .expect("attaching the passthrough XDP program");
     }
 
+    /// Routes `destination` through `via` in the host's own table (an
+    /// uplink's namespace end), until the lab is dropped.
+    pub fn host_route(&mut self, destination: &str, via: Ipv4Addr) {
+        command(
+            "ip",
+            &["route", "add", destination, "via", &via.to_string()],
+        );
+        self.host_routes.push((destination.to_string(), via));
+    }
+
     /// Runs `program args` in `ns` when the lab is dropped (an agent's
     /// `--teardown`, which stops the pods it left), even after a failure.
     pub fn cleanup_on_drop(&mut self, ns: &str, program: &Path, args: Vec<String>) {
@@ -325,6 +338,11 @@ impl Drop for Lab {
         }
         for node in &self.nodes {
             let _ = Dataplane::teardown(Path::new(BPFFS), node);
+        }
+        for (destination, via) in &self.host_routes {
+            let _ = Command::new("ip")
+                .args(["route", "del", destination, "via", &via.to_string()])
+                .status();
         }
         for ns in &self.namespaces {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();

@@ -5,7 +5,7 @@
 //! checked one by one.
 //!
 //! ```text
-//!  host ── uplink ── n1 (192.168.90.1) ── underlay ── n2 (192.168.90.2)
+//!  host ── uplink ── n1 (192.168.N.1) ── underlay ── n2 (192.168.N.2)
 //!  (API)              ├ pod a                          └ pod b
 //!                     └ ext (203.0.113.2): outside the cluster
 //! ```
@@ -82,8 +82,9 @@ fn pods_on_two_nodes_follow_the_network_model() {
     // n1 routes n2's pods through n2, with wharf's protocol number.
     let n1 = cluster.nodes[0].ns.clone();
     let n2 = cluster.nodes[1].ns.clone();
+    let n2_address = cluster.nodes[1].address.clone();
     eventually("n1's route to n2's pods", || {
-        ip(&n1, "route").contains(&format!("{cidr_b} via 192.168.90.2 dev underlay proto 199"))
+        ip(&n1, "route").contains(&format!("{cidr_b} via {n2_address} dev underlay proto 199"))
     });
     for node in &cluster.nodes {
         assert!(node.files.join("cni/bin/wharf-cni").exists());
@@ -110,7 +111,7 @@ fn pods_on_two_nodes_follow_the_network_model() {
     assert_eq!(cluster.get(&n2, &address_a).0, "a");
     // 3. Pods reach other nodes, which see the pod's own address.
     assert_eq!(
-        cluster.get(&pod_a, "192.168.90.2"),
+        cluster.get(&pod_a, &n2_address),
         ("n2".into(), address_a.clone())
     );
 

@@ -214,6 +214,14 @@ data: {greeting: hello from a configmap}
         "",
     );
     one_shot(&cluster, "failing", &n1, "64Mi", "echo failing; exit 3", "");
+    one_shot(
+        &cluster,
+        "ticker",
+        &n1,
+        "64Mi",
+        "for i in 1 2 3; do echo tick $i; sleep 1; done",
+        "",
+    );
     // Past its active deadline, a pod is stopped and failed.
     one_shot(
         &cluster,
@@ -276,6 +284,20 @@ data: {greeting: hello from a configmap}
         !Path::new("/scribble").exists(),
         "writes stay in the container's own layer"
     );
+    // kubectl logs, through the API server and the node's kubelet API.
+    assert_eq!(cluster.api.kubectl_ok(&["logs", "checker"]), seen);
+    assert_eq!(
+        cluster.api.kubectl_ok(&["logs", "checker", "--tail=1"]),
+        format!("{checker_ip}\tchecker\n")
+    );
+    // Followed until the container ends.
+    eventually("the ticker running", || {
+        pod_json(&cluster, "ticker")["status"]["phase"] == "Running"
+    });
+    assert_eq!(
+        cluster.api.kubectl_ok(&["logs", "-f", "ticker"]),
+        "tick 1\ntick 2\ntick 3\n"
+    );
 
     let status = finished(&cluster, "failing");
     assert_eq!(status["phase"], "Failed", "{status}");
@@ -299,8 +321,8 @@ data: {greeting: hello from a configmap}
 
     let status = finished(&cluster, "hostnet");
     assert_eq!(status["phase"], "Succeeded", "{status}");
-    let node_address = cluster.nodes[0].address;
-    assert_eq!(status["podIP"], node_address);
+    let node_address = cluster.nodes[0].address.clone();
+    assert_eq!(status["podIP"], node_address.as_str());
     let hostnet_uid = pod_json(&cluster, "hostnet")["metadata"]["uid"]
         .as_str()
         .unwrap()
@@ -423,6 +445,8 @@ spec:
     let last = &status["containerStatuses"][0]["lastState"]["terminated"];
     assert_eq!(last["exitCode"], 137, "{status}");
     assert_eq!(last["reason"], "Error", "{status}");
+    let previous = cluster.api.kubectl_ok(&["logs", &name, "--previous"]);
+    assert!(previous.contains("serving"), "{previous}");
     assert_eq!(
         status["podIP"],
         address.as_str(),

@@ -21,6 +21,7 @@ pub mod containers;
 pub mod env;
 pub mod probe;
 pub mod sandbox;
+pub mod server;
 pub mod spawn;
 pub mod status;
 pub mod volumes;

@@ -199,6 +199,11 @@ fn node_decision(node: &str, attributes: &Attributes) -> Option<Decision> {
             ("metrics.k8s.io", "pods", None) => Decision::AllowIfPodBoundTo(node.to_owned()),
             // The agent deletes its pods once they have stopped.
             ("", "pods", None) if verb == "delete" => Decision::AllowIfPodBoundTo(node.to_owned()),
+            // Its serving certificate, and its client certificate's
+            // renewal: the approver checks the request names this node.
+            ("certificates.k8s.io", "certificatesigningrequests", None) if verb == "create" => {
+                Decision::Allow
+            }
             ("", "events", None) | ("events.k8s.io", "events", None)
                 if matches!(verb.as_str(), "create" | "update" | "patch") =>
             {
@@ -562,6 +567,28 @@ pub fn bootstrap_policy() -> Vec<(&'static str, Value)> {
         "nonResourceURLs": ["/api", "/api/*", "/apis", "/apis/*", "/openapi", "/openapi/*", "/version", "/version/", "/healthz", "/livez", "/readyz"],
     }]);
     vec![
+        // New nodes join with a bootstrap token: they may ask for their
+        // client certificate and follow the request (kubeadm's
+        // system:node-bootstrapper binding).
+        (
+            "clusterroles",
+            cluster_role(
+                "system:node-bootstrapper",
+                json!([rule(
+                    &["create", "get", "list", "watch"],
+                    &["certificates.k8s.io"],
+                    &["certificatesigningrequests"]
+                )]),
+            ),
+        ),
+        (
+            "clusterrolebindings",
+            binding(
+                "wharf:node-bootstrappers",
+                "system:node-bootstrapper",
+                "system:bootstrappers",
+            ),
+        ),
         (
             "clusterroles",
             cluster_role(

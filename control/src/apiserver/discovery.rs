@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use super::kinds::{Registry, ResourceType};
+use super::kinds::{Registry, ResourceType, certificates};
 
 const VERBS: &[&str] = &[
     "create",
@@ -45,6 +45,9 @@ fn subresources(
             out.push(("log", "Pod", "", "v1", &["get"][..]));
         }
         "namespaces" => out.push(("finalize", "Namespace", "", "v1", &["update"][..])),
+        certificates::PLURAL => {
+            out.push(("approval", rt.kind, rt.group, rt.version, SUBRESOURCE_VERBS))
+        }
         _ => {}
     }
     out

@@ -16,10 +16,10 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::{
     App,
-    authn::User,
+    authn::{self, User},
     authz::{Attributes, Decision},
     discovery, eviction,
-    kinds::ResourceType,
+    kinds::{ResourceType, certificates},
     logs,
     managed::{self, Writer},
     objects::{
@@ -201,8 +201,11 @@ async fn dispatch<S: Store>(
         .get::<PeerIdentity>()
         .cloned()
         .unwrap_or_default();
-    let Some(user) = app.authn.authenticate(peer.0.as_ref(), &parts.headers) else {
-        return Err(ApiError::Unauthorized);
+    let user = match app.authn.authenticate(peer.0.as_ref(), &parts.headers) {
+        Some(user) => user,
+        None => bootstrap_user(app, &parts.headers)
+            .await
+            .ok_or(ApiError::Unauthorized)?,
     };
     let body = axum::body::to_bytes(body, MAX_BODY)
         .await
@@ -474,8 +477,11 @@ async fn resource<S: Store>(
         }
         (&Method::GET, None, None) => list(app, call, rt, namespace).await,
         (&Method::POST, None, None) => {
-            let body = call.json_body()?;
+            let mut body = call.json_body()?;
             guard_rbac(app, user, rt, namespace, &body)?;
+            if rt.plural == certificates::PLURAL {
+                certificates::stamp_requester(&mut body, user);
+            }
             let written = app
                 .create_object(rt, namespace, body, &call.write_options()?)
                 .await?;
@@ -486,16 +492,12 @@ async fn resource<S: Store>(
             ))
         }
         (&Method::DELETE, None, None) => delete_collection(app, call, rt, namespace).await,
-        (&Method::GET, Some(name), None | Some("status")) => {
+        (&Method::GET, Some(name), sub) if update_mode(rt, sub).is_some() => {
             let (object, _) = app.get_object(rt, namespace, name).await?;
             Ok(render_one(call, rt, object))
         }
-        (&Method::PUT, Some(name), sub @ (None | Some("status"))) => {
-            let mode = if sub.is_some() {
-                UpdateMode::Status
-            } else {
-                UpdateMode::Main
-            };
+        (&Method::PUT, Some(name), sub) if update_mode(rt, sub).is_some() => {
+            let mode = update_mode(rt, sub).unwrap_or(UpdateMode::Main);
             let body = call.json_body()?;
             guard_rbac(app, user, rt, namespace, &body)?;
             let written = app
@@ -509,22 +511,15 @@ async fn resource<S: Store>(
                 &written.warnings,
             ))
         }
-        (&Method::PATCH, Some(name), sub @ (None | Some("status")))
-            if PatchType::from_content_type(call.content_type()) == Some(PatchType::Apply) =>
+        (&Method::PATCH, Some(name), sub)
+            if update_mode(rt, sub).is_some()
+                && PatchType::from_content_type(call.content_type()) == Some(PatchType::Apply) =>
         {
-            let mode = if sub.is_some() {
-                UpdateMode::Status
-            } else {
-                UpdateMode::Main
-            };
+            let mode = update_mode(rt, sub).unwrap_or(UpdateMode::Main);
             server_side_apply(app, call, user, rt, namespace, name, mode).await
         }
-        (&Method::PATCH, Some(name), sub @ (None | Some("status"))) => {
-            let mode = if sub.is_some() {
-                UpdateMode::Status
-            } else {
-                UpdateMode::Main
-            };
+        (&Method::PATCH, Some(name), sub) if update_mode(rt, sub).is_some() => {
+            let mode = update_mode(rt, sub).unwrap_or(UpdateMode::Main);
             let kind = PatchType::from_content_type(call.content_type()).ok_or(ApiError::UnsupportedMediaType {
                 accepted: "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json",
             })?;
@@ -614,6 +609,30 @@ async fn resource<S: Store>(
         }
         (_, _, Some(_)) => Err(ApiError::NoSuchResource),
         _ => Err(unsupported()),
+    }
+}
+
+/// The user of a bootstrap token, checked against its Secret.
+async fn bootstrap_user<S: Store>(app: &Arc<App<S>>, headers: &HeaderMap) -> Option<User> {
+    let (id, secret) = authn::bootstrap_token(headers)?;
+    let secrets = app.registry.find("", "v1", "secrets")?;
+    let name = format!("bootstrap-token-{id}");
+    let (object, _) = app
+        .get_object(secrets, Some("kube-system"), &name)
+        .await
+        .ok()?;
+    authn::bootstrap_user(&object, &id, &secret, Utc::now())
+}
+
+/// What an update through `subresource` may change: the object, its
+/// status, or (CertificateSigningRequests) its approval; None for other
+/// subresources.
+fn update_mode(rt: &ResourceType, subresource: Option<&str>) -> Option<UpdateMode> {
+    match subresource {
+        None => Some(UpdateMode::Main),
+        Some("status") => Some(UpdateMode::Status),
+        Some("approval") if rt.plural == certificates::PLURAL => Some(UpdateMode::Approval),
+        Some(_) => None,
     }
 }
 
@@ -1010,7 +1029,7 @@ async fn server_side_apply<S: Store>(
         manager: &options.field_manager,
         api_version: rt.api_version,
         now: &now,
-        subresource: (mode == UpdateMode::Status).then_some("status"),
+        subresource: mode.subresource(),
     };
     let conflict = |conflicts: Vec<managed::Conflict>| ApiError::ApplyConflict {
         subject: rt.subject(name),
@@ -1024,7 +1043,7 @@ async fn server_side_apply<S: Store>(
             .collect(),
     };
     match app.get_object(rt, namespace, name).await {
-        Err(error @ ApiError::NotFound(_)) if mode == UpdateMode::Status => Err(error),
+        Err(error @ ApiError::NotFound(_)) if mode != UpdateMode::Main => Err(error),
         Err(ApiError::NotFound(_)) => {
             // Applying to a missing object creates it: that needs `create`.
             let create = Attributes::Resource {

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use super::{
     App,
     allocation::{self, Plan},
-    kinds::ResourceType,
+    kinds::{ResourceType, certificates},
     managed::{self, Writer},
     selectors::{FieldSelector, LabelSelector},
     status::{ApiError, Cause},
@@ -62,7 +62,7 @@ impl WriteOptions {
             manager: &self.field_manager,
             api_version: rt.api_version,
             now,
-            subresource: (mode == UpdateMode::Status).then_some("status"),
+            subresource: mode.subresource(),
         }
     }
 }
@@ -84,6 +84,19 @@ pub enum UpdateMode {
     /// Both, for the server's own writes that set a field and the status
     /// that reports it (a binding sets `nodeName` and `PodScheduled`).
     MainAndStatus,
+    /// A CertificateSigningRequest's `Approved`/`Denied` conditions.
+    Approval,
+}
+
+impl UpdateMode {
+    /// The subresource an update of this mode goes through, if any.
+    pub fn subresource(self) -> Option<&'static str> {
+        match self {
+            Self::Status => Some("status"),
+            Self::Approval => Some("approval"),
+            Self::Main | Self::MainAndStatus => None,
+        }
+    }
 }
 
 /// Query and body options of a delete.
@@ -823,6 +836,9 @@ impl<S: Store> App<S> {
             next = merged;
         } else if rt.status && mode == UpdateMode::Main {
             next["status"] = current["status"].clone();
+        }
+        if rt.group == "certificates.k8s.io" && rt.plural == certificates::PLURAL {
+            certificates::keep_on_update(current, &mut next, mode);
         }
         if next["metadata"].get("managedFields").is_none()
             && let Some(managed) = current["metadata"].get("managedFields")

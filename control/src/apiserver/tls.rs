@@ -47,7 +47,10 @@ pub fn server_config(
             .allow_unauthenticated()
             .build()
             .map_err(|e| pem_error("client verifier", e))?;
+    // The CA goes along: a joining node pins it by hash
+    // (`wharf-control token create`) before it trusts the server.
     let chain = CertificateDer::pem_slice_iter(serving.cert_pem.as_bytes())
+        .chain(CertificateDer::pem_slice_iter(ca_pem.as_bytes()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| pem_error("serving certificate", e))?;
     let key = PrivateKeyDer::from_pem_slice(serving.key_pem.as_bytes())

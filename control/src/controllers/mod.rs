@@ -10,6 +10,7 @@
 //! so nothing is deleted or recreated on a partial view.
 
 mod autoscaler;
+mod certificates;
 mod cronjob;
 mod daemonset;
 mod deployment;
@@ -42,6 +43,7 @@ use k8s_openapi::{
         apps::v1::{ControllerRevision, DaemonSet, Deployment, ReplicaSet, StatefulSet},
         autoscaling::v2::HorizontalPodAutoscaler,
         batch::v1::{CronJob, Job},
+        certificates::v1::CertificateSigningRequest,
         coordination::v1::Lease,
         core::v1::{Endpoints, Namespace, Node, Pod, Service, ServiceAccount},
         discovery::v1::EndpointSlice,
@@ -78,6 +80,10 @@ pub struct Options {
     pub node_monitor_grace: Duration,
     /// How often each HorizontalPodAutoscaler is evaluated.
     pub autoscaler_sync_period: Duration,
+    /// The cluster CA, which signs approved requests for node client and
+    /// serving certificates; without it, requests wait for another
+    /// signer.
+    pub signer: Option<Arc<crate::pki::Authority>>,
 }
 
 impl Default for Options {
@@ -87,6 +93,7 @@ impl Default for Options {
             node_cidr_mask: 24,
             node_monitor_grace: Duration::from_secs(40),
             autoscaler_sync_period: Duration::from_secs(15),
+            signer: None,
         }
     }
 }
@@ -148,6 +155,7 @@ pub struct Context {
     pub service_accounts: Store<ServiceAccount>,
     pub budgets: Store<PodDisruptionBudget>,
     pub autoscalers: Store<HorizontalPodAutoscaler>,
+    pub requests: Store<CertificateSigningRequest>,
     pub expectations: Expectations,
     /// Per Service: the pod and Service changes its slices reflect.
     pub trigger_times: endpoints::TriggerTimes,
@@ -515,6 +523,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
     let mut service_accounts = informer::<ServiceAccount>(&client);
     let mut budgets = informer::<PodDisruptionBudget>(&client);
     let mut autoscalers = informer::<HorizontalPodAutoscaler>(&client);
+    let mut requests = informer::<CertificateSigningRequest>(&client);
 
     let context = Arc::new(Context {
         client: client.clone(),
@@ -536,6 +545,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         service_accounts: service_accounts.store(),
         budgets: budgets.store(),
         autoscalers: autoscalers.store(),
+        requests: requests.store(),
         expectations: Expectations::default(),
         trigger_times: Default::default(),
         pod_cidrs: Default::default(),
@@ -593,6 +603,8 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         Controller::for_shared_stream(cronjobs.subscribe(), context.cronjobs.clone())
             .owns_shared_stream(jobs.subscribe());
     let ipam_controller = Controller::for_shared_stream(nodes.subscribe(), context.nodes.clone());
+    let certificates_controller =
+        Controller::for_shared_stream(requests.subscribe(), context.requests.clone());
     let autoscaler_controller =
         Controller::for_shared_stream(autoscalers.subscribe(), context.autoscalers.clone());
     let disruption_controller =
@@ -629,6 +641,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
     tasks.spawn(service_accounts.run());
     tasks.spawn(budgets.run());
     tasks.spawn(autoscalers.run());
+    tasks.spawn(requests.run());
 
     // Never act on a partial view.
     let ready = futures::future::join_all([
@@ -649,6 +662,7 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         context.service_accounts.wait_until_ready().boxed(),
         context.budgets.wait_until_ready().boxed(),
         context.autoscalers.wait_until_ready().boxed(),
+        context.requests.wait_until_ready().boxed(),
     ]);
     tokio::select! {
         results = ready => {
@@ -680,6 +694,11 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
         Arc::clone(&context),
     ));
     tasks.spawn(gc::run(client.clone()));
+    tasks.spawn(drive(
+        certificates_controller,
+        certificates::reconcile,
+        Arc::clone(&context),
+    ));
     tasks.spawn(drive(
         replicaset_controller,
         replicaset::reconcile,

@@ -4,6 +4,7 @@
 //! against the k8s-openapi types and reached through the object-safe
 //! [`Codec`].
 
+pub mod certificates;
 mod cluster;
 mod core;
 mod workloads;
@@ -309,6 +310,7 @@ impl Registry {
         core::register_all(&mut types);
         workloads::register_all(&mut types);
         cluster::register_all(&mut types);
+        certificates::register_all(&mut types);
         Self { types }
     }
 
