@@ -32,7 +32,7 @@ use kube::{
     api::{ObjectMeta, PostParams},
     config::Kubeconfig,
 };
-use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
+use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PublicKeyData as _, SanType};
 use rustls::{
     DigitallySignedStruct, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -44,8 +44,13 @@ use tracing::info;
 const CLIENT_SIGNER: &str = "kubernetes.io/kube-apiserver-client-kubelet";
 const SERVING_SIGNER: &str = "kubernetes.io/kubelet-serving";
 
-/// How long a request may wait for approval and signing.
+/// How long a join's client certificate request may wait for approval
+/// and signing (a serving request waits as long as it takes: a cluster
+/// whose approver leaves them to a human may approve it any time).
 const ISSUE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How long the server may take to connect and shake hands.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
@@ -188,14 +193,22 @@ async fn pinned_ca(server: &str, pin: &str) -> Result<Vec<u8>, BootstrapError> {
         Ok(ip) => ServerName::IpAddress(ip.into()),
         Err(_) => ServerName::try_from(host.clone()).map_err(|e| handshake(e.to_string()))?,
     };
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+    // Only the handshake: nothing is written on this connection. The pin
+    // alone does not authenticate the server (the CA certificate is
+    // public); the client built on the pinned CA does, verifying the
+    // server's certificate before the token is sent.
+    let connect = async {
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| handshake(e.to_string()))?;
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| handshake(e.to_string()))
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, connect)
         .await
-        .map_err(|e| handshake(e.to_string()))?;
-    // Only the handshake: nothing is written on this connection.
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| handshake(e.to_string()))?;
+        .map_err(|_| handshake(format!("no handshake within {HANDSHAKE_TIMEOUT:?}")))??;
     let chain = capture
         .chain
         .lock()
@@ -270,7 +283,10 @@ pub fn cluster_ca(path: &Path) -> Result<String, BootstrapError> {
         return String::from_utf8(bytes).map_err(|e| error(e.to_string()));
     }
     if let Some(file) = &cluster.certificate_authority {
-        return std::fs::read_to_string(file).map_err(|e| error(format!("{file}: {e}")));
+        // A relative path is the kubeconfig's, as kubectl reads it.
+        let file = path.parent().unwrap_or(Path::new(".")).join(file);
+        return std::fs::read_to_string(&file)
+            .map_err(|e| error(format!("{}: {e}", file.display())));
     }
     Err(error("no certificate authority".into()))
 }
@@ -296,13 +312,16 @@ fn request(node: &str, addresses: &[IpAddr]) -> Result<(KeyPair, String), Bootst
     Ok((key, pem))
 }
 
-/// Asks for a certificate and waits until it is issued; returns its PEM.
+/// Asks for a certificate and waits until it is issued (for `timeout`
+/// at most, if given); returns its PEM, checked to be for `key`.
 async fn issue(
     client: &Client,
     node: &str,
     signer: &str,
     usages: &[&str],
+    key: &KeyPair,
     request_pem: &str,
+    timeout: Option<Duration>,
 ) -> Result<String, BootstrapError> {
     let api = Api::<CertificateSigningRequest>::all(client.clone());
     let kind = if signer == SERVING_SIGNER {
@@ -329,12 +348,22 @@ async fn issue(
         .map_err(BootstrapError::Request)?;
     let name = created.metadata.name.unwrap_or_default();
     info!(csr = %name, signer, "certificate requested");
-    let deadline = tokio::time::Instant::now() + ISSUE_TIMEOUT;
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut waited = Duration::ZERO;
     loop {
         let current = api.get(&name).await.map_err(BootstrapError::Request)?;
         let status = current.status.unwrap_or_default();
         if let Some(certificate) = status.certificate.filter(|c| !c.0.is_empty()) {
-            return Ok(String::from_utf8_lossy(&certificate.0).into_owned());
+            let pem = String::from_utf8_lossy(&certificate.0).into_owned();
+            return if certifies(&pem, key) {
+                Ok(pem)
+            } else {
+                Err(BootstrapError::Refused {
+                    name,
+                    outcome: "answered".into(),
+                    message: "the issued certificate is not for this request's key".into(),
+                })
+            };
         }
         if let Some(refused) = status
             .conditions
@@ -348,11 +377,32 @@ async fn issue(
                 message: refused.message.clone().unwrap_or_default(),
             });
         }
-        if tokio::time::Instant::now() > deadline {
+        if deadline.is_some_and(|d| tokio::time::Instant::now() > d) {
             return Err(BootstrapError::Timeout { name });
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        if waited == Duration::from_secs(60) {
+            info!(csr = %name, "still waiting for the certificate request to be approved (kubectl certificate approve {name})");
+        }
+        // Quick at first (wharf-control approves at once), then patient.
+        let pause = if waited < Duration::from_secs(60) {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(5)
+        };
+        tokio::time::sleep(pause).await;
+        waited += pause;
     }
+}
+
+/// Whether the certificate (PEM) is for `key`.
+fn certifies(pem: &str, key: &KeyPair) -> bool {
+    x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .ok()
+        .and_then(|(_, block)| {
+            let (_, cert) = x509_parser::parse_x509_certificate(&block.contents).ok()?;
+            Some(cert.public_key().raw == key.subject_public_key_info().as_slice())
+        })
+        .unwrap_or(false)
 }
 
 /// What joining needs.
@@ -382,20 +432,35 @@ pub async fn node_kubeconfig(
         &kubeconfig(
             &join.server,
             &ca_pem,
-            &format!("    token: {}\n", join.token),
+            &format!("    token: {:?}\n", join.token),
         ),
     )?;
-    let client = crate::cluster::client(&bootstrap).await?;
-    let (key, request_pem) = request(node, &[])?;
-    let usages = ["digital signature", "key encipherment", "client auth"];
-    let certificate = issue(&client, node, CLIENT_SIGNER, &usages, &request_pem).await?;
+    let asked = async {
+        let client = crate::cluster::client(&bootstrap).await?;
+        let (key, request_pem) = request(node, &[])?;
+        let usages = ["digital signature", "key encipherment", "client auth"];
+        let certificate = issue(
+            &client,
+            node,
+            CLIENT_SIGNER,
+            &usages,
+            &key,
+            &request_pem,
+            Some(ISSUE_TIMEOUT),
+        )
+        .await?;
+        Ok::<_, BootstrapError>((key, certificate))
+    }
+    .await;
+    // The token goes from the disk whatever happened.
+    let _ = std::fs::remove_file(&bootstrap);
+    let (key, certificate) = asked?;
     let user = format!(
         "    client-certificate-data: {}\n    client-key-data: {}\n",
         STANDARD.encode(&certificate),
         STANDARD.encode(key.serialize_pem())
     );
     write_private(&path, &kubeconfig(&join.server, &ca_pem, &user))?;
-    let _ = std::fs::remove_file(&bootstrap);
     info!(node, path = %path.display(), "joined: node credentials written");
     Ok(path)
 }
@@ -409,7 +474,16 @@ pub async fn serving_certificate(
 ) -> Result<(String, String), BootstrapError> {
     let (key, request_pem) = request(node, addresses)?;
     let usages = ["digital signature", "key encipherment", "server auth"];
-    let certificate = issue(client, node, SERVING_SIGNER, &usages, &request_pem).await?;
+    let certificate = issue(
+        client,
+        node,
+        SERVING_SIGNER,
+        &usages,
+        &key,
+        &request_pem,
+        None,
+    )
+    .await?;
     Ok((certificate, key.serialize_pem()))
 }
 

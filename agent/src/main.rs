@@ -318,6 +318,7 @@ async fn main() -> anyhow::Result<()> {
             address: node_addresses.first().copied(),
             max_pods: args.max_pods,
             lease_duration: Duration::from_secs(args.node_lease_duration_seconds),
+            kubelet_port: args.kubelet_bind_address.port(),
         };
         // A --pod-cidr stands; otherwise the Node's is followed.
         let reported = if args.pod_cidr.is_some() {
@@ -364,17 +365,22 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or(0),
         };
         tokio::spawn(kubelet::run(Arc::new(ctx)));
-        if let Some(kubeconfig) = &kubeconfig {
-            let ca = bootstrap::cluster_ca(kubeconfig).context("the cluster CA")?;
-            let addresses = node_addresses.iter().copied().map(Into::into).collect();
-            tokio::spawn(kubelet::server::serve(
-                client_for_kubelet,
-                args.node_name.clone(),
-                addresses,
-                args.kubelet_bind_address,
-                ca,
-                pods_dir(&args),
-            ));
+        match kubeconfig.as_deref().map(bootstrap::cluster_ca) {
+            Some(Ok(ca)) => {
+                let addresses = node_addresses.iter().copied().map(Into::into).collect();
+                tokio::spawn(kubelet::server::serve(
+                    client_for_kubelet,
+                    args.node_name.clone(),
+                    addresses,
+                    args.kubelet_bind_address,
+                    ca,
+                    pods_dir(&args),
+                ));
+            }
+            Some(Err(error)) => {
+                tracing::warn!(%error, "no cluster CA to verify clients with: the kubelet API (kubectl logs) is not served");
+            }
+            None => {}
         }
     }
     if !args.proxy_only && (kubeconfig.is_some() || args.pod_cidr.is_some()) {

@@ -34,10 +34,6 @@ const LEASE_NAMESPACE: &str = "kube-node-lease";
 /// liveness by the Lease, so this only refreshes heartbeat times.
 const STATUS_REPORT_INTERVAL: Duration = Duration::from_secs(300);
 
-/// The port announced for the node's kubelet API (kubelet's), which the
-/// API server proxies `pods/log` to. The agent does not serve it yet.
-pub const KUBELET_PORT: i32 = 10250;
-
 #[derive(Debug, thiserror::Error)]
 pub enum RegistrationError {
     #[error("{action} node {node}: {source}")]
@@ -58,6 +54,9 @@ pub struct NodeConfig {
     pub max_pods: u32,
     /// The Lease's duration; it is renewed every quarter of it.
     pub lease_duration: Duration,
+    /// The port of the node's kubelet API (`--kubelet-bind-address`),
+    /// which the API server proxies `pods/log` to.
+    pub kubelet_port: u16,
 }
 
 /// How long a restarted agent leaves a live Ready=True alone while it
@@ -342,7 +341,7 @@ fn status(
         "allocatable": capacity,
         "conditions": conditions,
         "addresses": addresses,
-        "daemonEndpoints": { "kubeletEndpoint": { "Port": KUBELET_PORT } },
+        "daemonEndpoints": { "kubeletEndpoint": { "Port": config.kubelet_port } },
         "nodeInfo": system::info(architecture()),
     })
 }
@@ -501,6 +500,7 @@ mod tests {
             address: Some(Ipv4Addr::new(192, 168, 1, 10)),
             max_pods: 110,
             lease_duration: Duration::from_secs(40),
+            kubelet_port: 10250,
         }
     }
 

@@ -32,6 +32,8 @@ pub enum JoinError {
     Incomplete { path: String, what: &'static str },
     #[error("creating the token's Secret: {0}")]
     Create(#[source] kube::Error),
+    #[error("the token's lifetime is too long")]
+    Ttl,
 }
 
 /// What a node needs to join.
@@ -83,23 +85,28 @@ pub async fn create(kubeconfig: &Path, ttl: Duration) -> Result<Join, JoinError>
     let ca_der = pem_body(&ca_pem).ok_or_else(|| incomplete("CA certificate"))?;
 
     let (id, secret) = (token_part(6), token_part(16));
-    let expires =
-        chrono::Utc::now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::days(1));
-    let data = [
+    let mut data = vec![
         ("token-id", id.clone()),
         ("token-secret", secret.clone()),
-        ("expiration", expires.to_rfc3339()),
         ("usage-bootstrap-authentication", "true".to_owned()),
-        ("usage-bootstrap-signing", "true".to_owned()),
         (
             "auth-extra-groups",
             "system:bootstrappers:wharf:default-node-token".to_owned(),
         ),
         ("description", "wharf-control token create".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), ByteString(v.into_bytes())))
-    .collect();
+    ];
+    // A ttl of 0 never expires, as kubeadm's.
+    if !ttl.is_zero() {
+        let expires = chrono::Duration::from_std(ttl)
+            .ok()
+            .and_then(|ttl| chrono::Utc::now().checked_add_signed(ttl))
+            .ok_or(JoinError::Ttl)?;
+        data.push(("expiration", expires.to_rfc3339()));
+    }
+    let data = data
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), ByteString(v.into_bytes())))
+        .collect();
     let object = Secret {
         metadata: ObjectMeta {
             name: Some(format!("bootstrap-token-{id}")),

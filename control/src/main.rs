@@ -67,7 +67,7 @@ enum TokenCommand {
         /// An admin's kubeconfig (the server's `admin.kubeconfig`).
         #[arg(long)]
         kubeconfig: PathBuf,
-        /// How long the token authenticates, in seconds.
+        /// How long the token authenticates, in seconds (0: forever).
         #[arg(long, default_value_t = 86_400)]
         ttl_seconds: u64,
         /// Print the whole `wharf-agent` command line, not just the token.
@@ -158,14 +158,21 @@ struct ControllerArgs {
 
 impl ControllerArgs {
     fn options(&self, data_dir: Option<&Path>) -> anyhow::Result<controllers::Options> {
-        let signing_dir = self.cluster_signing_dir.as_deref().or(data_dir);
-        let signer = signing_dir
-            .map(|dir| {
+        // A signing directory named on the command line must hold a CA
+        // (a typo must not make a new one); the server's own is made if
+        // missing, as the API server makes it.
+        let signer = match (&self.cluster_signing_dir, data_dir) {
+            (Some(dir), _) => Some(
+                pki::Authority::load(dir)
+                    .with_context(|| format!("loading the cluster CA from {}", dir.display()))?,
+            ),
+            (None, Some(dir)) => Some(
                 pki::Authority::load_or_create(dir)
-                    .with_context(|| format!("loading the cluster CA from {}", dir.display()))
-            })
-            .transpose()?
-            .map(Arc::new);
+                    .with_context(|| format!("the cluster CA in {}", dir.display()))?,
+            ),
+            (None, None) => None,
+        }
+        .map(Arc::new);
         let cluster_cidr = controllers::parse_cidr(&self.cluster_cidr)
             .with_context(|| format!("--cluster-cidr {} is not an IPv4 CIDR", self.cluster_cidr))?;
         anyhow::ensure!(

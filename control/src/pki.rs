@@ -94,6 +94,18 @@ fn validity(params: &mut CertificateParams) {
 }
 
 impl Authority {
+    /// Loads the CA under `data_dir/pki`, which must exist.
+    pub fn load(data_dir: &Path) -> Result<Self, PkiError> {
+        let cert_path = data_dir.join("pki/ca.crt");
+        if !cert_path.exists() {
+            return Err(PkiError::Io {
+                path: cert_path,
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
+        Self::load_or_create(data_dir)
+    }
+
     /// Loads the CA under `data_dir/pki`, creating it on first start.
     pub fn load_or_create(data_dir: &Path) -> Result<Self, PkiError> {
         let dir = data_dir.join("pki");
@@ -184,15 +196,34 @@ impl Authority {
         self.issue(&mut params, user)
     }
 
-    /// Signs a PKCS#10 request (PEM), whose signature it checks: the
-    /// requested subject and names, with the usages of the signer
-    /// (`server`: serving, else client), never as a CA. Returns the
-    /// certificate's PEM.
-    pub fn sign_request(&self, request_pem: &str, server: bool) -> Result<String, PkiError> {
-        let mut request = rcgen::CertificateSigningRequestParams::from_pem(request_pem)
+    /// Signs a node's certificate for `request`'s key. Only the request's
+    /// key is taken from it: subject and names are the validated ones, the
+    /// usages the signer's (`server`: serving, else client, which names no
+    /// hosts), never a CA; valid from five minutes ago (clock skew) for
+    /// `lifetime`. Returns the certificate's PEM.
+    pub fn sign_node(
+        &self,
+        request: &NodeRequest,
+        server: bool,
+        lifetime: std::time::Duration,
+    ) -> Result<String, PkiError> {
+        let der = rustls::pki_types::CertificateSigningRequestDer::from(request.der.as_slice());
+        let parsed = rcgen::CertificateSigningRequestParams::from_der(&der)
             .map_err(cert_error("certificate request"))?;
-        let params = &mut request.params;
-        validity(params);
+        let mut params = CertificateParams::default();
+        params.distinguished_name = subject(&format!("system:node:{}", request.node), &[NODES]);
+        if server {
+            for name in &request.dns_names {
+                let name = name
+                    .clone()
+                    .try_into()
+                    .map_err(cert_error(format!("DNS name {name}")))?;
+                params.subject_alt_names.push(SanType::DnsName(name));
+            }
+            params
+                .subject_alt_names
+                .extend(request.addresses.iter().copied().map(SanType::IpAddress));
+        }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -207,9 +238,13 @@ impl Authority {
         params.serial_number = Some(rcgen::SerialNumber::from(
             rand::random::<[u8; 16]>().to_vec(),
         ));
-        let cert = request
-            .signed_by(&self.issuer)
-            .map_err(cert_error("signed certificate"))?;
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after =
+            now + time::Duration::try_from(lifetime).unwrap_or(time::Duration::days(365));
+        let cert = params
+            .signed_by(&parsed.public_key, &self.issuer)
+            .map_err(cert_error("node certificate"))?;
         Ok(cert.pem())
     }
 
@@ -222,6 +257,106 @@ impl Authority {
             credential.key_pem.as_bytes(),
         )
     }
+}
+
+/// The organization of node identities.
+pub const NODES: &str = "system:nodes";
+
+/// What a request for a node's certificate asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeRequest {
+    der: Vec<u8>,
+    /// The node it names (`system:node:<node>`).
+    pub node: String,
+    pub dns_names: Vec<String>,
+    pub addresses: Vec<IpAddr>,
+}
+
+/// Reads a request for a node's certificate, strictly, so the approver
+/// and the signer cannot see different things: one PEM block of type
+/// CERTIFICATE REQUEST and nothing else, a valid signature, a subject of
+/// exactly one common name `system:node:<name>` and one organization
+/// `system:nodes`, and no requested extension but host names (DNS names
+/// and IP addresses).
+pub fn node_request(pem: &[u8]) -> Result<NodeRequest, String> {
+    use x509_parser::{
+        certification_request::X509CertificationRequest,
+        extensions::{GeneralName, ParsedExtension},
+        oid_registry::{OID_X509_COMMON_NAME, OID_X509_ORGANIZATION_NAME},
+        prelude::FromDer as _,
+    };
+    let text = std::str::from_utf8(pem)
+        .map_err(|_| "the request is not text")?
+        .trim();
+    let body = text
+        .strip_prefix("-----BEGIN CERTIFICATE REQUEST-----")
+        .and_then(|rest| rest.strip_suffix("-----END CERTIFICATE REQUEST-----"))
+        .filter(|body| !body.contains("-----"))
+        .ok_or("the request must be exactly one PEM CERTIFICATE REQUEST block")?;
+    let der = STANDARD
+        .decode(body.split_whitespace().collect::<String>())
+        .map_err(|e| format!("the request's PEM body: {e}"))?;
+    let (rest, request) =
+        X509CertificationRequest::from_der(&der).map_err(|e| format!("not a request: {e}"))?;
+    if !rest.is_empty() {
+        return Err("bytes after the request".into());
+    }
+    request
+        .verify_signature()
+        .map_err(|e| format!("the request's signature: {e}"))?;
+    let (mut common_names, mut organizations) = (Vec::new(), Vec::new());
+    for attribute in request.certification_request_info.subject.iter_attributes() {
+        let value = attribute
+            .as_str()
+            .map_err(|_| "a subject attribute is not a string")?;
+        if attribute.attr_type() == &OID_X509_COMMON_NAME {
+            common_names.push(value);
+        } else if attribute.attr_type() == &OID_X509_ORGANIZATION_NAME {
+            organizations.push(value);
+        } else {
+            return Err(format!(
+                "subject attribute {} is not allowed",
+                attribute.attr_type()
+            ));
+        }
+    }
+    let node = match common_names.as_slice() {
+        [name] => name
+            .strip_prefix("system:node:")
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| format!("{name} is not a node's name"))?,
+        _ => return Err("the subject must have exactly one common name".into()),
+    };
+    if organizations != [NODES] {
+        return Err(format!("organizations {organizations:?} are not [{NODES}]"));
+    }
+    let (mut dns_names, mut addresses) = (Vec::new(), Vec::new());
+    for extension in request.requested_extensions().into_iter().flatten() {
+        let ParsedExtension::SubjectAlternativeName(names) = extension else {
+            return Err("only subject alternative names may be requested".into());
+        };
+        for name in &names.general_names {
+            match name {
+                GeneralName::DNSName(dns) => dns_names.push((*dns).to_owned()),
+                GeneralName::IPAddress(bytes) => match bytes.len() {
+                    4 => addresses.push(IpAddr::from(
+                        <[u8; 4]>::try_from(*bytes).unwrap_or_default(),
+                    )),
+                    16 => addresses.push(IpAddr::from(
+                        <[u8; 16]>::try_from(*bytes).unwrap_or_default(),
+                    )),
+                    _ => return Err("a malformed IP address".into()),
+                },
+                other => return Err(format!("subject alternative name {other:?} is not a host")),
+            }
+        }
+    }
+    Ok(NodeRequest {
+        node: node.to_owned(),
+        dns_names,
+        addresses,
+        der,
+    })
 }
 
 /// The signers wharf-control issues certificates for
@@ -275,28 +410,63 @@ pub fn kubeconfig(server: &str, ca_pem: &str, user: &str, auth: &KubeconfigUser<
 mod tests {
     use super::*;
 
-    #[test]
-    fn requests_are_signed_with_the_signers_usages() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = Authority::load_or_create(dir.path()).unwrap();
+    fn node_request_pem(subject: DistinguishedName, addresses: &[&str]) -> String {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::default();
-        params.distinguished_name = subject("system:node:n1", &["system:nodes"]);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress("192.168.90.1".parse().unwrap()));
-        let request = params.serialize_request(&key).unwrap().pem().unwrap();
-        let pem = ca.sign_request(&request, true).unwrap();
-        let der = rustls_pemfile_der(&pem);
+        params.distinguished_name = subject;
+        for address in addresses {
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress(address.parse().unwrap()));
+        }
+        params.serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    #[test]
+    fn node_requests_are_read_strictly_and_signed_as_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::load_or_create(dir.path()).unwrap();
+        let pem = node_request_pem(subject("system:node:n1", &[NODES]), &["192.168.90.1"]);
+        let request = node_request(pem.as_bytes()).unwrap();
+        assert_eq!(request.node, "n1");
+        assert_eq!(
+            request.addresses,
+            ["192.168.90.1".parse::<IpAddr>().unwrap()]
+        );
+        let signed = ca
+            .sign_node(&request, true, std::time::Duration::from_secs(3600))
+            .unwrap();
+        let der = rustls_pemfile_der(&signed);
         let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
-        assert!(!cert.is_ca(), "a requested CA flag is dropped");
+        assert!(!cert.is_ca());
         let user = crate::apiserver::authn::user_from_certificate(&der).unwrap();
         assert_eq!(user.name, "system:node:n1");
-        assert!(user.in_group("system:nodes"));
+        assert!(user.in_group(NODES));
         let usages = cert.extended_key_usage().unwrap().unwrap().value;
         assert!(usages.server_auth && !usages.client_auth);
-        assert!(ca.sign_request("not a request", false).is_err());
+        let lifetime =
+            cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        assert_eq!(lifetime, 3600 + 300);
+
+        // A request for a CA, or for anything but exactly a node's
+        // subject, in one block, is refused.
+        let key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::default();
+        ca_params.distinguished_name = subject("system:node:n1", &[NODES]);
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_request = ca_params.serialize_request(&key).unwrap().pem().unwrap();
+        for refused in [
+            ca_request,
+            node_request_pem(subject("system:node:n1", &[NODES, "system:masters"]), &[]),
+            node_request_pem(subject("admin", &[NODES]), &[]),
+            format!("x{}", pem),
+            format!(
+                "{pem}{}",
+                node_request_pem(subject("admin", &["system:masters"]), &[])
+            ),
+        ] {
+            assert!(node_request(refused.as_bytes()).is_err(), "{refused}");
+        }
     }
 
     #[test]

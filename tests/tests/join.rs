@@ -7,6 +7,7 @@
 
 use std::process::Command;
 
+use base64::Engine as _;
 use serde_json::Value;
 use wharf_tests::{
     cluster::eventually,
@@ -174,6 +175,81 @@ fn nodes_join_with_a_token_and_act_as_themselves() {
     );
     assert!(!other.status.success());
     assert!(String::from_utf8_lossy(&other.stderr).contains("Forbidden"));
+
+    // Decisions need `approve` on the signer: a node may ask for another
+    // signer's certificate but not approve it; an admin may, and the
+    // controllers leave other signers' requests alone.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "app");
+    let request = params.serialize_request(&key).unwrap().pem().unwrap();
+    let csr = format!(
+        "apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata: {{name: other-signer}}\nspec:\n  signerName: example.com/other\n  usages: [client auth]\n  request: {}\n",
+        base64::engine::general_purpose::STANDARD.encode(request.as_bytes())
+    );
+    let created = Command::new("kubectl")
+        .args(["create", "-f", "-"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("HOME", kubeconfig.parent().unwrap())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write as _;
+            child.stdin.take().unwrap().write_all(csr.as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let approve = kubectl_as(&kubeconfig, &["certificate", "approve", "other-signer"]);
+    assert!(!approve.status.success(), "a node approved a request");
+    // Access to the approval subresource is not enough: the signer's
+    // `approve` is needed too.
+    api.apply(&format!(
+        "apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {{name: csr-approval}}
+rules:
+- {{apiGroups: [certificates.k8s.io], resources: [certificatesigningrequests/approval], verbs: [update, patch]}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: csr-approval}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: csr-approval}}
+subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: 'system:node:{name}'}}]
+"
+    ));
+    let approve = kubectl_as(&kubeconfig, &["certificate", "approve", "other-signer"]);
+    assert!(
+        !approve.status.success(),
+        "approved without the signer's approve"
+    );
+    assert!(
+        String::from_utf8_lossy(&approve.stderr).contains("not permitted to approve"),
+        "{}",
+        String::from_utf8_lossy(&approve.stderr)
+    );
+    api.kubectl_ok(&["certificate", "approve", "other-signer"]);
+    let other = api.kubectl_ok(&["get", "csr", "other-signer", "-o", "json"]);
+    let other: Value = serde_json::from_str(&other).unwrap();
+    assert_eq!(other["spec"]["username"], format!("system:node:{name}"));
+    assert_eq!(other["status"]["conditions"][0]["type"], "Approved");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let other = api.kubectl_ok(&[
+        "get",
+        "csr",
+        "other-signer",
+        "-o",
+        "jsonpath={.status.certificate}",
+    ]);
+    assert!(other.is_empty(), "another signer's request was signed");
 
     // Deleting a token's Secret revokes it.
     let secret = format!("bootstrap-token-{token_id}");

@@ -45,6 +45,9 @@ use crate::bootstrap;
 /// client certificate is in it).
 const MASTERS: &str = "system:masters";
 
+/// How long a client may take to shake hands.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How often a followed log is checked for more.
 const FOLLOW_PERIOD: Duration = Duration::from_millis(200);
 
@@ -96,15 +99,25 @@ pub async fn serve(
         .with_state(Logs { pods_dir });
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     loop {
-        let Ok((stream, remote)) = listener.accept().await else {
-            continue;
+        let (stream, remote) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of descriptors, say: not a reason to spin.
+                debug!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let (acceptor, router) = (acceptor.clone(), router.clone());
         tokio::spawn(async move {
-            let tls = match acceptor.accept(stream).await {
-                Ok(tls) => tls,
-                Err(error) => {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
                     debug!(%remote, %error, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%remote, "TLS handshake timed out");
                     return;
                 }
             };
@@ -239,6 +252,16 @@ async fn container_logs(
     UrlPath((namespace, pod, container)): UrlPath<(String, String, String)>,
     Query(query): Query<LogQuery>,
 ) -> Response {
+    // Names as the API has them (DNS labels and subdomains): never a path.
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && !s.contains("..")
+    };
+    if !(valid(&namespace) && valid(&pod) && valid(&container)) {
+        return error(StatusCode::BAD_REQUEST, "invalid names".into());
+    }
     let Some(dir) = pod_dir(&logs.pods_dir, &namespace, &pod) else {
         return error(
             StatusCode::NOT_FOUND,
@@ -247,10 +270,20 @@ async fn container_logs(
     };
     let log_dir = dir.join("logs").join(&container);
     let instances = instances(&log_dir);
-    let chosen = if query.previous {
-        instances.iter().rev().nth(1)
-    } else {
-        instances.last()
+    let layout = containers::Layout {
+        pod_dir: &dir,
+        container: &container,
+    };
+    // The newest instance, if it no longer runs (a container in
+    // back-off), is the previous one, as kubelet has it.
+    let record = containers::recorded(&layout);
+    let newest_ended = record
+        .as_ref()
+        .is_none_or(|r| spawn::start_time_of(r.pid) != Some(r.start_time));
+    let chosen = match (query.previous, newest_ended) {
+        (true, true) => instances.last(),
+        (true, false) => instances.iter().rev().nth(1),
+        (false, _) => instances.last(),
     };
     let Some(&instance) = chosen else {
         let what = if query.previous {
@@ -278,11 +311,7 @@ async fn container_logs(
     }
     // Following: what is there, then what is appended while the instance
     // runs.
-    let layout = containers::Layout {
-        pod_dir: &dir,
-        container: &container,
-    };
-    let record = containers::recorded(&layout).filter(|r| r.restart_count == instance);
+    let record = record.filter(|r| r.restart_count == instance);
     let alive = move || {
         record
             .as_ref()

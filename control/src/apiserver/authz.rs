@@ -199,8 +199,8 @@ fn node_decision(node: &str, attributes: &Attributes) -> Option<Decision> {
             ("metrics.k8s.io", "pods", None) => Decision::AllowIfPodBoundTo(node.to_owned()),
             // The agent deletes its pods once they have stopped.
             ("", "pods", None) if verb == "delete" => Decision::AllowIfPodBoundTo(node.to_owned()),
-            // Its serving certificate, and its client certificate's
-            // renewal: the approver checks the request names this node.
+            // Its serving certificate (or a new client certificate):
+            // the approver checks that the request names this node.
             ("certificates.k8s.io", "certificatesigningrequests", None) if verb == "create" => {
                 Decision::Allow
             }

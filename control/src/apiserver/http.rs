@@ -501,9 +501,17 @@ async fn resource<S: Store>(
             let body = call.json_body()?;
             guard_rbac(app, user, rt, namespace, &body)?;
             let written = app
-                .update_object(rt, namespace, name, mode, &call.write_options()?, |_| {
-                    Ok(body.clone())
-                })
+                .update_object(
+                    rt,
+                    namespace,
+                    name,
+                    mode,
+                    &call.write_options()?,
+                    |current| {
+                        guard_approval(app, user, rt, mode, current)?;
+                        Ok(body.clone())
+                    },
+                )
                 .await?;
             Ok(json_response(
                 StatusCode::OK,
@@ -531,6 +539,7 @@ async fn resource<S: Store>(
                     mode,
                     &call.write_options()?,
                     |current| {
+                        guard_approval(app, user, rt, mode, current)?;
                         let mut patched = patch::apply(kind, current, &call.body)?;
                         guard_rbac(app, user, rt, namespace, &patched)?;
                         // A resourceVersion the patch changed is a
@@ -609,6 +618,40 @@ async fn resource<S: Store>(
         }
         (_, _, Some(_)) => Err(ApiError::NoSuchResource),
         _ => Err(unsupported()),
+    }
+}
+
+/// A decision on a CertificateSigningRequest needs, besides access to
+/// its `approval` subresource, the `approve` verb on its signer
+/// (`signers` in certificates.k8s.io, named by `signerName`), as
+/// upstream's admission has it.
+fn guard_approval<S: Store>(
+    app: &App<S>,
+    user: &User,
+    rt: &ResourceType,
+    mode: UpdateMode,
+    current: &Value,
+) -> Result<(), ApiError> {
+    if mode != UpdateMode::Approval {
+        return Ok(());
+    }
+    let signer = current["spec"]["signerName"].as_str().unwrap_or_default();
+    let approve = Attributes::Resource {
+        verb: "approve".to_owned(),
+        group: "certificates.k8s.io".to_owned(),
+        resource: "signers".to_owned(),
+        subresource: None,
+        namespace: None,
+        name: Some(signer.to_owned()),
+    };
+    match app.authz.decide(user, &approve) {
+        Decision::Deny(reason) => Err(ApiError::Forbidden {
+            subject: rt.subject(current["metadata"]["name"].as_str().unwrap_or_default()),
+            message: format!(
+                "user not permitted to approve requests with signerName \"{signer}\": {reason}"
+            ),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -1062,6 +1105,9 @@ async fn server_side_apply<S: Store>(
             }
             let mut object = managed::apply(None, &config, &writer, force).map_err(conflict)?;
             guard_rbac(app, user, rt, namespace, &object)?;
+            if rt.plural == certificates::PLURAL {
+                certificates::stamp_requester(&mut object, user);
+            }
             object["metadata"]["name"] = json!(name);
             let written = app.create_object(rt, namespace, object, &options).await?;
             Ok(json_response(
@@ -1074,6 +1120,7 @@ async fn server_side_apply<S: Store>(
         Ok(_) => {
             let written = app
                 .update_object(rt, namespace, name, mode, &options, |current| {
+                    guard_approval(app, user, rt, mode, current)?;
                     let mut merged =
                         managed::apply(Some(current), &config, &writer, force).map_err(conflict)?;
                     guard_rbac(app, user, rt, namespace, &merged)?;

@@ -4,7 +4,8 @@
 //! kubectl's generator commands (`kubectl create namespace|configmap|
 //! secret|serviceaccount|deployment|service|job|cronjob|role|rolebinding|
 //! clusterrole|clusterrolebinding|poddisruptionbudget`) send typed objects
-//! this way. The envelope is `k8s\0` + `runtime.Unknown{typeMeta, raw}`;
+//! this way, and so does `kubectl certificate approve|deny` (a whole
+//! CertificateSigningRequest, managedFields included). The envelope is `k8s\0` + `runtime.Unknown{typeMeta, raw}`;
 //! `raw` is the object, with the field numbers of upstream's
 //! generated.proto. The tables below cover the kinds and fields those
 //! commands set. A field outside them is accepted only at its zero value
@@ -36,6 +37,10 @@ enum Type {
     IntOrString,
     StrMap,
     BytesMap,
+    /// `bytes`: base64 in JSON.
+    Bytes,
+    /// A `FieldsV1` message: its one field holds the JSON itself.
+    FieldsV1,
 }
 
 #[derive(Clone, Copy)]
@@ -65,7 +70,8 @@ const fn many(number: u64, name: &'static str, ty: Type) -> Field {
 }
 
 use Type::{
-    Bool, BoolKeepZero, BytesMap, Int, IntKeepZero, IntOrString, Message, Str, StrMap, Time,
+    Bool, BoolKeepZero, Bytes, BytesMap, FieldsV1, Int, IntKeepZero, IntOrString, Message, Str,
+    StrMap, Time,
 };
 
 const OWNER_REFERENCE: &[Field] = &[
@@ -76,6 +82,16 @@ const OWNER_REFERENCE: &[Field] = &[
     one(6, "controller", BoolKeepZero),
     one(7, "blockOwnerDeletion", BoolKeepZero),
 ];
+const MANAGED_FIELDS_ENTRY: &[Field] = &[
+    one(1, "manager", Str),
+    one(2, "operation", Str),
+    one(3, "apiVersion", Str),
+    one(4, "time", Time),
+    one(6, "fieldsType", Str),
+    one(7, "fieldsV1", FieldsV1),
+    one(8, "subresource", Str),
+];
+
 const OBJECT_META: &[Field] = &[
     one(1, "name", Str),
     one(2, "generateName", Str),
@@ -88,6 +104,7 @@ const OBJECT_META: &[Field] = &[
     one(12, "annotations", StrMap),
     many(13, "ownerReferences", Message(OWNER_REFERENCE)),
     many(14, "finalizers", Str),
+    many(17, "managedFields", Message(MANAGED_FIELDS_ENTRY)),
 ];
 const LABEL_SELECTOR_REQUIREMENT: &[Field] = &[
     one(1, "key", Str),
@@ -269,6 +286,37 @@ const PDB: &[Field] = &[
 ];
 
 /// The kinds protobuf bodies are decoded for, by apiVersion and kind.
+const CSR_SPEC: &[Field] = &[
+    one(1, "request", Bytes),
+    one(7, "signerName", Str),
+    one(8, "expirationSeconds", IntKeepZero),
+    many(5, "usages", Str),
+    one(2, "username", Str),
+    one(3, "uid", Str),
+    many(4, "groups", Str),
+];
+
+const CSR_CONDITION: &[Field] = &[
+    one(1, "type", Str),
+    one(6, "status", Str),
+    one(2, "reason", Str),
+    one(3, "message", Str),
+    one(4, "lastUpdateTime", Time),
+    one(5, "lastTransitionTime", Time),
+];
+
+const CSR_STATUS: &[Field] = &[
+    many(1, "conditions", Message(CSR_CONDITION)),
+    one(2, "certificate", Bytes),
+];
+
+/// `kubectl certificate approve|deny` sends the request back whole.
+const CSR: &[Field] = &[
+    one(1, "metadata", Message(OBJECT_META)),
+    one(2, "spec", Message(CSR_SPEC)),
+    one(3, "status", Message(CSR_STATUS)),
+];
+
 fn schema(api_version: &str, kind: &str) -> Option<&'static [Field]> {
     Some(match (api_version, kind) {
         ("v1", "Namespace") => NAMESPACE,
@@ -282,6 +330,7 @@ fn schema(api_version: &str, kind: &str) -> Option<&'static [Field]> {
         ("rbac.authorization.k8s.io/v1", "Role" | "ClusterRole") => ROLE,
         ("rbac.authorization.k8s.io/v1", "RoleBinding" | "ClusterRoleBinding") => BINDING,
         ("policy/v1", "PodDisruptionBudget") => PDB,
+        ("certificates.k8s.io/v1", "CertificateSigningRequest") => CSR,
         _ => return None,
     })
 }
@@ -392,6 +441,24 @@ fn time(bytes: &[u8]) -> Result<Option<Value>, ApiError> {
     Ok(Some(json!(at.to_rfc3339_opts(SecondsFormat::Secs, true))))
 }
 
+/// A `FieldsV1` message (`Raw` = 1, the JSON form itself).
+fn fields_v1(bytes: &[u8]) -> Result<Option<Value>, ApiError> {
+    let mut reader = Reader { bytes };
+    let mut value = None;
+    while let Some((number, wire)) = reader.next()? {
+        match (number, wire) {
+            (1, Wire::Bytes(raw)) => {
+                value = Some(
+                    serde_json::from_slice(raw)
+                        .map_err(|_| ApiError::bad_request("fieldsV1 is not JSON"))?,
+                );
+            }
+            _ => return Err(Reader::truncated()),
+        }
+    }
+    Ok(value)
+}
+
 fn int_or_string(bytes: &[u8]) -> Result<Value, ApiError> {
     let mut reader = Reader { bytes };
     let (mut kind, mut int, mut string) = (0, 0_i64, String::new());
@@ -451,6 +518,8 @@ fn decode_message(
                 Some(Value::Object(decode_message(b, schema, &at)?))
             }
             (Time, Wire::Bytes(b)) => time(b)?,
+            (Bytes, Wire::Bytes(b)) => Some(json!(STANDARD.encode(b))).filter(|_| !b.is_empty()),
+            (FieldsV1, Wire::Bytes(b)) => fields_v1(b)?,
             (IntOrString, Wire::Bytes(b)) => Some(int_or_string(b)?),
             (StrMap | BytesMap, Wire::Bytes(b)) => {
                 let (key, value) = map_entry(b, matches!(field.ty, BytesMap))?;

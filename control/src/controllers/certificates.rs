@@ -1,35 +1,37 @@
 //! CertificateSigningRequests for the two kubelet signers, as
 //! kube-controller-manager's csrapproving and csrsigning controllers
-//! handle them: a request that asks for exactly what a node needs is
-//! approved (a node's client certificate when a bootstrap token, the
-//! node itself or an admin asks; a node's serving certificate when the
-//! node itself or an admin asks: upstream leaves those to a human or an
-//! external approver), and an approved request is signed with the
-//! cluster CA. Anything else stays pending for `kubectl certificate
-//! approve|deny`.
+//! handle them. A request that asks for exactly a node's certificate is
+//! approved: its client certificate when a bootstrap token, the node
+//! itself or an admin asks; its serving certificate when the node itself
+//! or an admin asks and every name in it is the Node's (its name and
+//! `status.addresses`). Upstream leaves serving requests to a human or
+//! an external approver. An approved request is signed with the cluster
+//! CA, whoever approved it, only if it still asks for exactly that
+//! (otherwise it is marked Failed); only its key is taken from it.
+//! Anything else stays pending for `kubectl certificate approve|deny`.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
-use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+use k8s_openapi::api::{certificates::v1::CertificateSigningRequest, core::v1::Node};
 use kube::{
     Api, ResourceExt,
     api::{Patch, PatchParams},
-    runtime::controller::Action,
+    runtime::{controller::Action, reflector::ObjectRef},
 };
 use serde_json::json;
 use tracing::{debug, info};
-use x509_parser::{
-    certification_request::X509CertificationRequest, extensions::ParsedExtension,
-    prelude::FromDer as _,
-};
 
 use super::{Context, Error};
-use crate::pki::{KUBELET_CLIENT_SIGNER, KUBELET_SERVING_SIGNER};
+use crate::pki::{KUBELET_CLIENT_SIGNER, KUBELET_SERVING_SIGNER, NODES, NodeRequest, node_request};
 
-const NODES: &str = "system:nodes";
 const BOOTSTRAPPERS: &str = "system:bootstrappers";
 const MASTERS: &str = "system:masters";
+
+/// How long issued certificates last unless the request asks for less
+/// (`spec.expirationSeconds`, at least 10 minutes), as
+/// kube-controller-manager's default `--cluster-signing-duration`.
+const MAX_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 
 pub(super) async fn reconcile(
     csr: Arc<CertificateSigningRequest>,
@@ -59,35 +61,66 @@ pub(super) async fn reconcile(
     if issued || has("Denied") || has("Failed") {
         return Ok(Action::await_change());
     }
+    // What the request asks for, read once for both decisions.
+    let asked = node_request(&csr.spec.request.0).and_then(|request| {
+        check_usages(&csr, server)?;
+        let node = ctx.nodes.get(&ObjectRef::new(&request.node));
+        check_names(&request, server, node.as_deref())?;
+        Ok(request)
+    });
     let api = Api::<CertificateSigningRequest>::all(ctx.client.clone());
     if !has("Approved") {
-        match approvable(&csr, server) {
-            Ok(node) => {
-                let patch = json!({"status": {"conditions": [{
-                    "type": "Approved",
-                    "status": "True",
-                    "reason": "AutoApproved",
-                    "message": format!("Auto approving the {} certificate of node {node}", if server { "serving" } else { "client" }),
-                    "lastUpdateTime": chrono::Utc::now().to_rfc3339(),
-                }]}});
+        let verdict = asked.as_ref().map_err(Clone::clone).and_then(|request| {
+            check_requester(&csr, request, server)?;
+            Ok(request)
+        });
+        match verdict {
+            Ok(request) => {
+                let kind = if server { "serving" } else { "client" };
+                // Pinned at the version read, so a human's concurrent
+                // decision is not overwritten.
+                let patch = json!({
+                    "metadata": {"resourceVersion": csr.resource_version()},
+                    "status": {"conditions": [{
+                        "type": "Approved",
+                        "status": "True",
+                        "reason": "AutoApproved",
+                        "message": format!("Auto approving the {kind} certificate of node {}", request.node),
+                        "lastUpdateTime": chrono::Utc::now().to_rfc3339(),
+                    }]}
+                });
                 api.patch_approval(&name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await
                     .map_err(Error::api("approving", &name))?;
-                info!(csr = %name, %node, "certificate request approved");
+                info!(csr = %name, node = %request.node, "certificate request approved");
             }
-            Err(why) => debug!(csr = %name, %why, "left for a human to approve"),
+            // A serving request naming addresses its Node does not
+            // report yet comes back with the Node's next change
+            // (`node_to_requests`).
+            Err(why) => debug!(csr = %name, %why, "not approved"),
         }
         // The approval's own update brings the request back.
         return Ok(Action::await_change());
     }
-    let request = String::from_utf8_lossy(&csr.spec.request.0);
-    let status = match authority.sign_request(&request, server) {
+    let lifetime = csr
+        .spec
+        .expiration_seconds
+        .and_then(|s| u64::try_from(s).ok())
+        .map_or(MAX_LIFETIME, |s| {
+            Duration::from_secs(s.max(600)).min(MAX_LIFETIME)
+        });
+    let signed = asked.and_then(|request| {
+        authority
+            .sign_node(&request, server, lifetime)
+            .map_err(|e| e.to_string())
+    });
+    let status = match signed {
         Ok(pem) => json!({"status": {"certificate": STANDARD.encode(pem)}}),
-        Err(error) => json!({"status": {"conditions": [{
+        Err(message) => json!({"status": {"conditions": [{
             "type": "Failed",
             "status": "True",
             "reason": "SignerValidationFailure",
-            "message": error.to_string(),
+            "message": message,
             "lastUpdateTime": chrono::Utc::now().to_rfc3339(),
         }]}}),
     };
@@ -97,33 +130,27 @@ pub(super) async fn reconcile(
     Ok(Action::await_change())
 }
 
-/// The node a request may be approved for without a human, or why not:
-/// its subject must be `system:node:<name>` in `system:nodes` and nothing
-/// else, its usages those of the signer, and its requester that node, a
-/// bootstrapper (client certificates only) or an admin.
-fn approvable(csr: &CertificateSigningRequest, server: bool) -> Result<String, String> {
-    let pem = x509_parser::pem::parse_x509_pem(&csr.spec.request.0)
-        .map_err(|e| format!("not PEM: {e}"))?
-        .1;
-    let (_, request) = X509CertificationRequest::from_der(&pem.contents)
-        .map_err(|e| format!("not a request: {e}"))?;
-    let subject = &request.certification_request_info.subject;
-    let common_name = subject
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .ok_or("no common name")?;
-    let node = common_name
-        .strip_prefix("system:node:")
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| format!("{common_name} is not a node's name"))?;
-    let organizations: Vec<&str> = subject
-        .iter_organization()
-        .filter_map(|o| o.as_str().ok())
-        .collect();
-    if organizations != [NODES] {
-        return Err(format!("organizations {organizations:?} are not [{NODES}]"));
+/// The pending serving requests, to look at again when a Node changes:
+/// a node asks for its serving certificate as it registers, and its
+/// addresses may come after the request.
+pub(super) fn node_to_requests(
+    ctx: &Arc<Context>,
+) -> impl Fn(Arc<Node>) -> Vec<ObjectRef<CertificateSigningRequest>> + use<> {
+    let requests = ctx.requests.clone();
+    move |_| {
+        requests
+            .state()
+            .iter()
+            .filter(|csr| csr.spec.signer_name == KUBELET_SERVING_SIGNER)
+            .filter(|csr| csr.status.as_ref().is_none_or(|s| s.certificate.is_none()))
+            .map(|csr| ObjectRef::from_obj(csr.as_ref()))
+            .collect()
     }
+}
+
+/// The usages must be the signer's: digital signature and key
+/// encipherment at most, and its purpose.
+fn check_usages(csr: &CertificateSigningRequest, server: bool) -> Result<(), String> {
     let purpose = if server { "server auth" } else { "client auth" };
     let usages: Vec<&str> = csr
         .spec
@@ -136,24 +163,49 @@ fn approvable(csr: &CertificateSigningRequest, server: bool) -> Result<String, S
     if !usages.contains(&purpose) || usages.iter().any(|u| !allowed.contains(u)) {
         return Err(format!("usages {usages:?} are not a node's {purpose}"));
     }
-    let extensions = request.requested_extensions().into_iter().flatten();
-    for extension in extensions {
-        if let ParsedExtension::SubjectAlternativeName(names) = extension {
-            let only_hosts = names.general_names.iter().all(|n| {
-                matches!(
-                    n,
-                    x509_parser::extensions::GeneralName::DNSName(_)
-                        | x509_parser::extensions::GeneralName::IPAddress(_)
-                )
-            });
-            if !only_hosts || !server {
-                return Err(
-                    "only a serving certificate may name hosts, and only DNS names and addresses"
-                        .into(),
-                );
-            }
+    Ok(())
+}
+
+/// A client certificate names no hosts; a serving one only the Node's
+/// name and addresses.
+fn check_names(request: &NodeRequest, server: bool, node: Option<&Node>) -> Result<(), String> {
+    if !server {
+        if request.dns_names.is_empty() && request.addresses.is_empty() {
+            return Ok(());
+        }
+        return Err("a client certificate names no hosts".into());
+    }
+    let node = node.ok_or_else(|| format!("no Node named {}", request.node))?;
+    let known: Vec<&str> = node
+        .status
+        .iter()
+        .flat_map(|s| s.addresses.iter().flatten())
+        .map(|a| a.address.as_str())
+        .chain(std::iter::once(request.node.as_str()))
+        .collect();
+    if request.dns_names.is_empty() && request.addresses.is_empty() {
+        return Err("a serving certificate must name its host".into());
+    }
+    for name in &request.dns_names {
+        if !known.contains(&name.as_str()) {
+            return Err(format!("{name} is not node {}'s", request.node));
         }
     }
+    for address in &request.addresses {
+        if !known.contains(&address.to_string().as_str()) {
+            return Err(format!("{address} is not node {}'s", request.node));
+        }
+    }
+    Ok(())
+}
+
+/// Who may have it approved without a human: the node itself, an admin,
+/// or (client certificates only) a bootstrap token.
+fn check_requester(
+    csr: &CertificateSigningRequest,
+    request: &NodeRequest,
+    server: bool,
+) -> Result<(), String> {
     let requester = csr.spec.username.as_deref().unwrap_or_default();
     let groups: Vec<&str> = csr
         .spec
@@ -162,15 +214,16 @@ fn approvable(csr: &CertificateSigningRequest, server: bool) -> Result<String, S
         .flatten()
         .map(String::as_str)
         .collect();
-    let by_node = requester == common_name;
+    let by_node = requester == format!("system:node:{}", request.node) && groups.contains(&NODES);
     let by_admin = groups.contains(&MASTERS);
     let by_bootstrapper = !server && groups.contains(&BOOTSTRAPPERS);
-    if !(by_node || by_admin || by_bootstrapper) {
-        return Err(format!(
-            "{requester} may not ask for {common_name}'s certificate"
-        ));
+    if by_node || by_admin || by_bootstrapper {
+        return Ok(());
     }
-    Ok(node.to_owned())
+    Err(format!(
+        "{requester} may not have node {}'s certificate approved",
+        request.node
+    ))
 }
 
 #[cfg(test)]
@@ -178,7 +231,7 @@ mod tests {
     use super::*;
     use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
 
-    fn request(cn: &str, orgs: &[&str], ips: &[&str]) -> String {
+    fn pem(cn: &str, orgs: &[&str], ips: &[&str]) -> String {
         let mut params = CertificateParams::default();
         let mut name = DistinguishedName::new();
         for org in orgs {
@@ -195,97 +248,63 @@ mod tests {
         params.serialize_request(&key).unwrap().pem().unwrap()
     }
 
-    fn csr(
-        pem: &str,
-        signer: &str,
-        usages: &[&str],
-        user: &str,
-        groups: &[&str],
-    ) -> CertificateSigningRequest {
+    fn csr(usages: &[&str], user: &str, groups: &[&str]) -> CertificateSigningRequest {
         serde_json::from_value(json!({
             "metadata": {"name": "r"},
-            "spec": {
-                "request": STANDARD.encode(pem),
-                "signerName": signer,
-                "usages": usages,
-                "username": user,
-                "groups": groups,
-            }
+            "spec": {"request": "", "signerName": "x/y", "usages": usages, "username": user, "groups": groups}
         }))
+        .unwrap()
+    }
+
+    fn node(addresses: &[&str]) -> Node {
+        let addresses: Vec<_> = addresses
+            .iter()
+            .map(|a| json!({"type": "InternalIP", "address": a}))
+            .collect();
+        serde_json::from_value(
+            json!({"metadata": {"name": "n1"}, "status": {"addresses": addresses}}),
+        )
         .unwrap()
     }
 
     #[test]
     fn only_what_a_node_needs_is_approved() {
-        let client = request("system:node:n1", &[NODES], &[]);
+        let client = node_request(pem("system:node:n1", &[NODES], &[]).as_bytes()).unwrap();
         let usages = ["digital signature", "key encipherment", "client auth"];
-        let bootstrap = csr(
-            &client,
-            KUBELET_CLIENT_SIGNER,
-            &usages,
-            "system:bootstrap:abcdef",
-            &[BOOTSTRAPPERS],
-        );
-        assert_eq!(approvable(&bootstrap, false), Ok("n1".into()));
-        let renewal = csr(
-            &client,
-            KUBELET_CLIENT_SIGNER,
-            &usages,
-            "system:node:n1",
-            &[NODES],
-        );
-        assert!(approvable(&renewal, false).is_ok());
-        let other_node = csr(
-            &client,
-            KUBELET_CLIENT_SIGNER,
-            &usages,
-            "system:node:n2",
-            &[NODES],
-        );
+        let by = |user: &str, groups: &[&str]| {
+            check_requester(&csr(&usages, user, groups), &client, false)
+        };
+        assert!(by("system:bootstrap:abcdef", &[BOOTSTRAPPERS]).is_ok());
+        assert!(by("system:node:n1", &[NODES]).is_ok());
         assert!(
-            approvable(&other_node, false).is_err(),
+            by("system:node:n2", &[NODES]).is_err(),
             "a node asking for another's"
         );
-        let admin = request("system:node:n1", &[NODES, MASTERS], &[]);
-        let escalation = csr(
-            &admin,
-            KUBELET_CLIENT_SIGNER,
-            &usages,
-            "system:bootstrap:abcdef",
-            &[BOOTSTRAPPERS],
-        );
-        assert!(
-            approvable(&escalation, false).is_err(),
-            "extra organizations"
-        );
-        let signing = csr(
-            &client,
-            KUBELET_CLIENT_SIGNER,
-            &["client auth", "cert sign"],
-            "system:node:n1",
-            &[NODES],
-        );
-        assert!(approvable(&signing, false).is_err(), "extra usages");
+        assert!(by("alice", &["developers"]).is_err());
+        assert!(check_usages(&csr(&["client auth", "cert sign"], "", &[]), false).is_err());
+        assert!(check_names(&client, false, None).is_ok());
 
-        let serving = request("system:node:n1", &[NODES], &["192.168.90.1"]);
-        let usages = ["digital signature", "key encipherment", "server auth"];
-        let by_node = csr(
-            &serving,
-            KUBELET_SERVING_SIGNER,
-            &usages,
-            "system:node:n1",
-            &[NODES],
-        );
-        assert!(approvable(&by_node, true).is_ok());
-        let by_bootstrapper = csr(
-            &serving,
-            KUBELET_SERVING_SIGNER,
-            &usages,
-            "system:bootstrap:abcdef",
-            &[BOOTSTRAPPERS],
-        );
+        let serving =
+            node_request(pem("system:node:n1", &[NODES], &["192.168.90.1"]).as_bytes()).unwrap();
+        assert!(check_names(&serving, true, Some(&node(&["192.168.90.1"]))).is_ok());
         assert!(
-            approvable(&by_bootstrapper, true).is_err(),
+            check_names(&serving, true, Some(&node(&["192.168.90.2"]))).is_err(),
+            "an address that is not the node's"
+        );
+        assert!(check_names(&serving, true, None).is_err(), "no Node yet");
+        assert!(
+            check_names(&serving, false, None).is_err(),
+            "hosts in a client certificate"
+        );
+        let usages = ["digital signature", "key encipherment", "server auth"];
+        assert!(check_usages(&csr(&usages, "", &[]), true).is_ok());
+        assert!(
+            check_requester(
+                &csr(&usages, "system:bootstrap:abcdef", &[BOOTSTRAPPERS]),
+                &serving,
+                true
+            )
+            .is_err(),
             "bootstrappers only get client certificates"
         );
     }

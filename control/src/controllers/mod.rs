@@ -604,7 +604,8 @@ pub async fn run(client: Client, recorder: Recorder, options: Options) {
             .owns_shared_stream(jobs.subscribe());
     let ipam_controller = Controller::for_shared_stream(nodes.subscribe(), context.nodes.clone());
     let certificates_controller =
-        Controller::for_shared_stream(requests.subscribe(), context.requests.clone());
+        Controller::for_shared_stream(requests.subscribe(), context.requests.clone())
+            .watches_shared_stream(nodes.subscribe(), certificates::node_to_requests(&context));
     let autoscaler_controller =
         Controller::for_shared_stream(autoscalers.subscribe(), context.autoscalers.clone());
     let disruption_controller =

@@ -172,49 +172,71 @@ pub fn stamp_requester(object: &mut Value, user: &User) {
 }
 
 /// What an update of a request may change, by mode: the main resource
-/// only metadata; `status` the certificate and conditions other than
-/// `Approved`/`Denied`; `approval` only those conditions.
+/// only metadata; `status` the certificate (once approved, and never
+/// again once issued) and conditions other than the decisions;
+/// `approval` only the decisions, which once made are never taken back
+/// (nor is `Failed`).
 pub fn keep_on_update(current: &Value, next: &mut Value, mode: UpdateMode) {
     next["spec"] = current["spec"].clone();
-    let conditions = |object: &Value, decisions: bool| -> Vec<Value> {
+    let is_decision = |c: &Value| c["type"].as_str().is_some_and(|t| DECISIONS.contains(&t));
+    let conditions = |object: &Value| -> Vec<Value> {
         object["status"]["conditions"]
             .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|c| {
-                let decision = c["type"].as_str().is_some_and(|t| DECISIONS.contains(&t));
-                decision == decisions
-            })
             .cloned()
-            .collect()
+            .unwrap_or_default()
     };
-    match mode {
-        UpdateMode::Approval => {
-            let mut status = current["status"].clone();
-            if !status.is_object() {
-                status = json!({});
-            }
-            let mut merged = conditions(current, false);
-            merged.extend(conditions(next, true));
-            status["conditions"] = json!(merged);
-            next["status"] = status;
-        }
-        UpdateMode::Status => {
-            let mut merged = conditions(next, false);
-            merged.extend(conditions(current, true));
-            if next["status"].is_object() {
-                next["status"]["conditions"] = json!(merged);
-            }
-            // A certificate, once issued, stays.
-            if let Some(issued) = current["status"]
-                .get("certificate")
-                .filter(|c| c.as_str().is_some_and(|c| !c.is_empty()))
-            {
-                next["status"]["certificate"] = issued.clone();
-            }
-        }
-        UpdateMode::Main | UpdateMode::MainAndStatus => {}
+    let kept: Vec<Value> = conditions(current);
+    let made: Vec<&Value> = kept
+        .iter()
+        .filter(|c| is_decision(c) || c["type"] == "Failed")
+        .collect();
+    let mut status = match mode {
+        UpdateMode::Approval => current["status"].clone(),
+        UpdateMode::Status => next["status"].clone(),
+        UpdateMode::Main | UpdateMode::MainAndStatus => return,
+    };
+    if !status.is_object() {
+        status = json!({});
     }
+    let mut merged: Vec<Value> = match mode {
+        // The body's decisions beside the current other conditions.
+        UpdateMode::Approval => kept
+            .iter()
+            .filter(|c| !is_decision(c))
+            .cloned()
+            .chain(conditions(next).into_iter().filter(|c| is_decision(c)))
+            .collect(),
+        // The body's other conditions beside the current decisions.
+        _ => conditions(next)
+            .into_iter()
+            .filter(|c| !is_decision(c))
+            .chain(kept.iter().filter(|c| is_decision(c)).cloned())
+            .collect(),
+    };
+    // Decisions and failures stay.
+    for condition in made {
+        if !merged.iter().any(|c| c["type"] == condition["type"]) {
+            merged.push(condition.clone());
+        }
+    }
+    status["conditions"] = json!(merged);
+    let approved = merged
+        .iter()
+        .any(|c| c["type"] == "Approved" && c["status"] == "True");
+    let issued = current["status"]
+        .get("certificate")
+        .filter(|c| c.as_str().is_some_and(|c| !c.is_empty()))
+        .cloned();
+    match (issued, approved) {
+        (Some(issued), _) => status["certificate"] = issued,
+        (None, false) => {
+            if let Some(map) = status.as_object_mut() {
+                map.remove("certificate");
+            }
+        }
+        (None, true) => {}
+    }
+    next["status"] = status;
 }
 
 #[cfg(test)]
@@ -244,12 +266,28 @@ mod tests {
             .map(|c| c["type"].as_str().unwrap())
             .collect();
         assert_eq!(types, ["Failed", "Approved"]);
-        // status: the certificate, but no decision.
+        // status: the certificate, but no decision; a decision stays.
         let approved = next.clone();
         let mut next = json!({"status": {"certificate": "Zm9v", "conditions": []}});
         keep_on_update(&approved, &mut next, UpdateMode::Status);
         assert_eq!(next["status"]["certificate"], "Zm9v");
         assert_eq!(next["status"]["conditions"][0]["type"], "Approved");
+        // approval cannot take a decision back.
+        let issued = next.clone();
+        let mut next = json!({"status": {"conditions": [{"type": "Denied", "status": "True"}]}});
+        keep_on_update(&issued, &mut next, UpdateMode::Approval);
+        let types: Vec<&str> = next["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["type"].as_str().unwrap())
+            .collect();
+        assert!(types.contains(&"Approved"), "{types:?}");
+        assert_eq!(next["status"]["certificate"], "Zm9v");
+        // status cannot issue a certificate for an unapproved request.
+        let mut next = json!({"status": {"certificate": "Zm9v"}});
+        keep_on_update(&current, &mut next, UpdateMode::Status);
+        assert!(next["status"].get("certificate").is_none());
     }
 
     #[test]
