@@ -86,6 +86,25 @@ fn subject(common_name: &str, organizations: &[&str]) -> DistinguishedName {
     name
 }
 
+/// Names the hosts a serving certificate is for.
+fn name_hosts(
+    params: &mut CertificateParams,
+    dns_names: &[String],
+    addresses: &[IpAddr],
+) -> Result<(), PkiError> {
+    for name in dns_names {
+        let name = name
+            .clone()
+            .try_into()
+            .map_err(cert_error(format!("DNS name {name}")))?;
+        params.subject_alt_names.push(SanType::DnsName(name));
+    }
+    params
+        .subject_alt_names
+        .extend(addresses.iter().copied().map(SanType::IpAddress));
+    Ok(())
+}
+
 fn validity(params: &mut CertificateParams) {
     // Fixed, generous bounds: a local cluster must not break on a clock
     // that is off by days, and certificates are re-issued on every start.
@@ -174,16 +193,7 @@ impl Authority {
         let mut params = CertificateParams::default();
         params.distinguished_name = subject("kube-apiserver", &[]);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        for name in dns_names {
-            let name = name
-                .clone()
-                .try_into()
-                .map_err(cert_error(format!("DNS name {name}")))?;
-            params.subject_alt_names.push(SanType::DnsName(name));
-        }
-        params
-            .subject_alt_names
-            .extend(addresses.iter().copied().map(SanType::IpAddress));
+        name_hosts(&mut params, dns_names, addresses)?;
         self.issue(&mut params, "serving")
     }
 
@@ -213,16 +223,7 @@ impl Authority {
         let mut params = CertificateParams::default();
         params.distinguished_name = subject(&format!("system:node:{}", request.node), &[NODES]);
         if server {
-            for name in &request.dns_names {
-                let name = name
-                    .clone()
-                    .try_into()
-                    .map_err(cert_error(format!("DNS name {name}")))?;
-                params.subject_alt_names.push(SanType::DnsName(name));
-            }
-            params
-                .subject_alt_names
-                .extend(request.addresses.iter().copied().map(SanType::IpAddress));
+            name_hosts(&mut params, &request.dns_names, &request.addresses)?;
         }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
