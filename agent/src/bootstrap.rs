@@ -466,12 +466,33 @@ pub async fn node_kubeconfig(
 }
 
 /// A serving certificate and key (PEM) for the node's kubelet API at
-/// `addresses`.
+/// `addresses`: the one kept under `<state>/pki` while it was issued by
+/// `ca_pem`, names every address and has a day left, else a new one,
+/// which is kept there.
 pub async fn serving_certificate(
     client: &Client,
     node: &str,
     addresses: &[IpAddr],
+    state: &Path,
+    ca_pem: &str,
 ) -> Result<(String, String), BootstrapError> {
+    let dir = state.join("pki");
+    let (cert_path, key_path, ca_path) = (
+        dir.join("kubelet-serving.crt"),
+        dir.join("kubelet-serving.key"),
+        dir.join("kubelet-serving.ca"),
+    );
+    let kept = (
+        std::fs::read_to_string(&cert_path),
+        std::fs::read_to_string(&key_path),
+        std::fs::read_to_string(&ca_path),
+    );
+    if let (Ok(cert), Ok(key), Ok(ca)) = kept
+        && ca == ca_pem
+        && still_serves(&cert, addresses)
+    {
+        return Ok((cert, key));
+    }
     let (key, request_pem) = request(node, addresses)?;
     let usages = ["digital signature", "key encipherment", "server auth"];
     let certificate = issue(
@@ -484,7 +505,46 @@ pub async fn serving_certificate(
         None,
     )
     .await?;
-    Ok((certificate, key.serialize_pem()))
+    let key = key.serialize_pem();
+    write_private(&key_path, &key)?;
+    write_private(&cert_path, &certificate)?;
+    write_private(&ca_path, ca_pem)?;
+    Ok((certificate, key))
+}
+
+/// Whether a kept serving certificate names every address and has more
+/// than a day left.
+fn still_serves(pem: &str, addresses: &[IpAddr]) -> bool {
+    let Ok((_, block)) = x509_parser::pem::parse_x509_pem(pem.as_bytes()) else {
+        return false;
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(&block.contents) else {
+        return false;
+    };
+    let day_left = cert
+        .validity()
+        .time_to_expiration()
+        .is_some_and(|left| left.whole_seconds() > 86_400);
+    let named: Vec<IpAddr> = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|name| match name {
+                    x509_parser::extensions::GeneralName::IPAddress(bytes) => match bytes.len() {
+                        4 => <[u8; 4]>::try_from(*bytes).ok().map(IpAddr::from),
+                        16 => <[u8; 16]>::try_from(*bytes).ok().map(IpAddr::from),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    day_left && addresses.iter().all(|a| named.contains(a))
 }
 
 #[cfg(test)]

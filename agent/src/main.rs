@@ -374,7 +374,7 @@ async fn main() -> anyhow::Result<()> {
                     addresses,
                     args.kubelet_bind_address,
                     ca,
-                    pods_dir(&args),
+                    args.state_dir.join(&args.node_name),
                 ));
             }
             Some(Err(error)) => {

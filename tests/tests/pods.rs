@@ -522,6 +522,25 @@ spec:
         );
     }
 
+    // The restarted agent serves its kubelet API with the certificate it
+    // kept: no second request.
+    let requests = cluster.api.kubectl_ok(&["get", "csr", "-o", "name"]);
+    let prefix = format!(
+        "certificatesigningrequest.certificates.k8s.io/node-serving-{}-",
+        n1.name
+    );
+    assert_eq!(
+        requests.lines().filter(|l| l.starts_with(&prefix)).count(),
+        1,
+        "{requests}"
+    );
+    assert!(
+        cluster
+            .api
+            .kubectl_ok(&["logs", &on_n1[0].0])
+            .contains("serving")
+    );
+
     // A deleted pod (an adopted one) stops gracefully: preStop runs, the
     // pod object and its network go, and the Deployment replaces it.
     let (name, uid, _, _, _) = on_n1[0].clone();

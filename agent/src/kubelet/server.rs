@@ -57,18 +57,19 @@ struct Logs {
     pods_dir: PathBuf,
 }
 
-/// Asks for the serving certificate (retrying every 10 s) and serves
-/// the kubelet API on `bind` until the agent stops.
+/// Asks for the serving certificate, or takes the one kept in the
+/// node's `state` directory (retrying every 10 s), and serves the kubelet
+/// API on `bind` until the agent stops.
 pub async fn serve(
     client: Client,
     node: String,
     addresses: Vec<IpAddr>,
     bind: SocketAddr,
     ca_pem: String,
-    pods_dir: PathBuf,
+    state: PathBuf,
 ) {
     let (cert_pem, key_pem) = loop {
-        match bootstrap::serving_certificate(&client, &node, &addresses).await {
+        match bootstrap::serving_certificate(&client, &node, &addresses, &state, &ca_pem).await {
             Ok(pair) => break pair,
             Err(error) => {
                 warn!(%error, "no serving certificate for the kubelet API yet; retrying in 10 s");
@@ -96,7 +97,9 @@ pub async fn serve(
             "/containerLogs/{namespace}/{pod}/{container}",
             get(container_logs),
         )
-        .with_state(Logs { pods_dir });
+        .with_state(Logs {
+            pods_dir: state.join("pods"),
+        });
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     loop {
         let (stream, remote) = match listener.accept().await {

@@ -33,17 +33,65 @@ const MASTERS: &str = "system:masters";
 /// kube-controller-manager's default `--cluster-signing-duration`.
 const MAX_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// Requests are deleted once they are of no more use, as upstream's
+/// csrcleaner does: an hour after creation once decided (issued, denied,
+/// failed), a day after creation while still pending.
+const DECIDED_KEPT: Duration = Duration::from_secs(3600);
+const PENDING_KEPT: Duration = Duration::from_secs(24 * 3600);
+
+/// How long `csr` is kept from `now` on.
+fn kept_for(csr: &CertificateSigningRequest, now: chrono::DateTime<chrono::Utc>) -> Duration {
+    let decided = csr.status.as_ref().is_some_and(|s| {
+        s.certificate.as_ref().is_some_and(|c| !c.0.is_empty())
+            || s.conditions
+                .iter()
+                .flatten()
+                .any(|c| matches!(c.type_.as_str(), "Denied" | "Failed") && c.status == "True")
+    });
+    let keep = if decided { DECIDED_KEPT } else { PENDING_KEPT };
+    let created = csr
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map_or(now, |t| t.0);
+    let age = (now - created).to_std().unwrap_or_default();
+    keep.saturating_sub(age)
+}
+
 pub(super) async fn reconcile(
     csr: Arc<CertificateSigningRequest>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
-    let Some(authority) = &ctx.options.signer else {
+    let name = csr.name_any();
+    let api = Api::<CertificateSigningRequest>::all(ctx.client.clone());
+    let left = kept_for(&csr, chrono::Utc::now());
+    if left.is_zero() {
+        match api.delete(&name, &Default::default()).await {
+            Ok(_) => debug!(csr = %name, "expired request deleted"),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(error) => return Err(Error::api("deleting", &name)(error)),
+        }
         return Ok(Action::await_change());
+    }
+    let decided = decide(&csr, &ctx, &api).await?;
+    // Back when it is to be deleted, if nothing comes first.
+    Ok(decided.unwrap_or(Action::requeue(left)))
+}
+
+/// Approves or signs a request for a kubelet signer; `Some` when the
+/// request comes back by another way.
+async fn decide(
+    csr: &CertificateSigningRequest,
+    ctx: &Context,
+    api: &Api<CertificateSigningRequest>,
+) -> Result<Option<Action>, Error> {
+    let Some(authority) = &ctx.options.signer else {
+        return Ok(None);
     };
     let server = match csr.spec.signer_name.as_str() {
         KUBELET_CLIENT_SIGNER => false,
         KUBELET_SERVING_SIGNER => true,
-        _ => return Ok(Action::await_change()),
+        _ => return Ok(None),
     };
     let name = csr.name_any();
     let conditions: Vec<(&str, &str)> = csr
@@ -59,19 +107,18 @@ pub(super) async fn reconcile(
         .is_some_and(|c| !c.0.is_empty());
     let has = |kind: &str| conditions.iter().any(|(t, s)| *t == kind && *s == "True");
     if issued || has("Denied") || has("Failed") {
-        return Ok(Action::await_change());
+        return Ok(None);
     }
     // What the request asks for, read once for both decisions.
     let asked = node_request(&csr.spec.request.0).and_then(|request| {
-        check_usages(&csr, server)?;
+        check_usages(csr, server)?;
         let node = ctx.nodes.get(&ObjectRef::new(&request.node));
         check_names(&request, server, node.as_deref())?;
         Ok(request)
     });
-    let api = Api::<CertificateSigningRequest>::all(ctx.client.clone());
     if !has("Approved") {
         let verdict = asked.as_ref().map_err(Clone::clone).and_then(|request| {
-            check_requester(&csr, request, server)?;
+            check_requester(csr, request, server)?;
             Ok(request)
         });
         match verdict {
@@ -100,7 +147,7 @@ pub(super) async fn reconcile(
             Err(why) => debug!(csr = %name, %why, "not approved"),
         }
         // The approval's own update brings the request back.
-        return Ok(Action::await_change());
+        return Ok(None);
     }
     let lifetime = csr
         .spec
@@ -127,7 +174,7 @@ pub(super) async fn reconcile(
     api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
         .await
         .map_err(Error::api("signing", &name))?;
-    Ok(Action::await_change())
+    Ok(None)
 }
 
 /// The pending serving requests, to look at again when a Node changes:
@@ -265,6 +312,26 @@ mod tests {
             json!({"metadata": {"name": "n1"}, "status": {"addresses": addresses}}),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn requests_are_kept_an_hour_once_decided_and_a_day_pending() {
+        let now = chrono::Utc::now();
+        let at = |minutes: i64, status: serde_json::Value| -> CertificateSigningRequest {
+            serde_json::from_value(json!({
+                "metadata": {"name": "r", "creationTimestamp": (now - chrono::Duration::minutes(minutes)).to_rfc3339()},
+                "spec": {"request": "", "signerName": "x/y"},
+                "status": status,
+            }))
+            .unwrap()
+        };
+        let issued = json!({"certificate": "Zm9v"});
+        assert_eq!(kept_for(&at(30, issued.clone()), now).as_secs() / 60, 30);
+        assert!(kept_for(&at(61, issued), now).is_zero());
+        let denied = json!({"conditions": [{"type": "Denied", "status": "True"}]});
+        assert!(kept_for(&at(61, denied), now).is_zero());
+        assert_eq!(kept_for(&at(61, json!({})), now).as_secs() / 3600, 22);
+        assert!(kept_for(&at(24 * 60 + 1, json!({})), now).is_zero());
     }
 
     #[test]
