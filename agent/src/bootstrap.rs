@@ -238,21 +238,7 @@ fn pem(label: &str, der: &[u8]) -> String {
 
 /// Writes a file only its owner may read, whole.
 fn write_private(path: &Path, text: &str) -> Result<(), BootstrapError> {
-    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    file.write_all(text.as_bytes()).map_err(io(&tmp))?;
-    file.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    crate::files::write_atomically(path, text.as_bytes(), 0o600).map_err(io(path))
 }
 
 /// A kubeconfig for `server` trusting `ca_pem`, with `user` (YAML lines

@@ -6,13 +6,14 @@
 
 use std::{
     fs,
-    io::Write as _,
     path::{Path, PathBuf},
 };
 
 use serde_json::json;
 use tokio::sync::watch;
 use tracing::info;
+
+use crate::files;
 
 /// The configuration list's file name. Runtimes take the first file by
 /// name: one sorting before it (`05-cilium.conflist`) wins over it.
@@ -94,51 +95,9 @@ pub fn uninstall(conf_dir: &Path) -> Result<bool, InstallError> {
     }
 }
 
-/// Writes a file under a temporary name of this process's own and
-/// renames it into place, so a runtime (or a running pod's ADD) never
-/// reads half of it and two agents never write one temporary file.
 fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let error = |source| InstallError::Write {
+    files::write_atomically(path, bytes, mode).map_err(|source| InstallError::Write {
         path: path.to_path_buf(),
         source,
-    };
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(error)?;
-    }
-    let tmp = path.with_extension(format!("wharf-tmp-{}", std::process::id()));
-    // Left by an earlier run of a process with this ID, if at all.
-    let _ = fs::remove_file(&tmp);
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(error)?;
-    file.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(error)?;
-    file.write_all(bytes).map_err(error)?;
-    file.sync_all().map_err(error)?;
-    fs::rename(&tmp, path).map_err(error)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::PermissionsExt as _;
-
-    #[test]
-    fn files_are_replaced_whole_with_their_mode() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("bin/plugin");
-        write_atomically(&path, b"one", 0o755).unwrap();
-        write_atomically(&path, b"two", 0o755).unwrap();
-        assert_eq!(fs::read(&path).unwrap(), b"two");
-        let mode = fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o755);
-        assert_eq!(
-            fs::read_dir(path.parent().unwrap()).unwrap().count(),
-            1,
-            "no temporary left"
-        );
-    }
+    })
 }

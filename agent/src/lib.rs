@@ -13,6 +13,7 @@ pub mod cni_install;
 pub mod conntrack;
 pub mod ebpf;
 pub mod egress;
+pub mod files;
 pub mod host;
 pub mod ipam;
 pub mod iptables;

@@ -15,6 +15,7 @@ use kube::{
     config::Kubeconfig,
 };
 use rand::Rng as _;
+use rustls::pki_types::{CertificateDer, pem::PemObject as _};
 
 use crate::components::{self, ComponentError};
 
@@ -82,7 +83,8 @@ pub async fn create(kubeconfig: &Path, ttl: Duration) -> Result<Join, JoinError>
         .as_deref()
         .and_then(|data| STANDARD.decode(data).ok())
         .ok_or_else(|| incomplete("certificate-authority-data"))?;
-    let ca_der = pem_body(&ca_pem).ok_or_else(|| incomplete("CA certificate"))?;
+    let ca_der =
+        CertificateDer::from_pem_slice(&ca_pem).map_err(|_| incomplete("CA certificate"))?;
 
     let (id, secret) = (token_part(6), token_part(16));
     let mut data = vec![
@@ -127,18 +129,6 @@ pub async fn create(kubeconfig: &Path, ttl: Duration) -> Result<Join, JoinError>
         token: format!("{id}.{secret}"),
         ca_cert_hash: ca_cert_hash(&ca_der),
     })
-}
-
-/// The DER of the first PEM block.
-fn pem_body(pem: &[u8]) -> Option<Vec<u8>> {
-    let text = std::str::from_utf8(pem).ok()?;
-    let body: String = text
-        .lines()
-        .skip_while(|l| !l.starts_with("-----BEGIN"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("-----END"))
-        .collect();
-    STANDARD.decode(body).ok()
 }
 
 #[cfg(test)]

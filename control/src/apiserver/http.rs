@@ -478,10 +478,7 @@ async fn resource<S: Store>(
         (&Method::GET, None, None) => list(app, call, rt, namespace).await,
         (&Method::POST, None, None) => {
             let mut body = call.json_body()?;
-            guard_rbac(app, user, rt, namespace, &body)?;
-            if rt.plural == certificates::PLURAL {
-                certificates::stamp_requester(&mut body, user);
-            }
+            admit_create(app, user, rt, namespace, &mut body)?;
             let written = app
                 .create_object(rt, namespace, body, &call.write_options()?)
                 .await?;
@@ -619,6 +616,23 @@ async fn resource<S: Store>(
         (_, _, Some(_)) => Err(ApiError::NoSuchResource),
         _ => Err(unsupported()),
     }
+}
+
+/// What every create checks and takes from its requester, however it
+/// comes (POST or server-side apply): RBAC escalation, and the requester
+/// a CertificateSigningRequest names.
+fn admit_create<S: Store>(
+    app: &App<S>,
+    user: &User,
+    rt: &ResourceType,
+    namespace: Option<&str>,
+    object: &mut Value,
+) -> Result<(), ApiError> {
+    guard_rbac(app, user, rt, namespace, object)?;
+    if rt.plural == certificates::PLURAL {
+        certificates::stamp_requester(object, user);
+    }
+    Ok(())
 }
 
 /// A decision on a CertificateSigningRequest needs, besides access to
@@ -1104,10 +1118,7 @@ async fn server_side_apply<S: Store>(
                 });
             }
             let mut object = managed::apply(None, &config, &writer, force).map_err(conflict)?;
-            guard_rbac(app, user, rt, namespace, &object)?;
-            if rt.plural == certificates::PLURAL {
-                certificates::stamp_requester(&mut object, user);
-            }
+            admit_create(app, user, rt, namespace, &mut object)?;
             object["metadata"]["name"] = json!(name);
             let written = app.create_object(rt, namespace, object, &options).await?;
             Ok(json_response(
