@@ -36,12 +36,14 @@ pub enum InstallError {
 
 /// Copies the plugin into `bin_dir`, waits until the agent hands out
 /// addresses (`available`), then writes the configuration list
-/// (pointing the plugin at `socket`) into `conf_dir`. The file work runs
+/// (pointing the plugin at `socket`, and giving pods `mtu` if known)
+/// into `conf_dir`. The file work runs
 /// on a blocking thread (it reads and syncs a binary of megabytes).
 pub async fn install(
     bin_dir: &Path,
     conf_dir: &Path,
     socket: &Path,
+    mtu: Option<u32>,
     mut available: watch::Receiver<Option<String>>,
 ) -> Result<(), InstallError> {
     let bin_dir = bin_dir.to_path_buf();
@@ -64,10 +66,14 @@ pub async fn install(
     if available.wait_for(Option::is_some).await.is_err() {
         return Ok(());
     }
+    let mut plugin = json!({ "type": PLUGIN, "agentSocket": socket });
+    if let Some(mtu) = mtu {
+        plugin["mtu"] = mtu.into();
+    }
     let conflist = json!({
         "cniVersion": "1.1.0",
         "name": "wharf",
-        "plugins": [{ "type": PLUGIN, "agentSocket": socket }],
+        "plugins": [plugin],
     });
     let path = conf_dir.join(CONFLIST);
     let written = path.clone();

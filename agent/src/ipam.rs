@@ -63,7 +63,7 @@ pub struct Assignment {
 }
 
 /// A node's pod CIDR, parsed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PodCidr {
     network: u32,
     prefix: u8,
@@ -89,6 +89,14 @@ impl PodCidr {
 
     fn size(self) -> u32 {
         1 << (32 - self.prefix)
+    }
+
+    pub fn network(self) -> Ipv4Addr {
+        Ipv4Addr::from(self.network)
+    }
+
+    pub fn prefix(self) -> u8 {
+        self.prefix
     }
 
     pub fn gateway(self) -> Ipv4Addr {

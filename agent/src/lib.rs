@@ -3,7 +3,8 @@
 //! and EndpointSlices or, in standalone mode, by manifests; the node's
 //! registration (Node object, Lease, conditions); and the pod network:
 //! IPAM behind the agent API, the CNI plugin's install and pod wiring,
-//! routes to other nodes' pods and egress masquerading; and the kubelet
+//! routes to other nodes' pods (native or through a VXLAN overlay) and
+//! egress masquerading; and the kubelet
 //! role, which runs the pods bound to the node (process runtime).
 
 pub mod agent_api;
@@ -31,3 +32,4 @@ pub mod routes;
 pub mod standalone;
 pub mod sync;
 pub mod telemetry;
+pub mod vxlan;

@@ -31,6 +31,7 @@ use wharf_agent::{
     standalone::Manifests,
     sync,
     telemetry::{self, Telemetry},
+    vxlan,
 };
 
 /// How pods' containers are run.
@@ -40,6 +41,17 @@ enum Runtime {
     /// write) in its own namespaces and cgroups; images are recorded,
     /// not pulled.
     Process,
+}
+
+/// How pods reach pods on other nodes: one way for the whole cluster.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum RoutingMode {
+    /// A route to each other node's podCIDR through its address: nodes
+    /// on one L2 segment.
+    Native,
+    /// A VXLAN overlay (UDP 8472, VNI 1): nodes that only route each
+    /// other's addresses. Pods get the underlay's MTU minus 50.
+    Vxlan,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -108,6 +120,11 @@ struct Args {
     /// How the pods bound to this node are run.
     #[arg(long, value_enum, default_value = "process")]
     runtime: Runtime,
+
+    /// How pods reach pods on other nodes; every node of a cluster must
+    /// say the same.
+    #[arg(long, value_enum, default_value = "native")]
+    routing: RoutingMode,
 
     /// Where v1 cgroup hierarchies are mounted: on a hybrid host, pod
     /// memory and CPU limits go to the v1 memory and cpu hierarchies
@@ -311,6 +328,7 @@ async fn main() -> anyhow::Result<()> {
         Some(path) => Some(cluster::client(path).await?),
         None => None,
     };
+    let routing = routing(&args, &node_addresses)?;
     let (pod_cidr, pod_cidrs) = watch::channel(args.pod_cidr.clone());
     if let Some(client) = client.clone().filter(|_| !args.proxy_only) {
         let config = NodeConfig {
@@ -336,6 +354,7 @@ async fn main() -> anyhow::Result<()> {
             client.clone(),
             args.node_name.clone(),
             args.cluster_cidr.clone(),
+            routing,
         ));
         let Runtime::Process = args.runtime;
         let capacity = registration::system::capacity(args.max_pods);
@@ -400,9 +419,12 @@ async fn main() -> anyhow::Result<()> {
         });
         let (bin_dir, conf_dir) = (args.cni_bin_dir.clone(), args.cni_conf_dir.clone());
         let (socket, network) = (args.api_socket.clone(), Arc::clone(&telemetry));
+        let mtu = pod_mtu(routing, &node_addresses);
         tokio::spawn(async move {
             loop {
-                match cni_install::install(&bin_dir, &conf_dir, &socket, available.clone()).await {
+                match cni_install::install(&bin_dir, &conf_dir, &socket, mtu, available.clone())
+                    .await
+                {
                     Ok(()) => break network.set_network_ready(true),
                     Err(error) => {
                         tracing::error!(%error, "installing the CNI plugin failed; retrying in 10 s");
@@ -504,6 +526,34 @@ fn cni_paths(args: &Args) -> CniPaths {
     CniPaths {
         bin_dir: args.cni_bin_dir.clone(),
         conf_dir: args.cni_conf_dir.clone(),
+    }
+}
+
+/// The cluster routing the flags ask for; the overlay is carried by the
+/// node's first address.
+fn routing(args: &Args, node_addresses: &[Ipv4Addr]) -> anyhow::Result<routes::Routing> {
+    Ok(match args.routing {
+        RoutingMode::Native => routes::Routing::Native,
+        RoutingMode::Vxlan => {
+            let local = node_addresses.first().copied().context(
+                "--routing vxlan needs the node's address (--node-ip or --devices) to carry the overlay",
+            )?;
+            routes::Routing::Vxlan(
+                vxlan::Overlay::for_node(local).context("finding the overlay's underlay")?,
+            )
+        }
+    })
+}
+
+/// The pods' MTU: the overlay's, or that of the device with the node's
+/// address; unknown (the plugin's default of 1500) without one.
+fn pod_mtu(routing: routes::Routing, node_addresses: &[Ipv4Addr]) -> Option<u32> {
+    match routing {
+        routes::Routing::Vxlan(overlay) => Some(overlay.mtu()),
+        routes::Routing::Native => {
+            let device = netdev::holding(*node_addresses.first()?).ok()??;
+            netdev::mtu(&device).ok()
+        }
     }
 }
 

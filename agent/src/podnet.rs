@@ -206,7 +206,7 @@ fn open_namespace(path: &Path) -> Result<File, PodnetError> {
     })
 }
 
-fn c_string(bytes: &[u8]) -> Option<String> {
+pub(crate) fn c_string(bytes: &[u8]) -> Option<String> {
     let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
     String::from_utf8(bytes[..end].to_vec()).ok()
 }
@@ -249,7 +249,7 @@ fn in_namespace<T: Send + 'static>(
 }
 
 /// An interface's index in the calling thread's namespace.
-fn index(name: &str) -> Result<u32, PodnetError> {
+pub(crate) fn index(name: &str) -> Result<u32, PodnetError> {
     let c_name =
         std::ffi::CString::new(name).map_err(|_| PodnetError::NoSuchLink(name.to_string()))?;
     // SAFETY: if_nametoindex(3) reads a NUL-terminated string we own.
@@ -290,7 +290,7 @@ fn has_address(name: &str, address: Ipv4Addr) -> bool {
 }
 
 /// `struct ifinfomsg`: family, type, index, flags, change.
-fn ifinfomsg(index: u32, flags: u32, change: u32) -> Vec<u8> {
+pub(crate) fn ifinfomsg(index: u32, flags: u32, change: u32) -> Vec<u8> {
     let mut message = vec![0u8; 4];
     message.extend_from_slice(&index.to_ne_bytes());
     message.extend_from_slice(&flags.to_ne_bytes());
@@ -327,7 +327,7 @@ fn create_veth(node: &mut Socket, wiring: &Wiring, namespace: &File) -> Result<(
 }
 
 /// Deletes a link by name; false if there was none.
-fn delete_link(socket: &mut Socket, name: &str) -> Result<bool, PodnetError> {
+pub(crate) fn delete_link(socket: &mut Socket, name: &str) -> Result<bool, PodnetError> {
     let Ok(link) = index(name) else {
         return Ok(false);
     };
@@ -342,7 +342,7 @@ fn delete_link(socket: &mut Socket, name: &str) -> Result<bool, PodnetError> {
     }
 }
 
-fn set_up(socket: &mut Socket, link: u32, name: &str) -> Result<(), PodnetError> {
+pub(crate) fn set_up(socket: &mut Socket, link: u32, name: &str) -> Result<(), PodnetError> {
     socket
         .request(RTM_NEWLINK, 0, &ifinfomsg(link, IFF_UP, IFF_UP))
         .map(drop)
@@ -361,7 +361,7 @@ fn set_alias(socket: &mut Socket, link: u32, alias: &str) -> Result<(), PodnetEr
 }
 
 /// Adds `address`/32 to a link (replacing an equal one).
-fn add_address(
+pub(crate) fn add_address(
     socket: &mut Socket,
     link: u32,
     address: Ipv4Addr,
@@ -398,6 +398,7 @@ fn add_route(
         oif: Some(link),
         scope,
         protocol: RTPROT_STATIC,
+        onlink: false,
     }
     .replace(socket)
     .map_err(PodnetError::from)

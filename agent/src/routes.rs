@@ -1,10 +1,13 @@
-//! Native routing between nodes: a route to every other node's podCIDR
-//! through that node's InternalIP, for nodes on one L2 segment, so pods
-//! reach pods on any node by their own addresses, without NAT or an
-//! overlay. Routes are followed from the API server's Nodes and tagged
-//! with their own rtnetlink protocol number, so the ones that are no
-//! longer wanted are found and removed; a route someone else already has
-//! to the same destination is left alone (and logged).
+//! Routing between nodes: each other node's podCIDR is routed through
+//! that node, so pods reach pods on any node by their own addresses,
+//! without NAT. How (`--routing`, one way for the whole cluster):
+//! `native`, a route through the peer's InternalIP, for nodes on one L2
+//! segment; or `vxlan`, a route into the overlay (see `vxlan`), for nodes
+//! that only have routes to each other's addresses. Routes are followed
+//! from the API server's Nodes and tagged with their own rtnetlink
+//! protocol number, so the ones that are no longer wanted are found and
+//! removed; a route someone else already has to the same destination is
+//! left alone (and logged).
 //! The same Nodes say which addresses pod traffic is not masqueraded to
 //! (see `egress`).
 
@@ -21,9 +24,11 @@ use tracing::{info, warn};
 use crate::{
     egress,
     host::System,
+    ipam::PodCidr,
     netlink::{
         self, Attrs, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NetlinkError, Socket,
     },
+    vxlan::{self, Overlay, Peer, VxlanError},
 };
 
 const RTM_NEWROUTE: u16 = 24;
@@ -34,6 +39,8 @@ const RTA_OIF: u16 = 4;
 const RTA_GATEWAY: u16 = 5;
 const RT_TABLE_MAIN: u8 = 254;
 const RTN_UNICAST: u8 = 1;
+/// The gateway is on the link, whatever the link's addresses say.
+const RTNH_F_ONLINK: u32 = 4;
 pub const RT_SCOPE_UNIVERSE: u8 = 0;
 pub const RT_SCOPE_LINK: u8 = 253;
 /// `static`: what routes to pods on this node are.
@@ -59,9 +66,31 @@ pub enum RoutesError {
         #[source]
         source: NetlinkError,
     },
+    /// Boxed: the overlay's errors include pod wiring's, which include
+    /// these.
+    #[error(transparent)]
+    Overlay(Box<VxlanError>),
 }
 
-/// A route: `destination/prefix [via gateway] [dev oif]`.
+impl From<VxlanError> for RoutesError {
+    fn from(error: VxlanError) -> Self {
+        Self::Overlay(Box::new(error))
+    }
+}
+
+/// How pods reach pods on other nodes (`--routing`): the same on every
+/// node of a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routing {
+    /// A route to each peer's podCIDR through the peer's address: nodes
+    /// share an L2 segment.
+    Native,
+    /// A route to each peer's podCIDR into the VXLAN overlay: nodes only
+    /// need routes to each other's addresses.
+    Vxlan(Overlay),
+}
+
+/// A route: `destination/prefix [via gateway] [dev oif] [onlink]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Route {
     pub destination: Ipv4Addr,
@@ -70,6 +99,8 @@ pub struct Route {
     pub oif: Option<u32>,
     pub scope: u8,
     pub protocol: u8,
+    /// The gateway is taken as on the link `oif` (an overlay peer's).
+    pub onlink: bool,
 }
 
 impl Route {
@@ -87,7 +118,8 @@ impl Route {
             self.scope,
             RTN_UNICAST,
         ];
-        message.extend_from_slice(&0u32.to_ne_bytes());
+        let flags = if self.onlink { RTNH_F_ONLINK } else { 0 };
+        message.extend_from_slice(&flags.to_ne_bytes());
         let mut attributes = Attrs::new();
         if self.prefix > 0 {
             attributes.put(RTA_DST, &self.destination.octets());
@@ -143,24 +175,49 @@ impl std::fmt::Display for Route {
         if let Some(gateway) = self.gateway {
             write!(f, " via {gateway}")?;
         }
+        if self.onlink {
+            write!(f, " onlink")?;
+        }
         Ok(())
     }
 }
 
-/// A route to a peer node's podCIDR through its InternalIP.
-fn peer_route(cidr: &str, via: Ipv4Addr) -> Option<Route> {
-    let (address, prefix) = cidr.split_once('/')?;
-    let address: Ipv4Addr = address.parse().ok()?;
-    let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32)?;
-    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-    Some(Route {
-        destination: Ipv4Addr::from(u32::from(address) & mask),
-        prefix,
-        gateway: Some(via),
-        oif: None,
-        scope: RT_SCOPE_UNIVERSE,
-        protocol: RTPROT_WHARF,
-    })
+/// Another node: its podCIDR and its address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct PeerNode {
+    pods: PodCidr,
+    address: Ipv4Addr,
+}
+
+impl PeerNode {
+    /// The route to its pods: through its address, or into the overlay
+    /// (device `overlay`) through its pod gateway.
+    fn route(&self, overlay: Option<u32>) -> Route {
+        Route {
+            destination: self.pods.network(),
+            prefix: self.pods.prefix(),
+            gateway: Some(match overlay {
+                Some(_) => self.pods.gateway(),
+                None => self.address,
+            }),
+            oif: overlay,
+            scope: RT_SCOPE_UNIVERSE,
+            protocol: RTPROT_WHARF,
+            onlink: overlay.is_some(),
+        }
+    }
+
+    fn vtep(&self) -> Peer {
+        Peer {
+            node: self.address,
+            gateway: self.pods.gateway(),
+        }
+    }
+}
+
+/// A node's podCIDR.
+fn pod_cidr(node: &Node) -> Option<PodCidr> {
+    PodCidr::parse(node.spec.as_ref()?.pod_cidr.as_deref()?).ok()
 }
 
 /// A node's IPv4 InternalIP.
@@ -174,13 +231,17 @@ fn internal_ip(node: &Node) -> Option<Ipv4Addr> {
         .and_then(|a| a.address.parse().ok())
 }
 
-/// The routes node `me` needs: one per other node with a podCIDR and an
-/// IPv4 InternalIP.
-fn wanted<'a>(nodes: impl IntoIterator<Item = &'a Node>, me: &str) -> BTreeSet<Route> {
+/// The nodes other than `me` with a podCIDR and an IPv4 InternalIP.
+fn peers<'a>(nodes: impl IntoIterator<Item = &'a Node>, me: &str) -> BTreeSet<PeerNode> {
     nodes
         .into_iter()
         .filter(|node| node.metadata.name.as_deref() != Some(me))
-        .filter_map(|node| peer_route(node.spec.as_ref()?.pod_cidr.as_deref()?, internal_ip(node)?))
+        .filter_map(|node| {
+            Some(PeerNode {
+                pods: pod_cidr(node)?,
+                address: internal_ip(node)?,
+            })
+        })
         .collect()
 }
 
@@ -207,13 +268,20 @@ fn programmed(socket: &mut Socket) -> Result<BTreeSet<Route>, RoutesError> {
                     .and_then(|v| <[u8; 4]>::try_from(v).ok())
                     .map(Ipv4Addr::from)
             };
+            let onlink = u32::from_ne_bytes(header[8..12].try_into().ok()?) & RTNH_F_ONLINK != 0;
+            // Only overlay routes name their device (see `PeerNode::route`).
+            let oif = netlink::find(attributes, RTA_OIF)
+                .and_then(|v| <[u8; 4]>::try_from(v).ok())
+                .map(u32::from_ne_bytes)
+                .filter(|_| onlink);
             Some(Route {
                 destination: address(RTA_DST).unwrap_or(Ipv4Addr::UNSPECIFIED),
                 prefix: header[1],
                 gateway: address(RTA_GATEWAY),
-                oif: None,
+                oif,
                 scope: header[6],
                 protocol: RTPROT_WHARF,
+                onlink,
             })
         })
         .collect())
@@ -251,18 +319,67 @@ fn converge(wanted: &BTreeSet<Route>) -> Result<(), Vec<RoutesError>> {
     }
 }
 
-/// Removes every route wharf added (`--teardown`).
-pub fn remove_all() -> Result<(), RoutesError> {
-    converge(&BTreeSet::new()).map_err(|mut failures| failures.remove(0))
+/// What node `me` needs from the Nodes it sees: its peers, and its own
+/// podCIDR (whose gateway the overlay device carries).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Plan {
+    peers: BTreeSet<PeerNode>,
+    mine: Option<PodCidr>,
 }
 
-/// Follows every Node and keeps routes to the others' podCIDRs, and the
+impl Plan {
+    fn new<'a>(nodes: impl IntoIterator<Item = &'a Node> + Clone, me: &str) -> Self {
+        Self {
+            peers: peers(nodes.clone(), me),
+            mine: nodes
+                .into_iter()
+                .find(|node| node.metadata.name.as_deref() == Some(me))
+                .and_then(pod_cidr),
+        }
+    }
+
+    /// Makes the node's routing what the plan needs, the overlay's
+    /// device and entries first. Native routing removes an overlay a
+    /// previous run left.
+    fn program(&self, routing: Routing) -> Result<(), Vec<RoutesError>> {
+        let overlay = match routing {
+            Routing::Native => {
+                if vxlan::remove().map_err(|e| vec![e.into()])? {
+                    info!(
+                        device = vxlan::DEVICE,
+                        "removed the overlay: routing is native"
+                    );
+                }
+                None
+            }
+            Routing::Vxlan(overlay) => {
+                let device = overlay
+                    .ensure(self.mine.map(PodCidr::gateway))
+                    .map_err(|e| vec![e.into()])?;
+                let vteps = self.peers.iter().map(PeerNode::vtep).collect();
+                vxlan::converge(device, &vteps).map_err(|e| vec![e.into()])?;
+                Some(device)
+            }
+        };
+        converge(&self.peers.iter().map(|peer| peer.route(overlay)).collect())
+    }
+}
+
+/// Removes every route wharf added, and the overlay (`--teardown`).
+pub fn remove_all() -> Result<(), RoutesError> {
+    converge(&BTreeSet::new()).map_err(|mut failures| failures.remove(0))?;
+    vxlan::remove()?;
+    Ok(())
+}
+
+/// Follows every Node and keeps routes to the others' podCIDRs (as
+/// `routing` says), and the
 /// masquerading of pods (in `cluster_cidr`) to anything but pods and
 /// nodes, until dropped. Routes change only once the Node cache has
 /// listed, so a restart never removes a route it has not yet heard of
 /// again. A burst of Node changes costs one pass: changes only wake the
 /// converging task, which then reads the cache as it is.
-pub async fn follow(client: Client, me: String, cluster_cidr: String) {
+pub async fn follow(client: Client, me: String, cluster_cidr: String, routing: Routing) {
     let (nodes, writer) = reflector::store::<Node>();
     let changed = std::sync::Arc::new(tokio::sync::Notify::new());
     let events = reflector(
@@ -295,9 +412,9 @@ pub async fn follow(client: Client, me: String, cluster_cidr: String) {
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The first tick is immediate; the cache may not have listed yet.
         resync.tick().await;
-        // The routes last converged to, so the many Node changes that
-        // move neither (status writes) cost a comparison, not a dump.
-        let mut routed: Option<BTreeSet<Route>> = None;
+        // The plan last programmed, so the many Node changes that move
+        // nothing (status writes) cost a comparison, not a dump.
+        let mut routed: Option<Plan> = None;
         let mut listed = false;
         loop {
             let full = tokio::select! {
@@ -309,7 +426,7 @@ pub async fn follow(client: Client, me: String, cluster_cidr: String) {
                 _ = resync.tick(), if listed => true,
             };
             let state = nodes.state();
-            let wanted = wanted(state.iter().map(AsRef::as_ref), &me);
+            let wanted = Plan::new(state.iter().map(AsRef::as_ref), &me);
             let addresses: BTreeSet<Ipv4Addr> =
                 state.iter().filter_map(|node| internal_ip(node)).collect();
             if !full
@@ -326,7 +443,7 @@ pub async fn follow(client: Client, me: String, cluster_cidr: String) {
             let cidr = cluster_cidr.clone();
             // Netlink calls and nft block; they are few and short.
             let done = tokio::task::spawn_blocking(move || {
-                let routes = converge(&wanted);
+                let routes = wanted.program(routing);
                 let egress = egress.map(|nodes| egress::program(&System, &cidr, &nodes));
                 (routes, egress)
             })
@@ -377,10 +494,16 @@ mod tests {
             node("c", None, "192.168.90.3"),
             node("d", Some("10.244.3.0/24"), "fd00::4"),
         ];
-        let routes: Vec<String> = wanted(&nodes, "me")
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        assert_eq!(routes, ["10.244.1.0/24 via 192.168.90.2"]);
+        let plan = Plan::new(&nodes, "me");
+        assert_eq!(plan.mine, PodCidr::parse("10.244.0.0/24").ok());
+        let routes = |overlay| -> Vec<String> {
+            plan.peers
+                .iter()
+                .map(|peer| peer.route(overlay).to_string())
+                .collect()
+        };
+        assert_eq!(routes(None), ["10.244.1.0/24 via 192.168.90.2"]);
+        // Into the overlay, through the peer's pod gateway.
+        assert_eq!(routes(Some(7)), ["10.244.1.0/24 via 10.244.1.1 onlink"]);
     }
 }

@@ -8,6 +8,13 @@
 //!  (API)              └ ext (203.0.113.2): outside the cluster
 //! ```
 //!
+//! or, with a routed underlay, the nodes in two subnets and a router
+//! between them that knows nothing of pods:
+//!
+//! ```text
+//!  n1 (192.168.N.1/25) ── r (.126 | .254) ── n2 (192.168.N.130/25)
+//! ```
+//!
 //! N differs between the clusters of one test process, and the host
 //! routes 192.168.N.0/24 through n1, so the API server reaches every
 //! node's kubelet API.
@@ -79,6 +86,15 @@ impl NodeAgent {
     }
 }
 
+/// How the nodes are connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Underlay {
+    /// One L2 segment.
+    Segment,
+    /// Two subnets joined by a router namespace, `r`.
+    Routed,
+}
+
 #[derive(Debug)]
 pub struct Cluster {
     pub lab: Lab,
@@ -89,18 +105,56 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Two nodes whose agents run proxy mode `mode`; `control_args` go to
-    /// wharf-control.
+    /// Two nodes on one segment whose agents run proxy mode `mode`;
+    /// `control_args` go to wharf-control.
     pub fn new(test: &str, mode: &str, control_args: &[&str]) -> Self {
+        Self::build(test, mode, control_args, Underlay::Segment, &[])
+    }
+
+    /// Two nodes joined by `underlay` whose agents run proxy mode `mode`
+    /// with `agent_args`; `control_args` go to wharf-control.
+    pub fn build(
+        test: &str,
+        mode: &str,
+        control_args: &[&str],
+        underlay: Underlay,
+        agent_args: &[&str],
+    ) -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let net = 100 + NEXT.fetch_add(1, Ordering::Relaxed) % 100;
-        let (a1, a2) = (format!("192.168.{net}.1"), format!("192.168.{net}.2"));
         let mut lab = Lab::new(test);
         let n1 = lab.netns("n1");
         let n2 = lab.netns("n2");
-        lab.veth(&n1, "underlay", &n2, "underlay");
-        lab.ip(&n1, &format!("addr add {a1}/24 dev underlay"));
-        lab.ip(&n2, &format!("addr add {a2}/24 dev underlay"));
+        // n2's way to n1 and the host, and the router's namespace.
+        let (a1, a2, n2_gateway, router) = match underlay {
+            Underlay::Segment => {
+                let (a1, a2) = (format!("192.168.{net}.1"), format!("192.168.{net}.2"));
+                lab.veth(&n1, "underlay", &n2, "underlay");
+                lab.ip(&n1, &format!("addr add {a1}/24 dev underlay"));
+                lab.ip(&n2, &format!("addr add {a2}/24 dev underlay"));
+                (a1.clone(), a2, a1, None)
+            }
+            Underlay::Routed => {
+                let (a1, a2) = (format!("192.168.{net}.1"), format!("192.168.{net}.130"));
+                let r = lab.netns("r");
+                lab.veth(&n1, "underlay", &r, "left");
+                lab.veth(&r, "right", &n2, "underlay");
+                lab.ip(&n1, &format!("addr add {a1}/25 dev underlay"));
+                lab.ip(&r, &format!("addr add 192.168.{net}.126/25 dev left"));
+                lab.ip(&r, &format!("addr add 192.168.{net}.254/25 dev right"));
+                lab.ip(&n2, &format!("addr add {a2}/25 dev underlay"));
+                lab.sysctl(&r, "net.ipv4.ip_forward", "1");
+                lab.ip(
+                    &n1,
+                    &format!("route add 192.168.{net}.128/25 via 192.168.{net}.126"),
+                );
+                lab.ip(
+                    &n2,
+                    &format!("route add 192.168.{net}.0/25 via 192.168.{net}.254"),
+                );
+                (a1, a2, format!("192.168.{net}.254"), Some(r))
+            }
+        };
         let ext = lab.netns("ext");
         lab.veth(&n1, "outside", &ext, "eth0");
         lab.ip(&n1, "addr add 203.0.113.1/24 dev outside");
@@ -110,7 +164,10 @@ impl Cluster {
         // route of the test's).
         let (host, inside) = lab.uplink(&n1);
         lab.sysctl(&n1, "net.ipv4.ip_forward", "1");
-        lab.ip(&n2, &format!("route add {host}/32 via {a1}"));
+        lab.ip(&n2, &format!("route add {host}/32 via {n2_gateway}"));
+        if let Some(router) = router {
+            lab.ip(&router, &format!("route add {host}/32 via {a1}"));
+        }
         lab.host_route(&format!("192.168.{net}.0/24"), inside);
         for rule in [
             "add table ip lab",
@@ -129,12 +186,12 @@ impl Cluster {
             nodes: Vec::new(),
         };
         for (ns, address) in [(n1, a1), (n2, a2)] {
-            cluster.start_agent(ns, address, mode);
+            cluster.start_agent(ns, address, mode, agent_args);
         }
         cluster
     }
 
-    fn start_agent(&mut self, ns: String, address: String, mode: &str) {
+    fn start_agent(&mut self, ns: String, address: String, mode: &str, extra: &[&str]) {
         let short = ns.rsplit('-').next().unwrap().to_string();
         let name = self.lab.node(&short);
         let files = self.lab.dir.join(&short);
@@ -148,6 +205,7 @@ impl Cluster {
             // Status every 2 s: Ready shows soon after the node is.
             "--node-lease-duration-seconds=8".into(),
         ];
+        args.extend(extra.iter().map(ToString::to_string));
         args.extend(node_files(&files));
         let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = format!("{short}.log");

@@ -194,6 +194,22 @@ fn the_agent_registers_its_node_and_keeps_it_ready() {
     // addresses from it on its socket.
     eventually("a podCIDR", || !get(".spec.podCIDR").is_empty());
     let pod_cidr = get(".spec.podCIDR");
+    // Once set, it stays: pods are addressed from it, peers route it.
+    let moved = api.kubectl(&[
+        "patch",
+        "node",
+        &node.node_name,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"podCIDR":"10.244.99.0/24","podCIDRs":["10.244.99.0/24"]}}"#,
+    ]);
+    assert!(!moved.status.success());
+    assert!(
+        String::from_utf8_lossy(&moved.stderr).contains("may not change podCIDR"),
+        "{}",
+        String::from_utf8_lossy(&moved.stderr)
+    );
+    assert_eq!(get(".spec.podCIDR"), pod_cidr);
     let socket = node.lab.dir.join("run/agent.sock");
     let status = api.runtime().block_on(async {
         let mut client = wharf_proto::connect(&socket).await.expect("agent API");

@@ -2,11 +2,13 @@
 //! joined by an underlay, following a wharf-control on the host, each
 //! installing wharf-cni and routing to the other's podCIDR; pods wired
 //! by the installed plugin, and the Kubernetes network model's rules
-//! checked one by one.
+//! checked one by one. Once with native routing, the nodes on one
+//! segment; once over the VXLAN overlay, the nodes in two subnets behind
+//! a router that has no route to any pod.
 //!
 //! ```text
 //!  host ── uplink ── n1 (192.168.N.1) ── underlay ── n2 (192.168.N.2)
-//!  (API)              ├ pod a                          └ pod b
+//!  (API)              ├ pod a          (or a router)   └ pod b
 //!                     └ ext (203.0.113.2): outside the cluster
 //! ```
 
@@ -17,7 +19,7 @@ use std::{
 
 use serde_json::Value;
 use wharf_tests::{
-    cluster::{Cluster, eventually, ip},
+    cluster::{Cluster, Underlay, eventually, ip},
     lab::agent_binary,
 };
 
@@ -71,7 +73,35 @@ fn pod(cluster: &mut Cluster, index: usize, name: &str) -> (String, String) {
 
 #[test]
 fn pods_on_two_nodes_follow_the_network_model() {
-    let mut cluster = Cluster::new("podnet", "iptables", &["--without=scheduler"]);
+    let cluster = Cluster::new("podnet", "iptables", &["--without=scheduler"]);
+    network_model(cluster, false);
+}
+
+#[test]
+fn pods_on_nodes_in_two_subnets_follow_the_network_model_over_vxlan() {
+    let cluster = Cluster::build(
+        "podvx",
+        "iptables",
+        &["--without=scheduler"],
+        Underlay::Routed,
+        &["--routing=vxlan"],
+    );
+    network_model(cluster, true);
+}
+
+/// `bridge -n NS ARGS` output.
+fn bridge(ns: &str, args: &str) -> String {
+    let output = Command::new("bridge")
+        .args(["-n", ns])
+        .args(args.split_whitespace())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The network model's rules, a Service across nodes, a node leaving and
+/// a teardown, with native routing or over the overlay (`vxlan`).
+fn network_model(mut cluster: Cluster, vxlan: bool) {
     let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
     for name in &names {
         eventually(&format!("{name} Ready"), || {
@@ -83,15 +113,43 @@ fn pods_on_two_nodes_follow_the_network_model() {
     let n1 = cluster.nodes[0].ns.clone();
     let n2 = cluster.nodes[1].ns.clone();
     let n2_address = cluster.nodes[1].address.clone();
+    let route_b = if vxlan {
+        // Through n2's pod gateway, the first address of its /24.
+        let gateway_b = format!("{}.1", cidr_b.rsplit_once('.').unwrap().0);
+        format!("{cidr_b} via {gateway_b} dev wharf-vxlan proto 199 onlink")
+    } else {
+        format!("{cidr_b} via {n2_address} dev underlay proto 199")
+    };
     eventually("n1's route to n2's pods", || {
-        ip(&n1, "route").contains(&format!("{cidr_b} via {n2_address} dev underlay proto 199"))
+        ip(&n1, "route").contains(&route_b)
     });
+    if vxlan {
+        let device = ip(&n1, "-d link show wharf-vxlan");
+        assert!(
+            device.contains("mtu 1450")
+                && device.contains("vxlan id 1 ")
+                && device.contains("dstport 8472"),
+            "{device}"
+        );
+        assert!(
+            bridge(&n1, "fdb show dev wharf-vxlan").contains(&format!("dst {n2_address}")),
+            "{}",
+            bridge(&n1, "fdb show dev wharf-vxlan")
+        );
+    }
     for node in &cluster.nodes {
         assert!(node.files.join("cni/bin/wharf-cni").exists());
     }
 
     let (pod_a, address_a) = pod(&mut cluster, 0, "a");
     let (pod_b, address_b) = pod(&mut cluster, 1, "b");
+    // A full-sized pod packet fits the underlay once wrapped.
+    let mtu = if vxlan { "mtu 1450 " } else { "mtu 1500 " };
+    assert!(
+        ip(&pod_a, "link show eth0").contains(mtu),
+        "{}",
+        ip(&pod_a, "link show eth0")
+    );
     cluster.serve(&pod_b, "b");
     cluster.serve(&pod_a, "a");
     cluster.serve(&n2, "n2");
@@ -164,6 +222,11 @@ endpoints: [{{addresses: [{address_a}]}}, {{addresses: [{address_b}]}}]
     eventually("n1's route to n2's pods removed", || {
         !ip(&n1, "route").contains(&cidr_b)
     });
+    if vxlan {
+        eventually("n1's forwarding entry for n2 removed", || {
+            !bridge(&n1, "fdb show dev wharf-vxlan").contains(&n2_address)
+        });
+    }
 
     // --teardown takes away what the node role added: routes, the
     // egress table, the CNI configuration.
@@ -184,6 +247,11 @@ endpoints: [{{addresses: [{address_a}]}}, {{addresses: [{address_b}]}}]
         ip(&n2, "route")
     );
     assert!(!files.join("cni/net.d/10-wharf.conflist").exists());
+    assert!(
+        !ip(&n2, "link").contains("wharf-vxlan"),
+        "{}",
+        ip(&n2, "link")
+    );
     let tables = Command::new("ip")
         .args(["netns", "exec", &n2, "nft", "list", "tables"])
         .output()

@@ -840,6 +840,25 @@ impl<S: Store> App<S> {
         if rt.group == "certificates.k8s.io" && rt.plural == certificates::PLURAL {
             certificates::keep_on_update(current, &mut next, mode);
         }
+        // A node's pods are addressed from its podCIDR and other nodes
+        // route it: once set, it stays (as upstream's validation has it),
+        // so a node IPAM acting on a stale view cannot move it.
+        if rt.group.is_empty() && rt.plural == "nodes" {
+            for field in ["podCIDR", "podCIDRs"] {
+                let before = &current["spec"][field];
+                let set = before.as_str().is_some_and(|c| !c.is_empty())
+                    || before.as_array().is_some_and(|c| !c.is_empty());
+                if set && next["spec"][field] != *before {
+                    return Err(rt.invalid(
+                        name,
+                        vec![Cause::forbidden(
+                            format!("spec.{field}"),
+                            "node updates may not change podCIDR except from \"\" to valid",
+                        )],
+                    ));
+                }
+            }
+        }
         if next["metadata"].get("managedFields").is_none()
             && let Some(managed) = current["metadata"].get("managedFields")
         {
