@@ -22,10 +22,13 @@ python3 -m pip --version >/dev/null 2>&1 \
 # tests and demo, curl for the demo, etcd-server for the etcd store,
 # protobuf-compiler for etcd-client's generated gRPC code, the rule tools
 # the iptables and nftables proxy modes drive (conntrack to read flows
-# back in tests), and qemu + busybox for the VM harness the IPVS mode is
-# tested in (this host's kernel has no IPVS).
+# back in tests), qemu + busybox for the VM harness the IPVS mode is
+# tested in (this host's kernel has no IPVS), and containerd, runc and the
+# CNI project's plugins (its loopback plugin) for the CRI tests (busybox
+# also makes their images).
 packages=(llvm-22-dev libzstd-dev zlib1g-dev iproute2 ethtool curl etcd-server protobuf-compiler
-  iptables nftables conntrack ipvsadm qemu-system-x86 busybox-static cpio binutils)
+  iptables nftables conntrack ipvsadm qemu-system-x86 busybox-static cpio binutils
+  containerd runc containernetworking-plugins)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

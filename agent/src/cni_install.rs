@@ -70,8 +70,12 @@ pub async fn install(
     if let Some(mtu) = mtu {
         plugin["mtu"] = mtu.into();
     }
+    // 1.0.0 for runtimes whose libcni predates 1.1 (containerd 1.6 and
+    // 1.7 refuse a 1.1.0 list); `cniVersions` lets newer ones pick 1.1.0
+    // and with it GC and STATUS.
     let conflist = json!({
-        "cniVersion": "1.1.0",
+        "cniVersion": "1.0.0",
+        "cniVersions": ["1.0.0", "1.1.0"],
         "name": "wharf",
         "plugins": [plugin],
     });

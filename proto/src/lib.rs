@@ -1,6 +1,7 @@
 //! The node agent's gRPC API: the messages, the `Ipam` client (for
 //! wharf-cni) and server trait (for wharf-agent), generated from
-//! `agent.proto`.
+//! `agent.proto`; and a client of the Kubernetes Container Runtime
+//! Interface (`cri`), generated from `cri.proto`.
 
 #[allow(
     missing_debug_implementations,
@@ -14,6 +15,41 @@ mod generated {
 
 pub use generated::*;
 
+/// The CRI (`runtime.v1`): its `RuntimeService` and `ImageService`
+/// clients and messages.
+pub mod cri {
+    #[allow(
+        missing_debug_implementations,
+        unused_qualifications,
+        clippy::doc_markdown,
+        clippy::enum_variant_names,
+        reason = "generated code"
+    )]
+    mod generated {
+        tonic::include_proto!("runtime.v1");
+    }
+
+    pub use generated::*;
+
+    /// Clients of both CRI services of the runtime whose socket is at
+    /// `path`, over one connection.
+    pub async fn connect(
+        path: &std::path::Path,
+    ) -> Result<
+        (
+            runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
+            image_service_client::ImageServiceClient<tonic::transport::Channel>,
+        ),
+        tonic::transport::Error,
+    > {
+        let channel = super::unix_channel(path).await?;
+        Ok((
+            runtime_service_client::RuntimeServiceClient::new(channel.clone()),
+            image_service_client::ImageServiceClient::new(channel),
+        ))
+    }
+}
+
 /// Where the agent serves its API unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/wharf/agent.sock";
 
@@ -21,9 +57,16 @@ pub const DEFAULT_SOCKET: &str = "/run/wharf/agent.sock";
 pub async fn connect(
     path: &std::path::Path,
 ) -> Result<ipam_client::IpamClient<tonic::transport::Channel>, tonic::transport::Error> {
+    Ok(ipam_client::IpamClient::new(unix_channel(path).await?))
+}
+
+/// A gRPC channel to the UNIX socket at `path`.
+async fn unix_channel(
+    path: &std::path::Path,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     let path = path.to_path_buf();
     // gRPC wants a URI; the connector ignores it and dials the socket.
-    let channel = tonic::transport::Endpoint::from_static("http://agent")
+    tonic::transport::Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
             async move {
@@ -31,6 +74,5 @@ pub async fn connect(
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
             }
         }))
-        .await?;
-    Ok(ipam_client::IpamClient::new(channel))
+        .await
 }

@@ -1,9 +1,10 @@
 //! Helpers shared by wharf's integration suites and benchmarks: frames
 //! built and checked independently of the dataplane's own code, a loaded
-//! dataplane with private pins, network-namespace plumbing, and a wharf-control
-//! process with kubectl pointed at it.
+//! dataplane with private pins, network-namespace plumbing, a wharf-control
+//! process with kubectl pointed at it, and a containerd of a test's own.
 
 pub mod cluster;
+pub mod containerd;
 pub mod control;
 pub mod fixture;
 pub mod frame;

@@ -175,7 +175,9 @@ fn add_check_del_wire_pods_that_reach_each_other() {
         &std::fs::read_to_string(node.lab.dir.join("cni/net.d/10-wharf.conflist")).unwrap(),
     )
     .unwrap();
-    assert_eq!(conflist["cniVersion"], "1.1.0");
+    // 1.0.0 for older runtimes; newer ones pick 1.1.0 from the list.
+    assert_eq!(conflist["cniVersion"], "1.0.0");
+    assert_eq!(conflist["cniVersions"], json!(["1.0.0", "1.1.0"]));
     assert_eq!(conflist["plugins"][0]["type"], "wharf-cni");
     assert_eq!(conflist["plugins"][0]["agentSocket"], json!(node.socket));
     let (ok, version) = node.cni(&[("CNI_COMMAND", "VERSION")], r#"{"cniVersion":"1.1.0"}"#);

@@ -79,11 +79,22 @@ struct Invocation {
     args: String,
 }
 
+/// The CNI version to call a list's plugins with: as libcni 1.2 does,
+/// the highest of `cniVersions` this side speaks (1.1.0), else
+/// `cniVersion`.
+fn version(config: &Value) -> String {
+    let listed = config["cniVersions"].as_array();
+    if listed.is_some_and(|versions| versions.iter().any(|v| v == "1.1.0")) {
+        return "1.1.0".into();
+    }
+    config["cniVersion"].as_str().unwrap_or("1.1.0").to_string()
+}
+
 impl Invocation {
     fn new(config: &Value, namespace: &str, name: &str, uid: &str, netns: &Path) -> Self {
         Self {
             network: config["name"].as_str().unwrap_or_default().to_string(),
-            version: config["cniVersion"].as_str().unwrap_or("1.1.0").to_string(),
+            version: version(config),
             container_id: uid.to_string(),
             netns: if netns.exists() {
                 netns.display().to_string()
@@ -384,6 +395,14 @@ mod tests {
             load_configuration(empty.path()),
             Err(SandboxError::NoConfiguration { .. })
         ));
+    }
+
+    #[test]
+    fn the_highest_listed_version_is_spoken() {
+        let both = serde_json::json!({"cniVersion": "1.0.0", "cniVersions": ["1.0.0", "1.1.0"]});
+        assert_eq!(version(&both), "1.1.0");
+        let old = serde_json::json!({"cniVersion": "0.4.0"});
+        assert_eq!(version(&old), "0.4.0");
     }
 
     #[test]
