@@ -21,7 +21,14 @@ use wharf_agent::{
     host::{self, System},
     iptables::{Flavor, IptablesProxy},
     ipvs::IpvsProxy,
-    kubelet::{self, cgroups::Cgroups, sandbox::CniPaths, worker::Context},
+    kubelet::{
+        self,
+        cgroups::Cgroups,
+        cri::CriRuntime,
+        runtime::{ProcessRuntime, Runtime},
+        sandbox::CniPaths,
+        worker::Context,
+    },
     mode::{self, Mode},
     netdev,
     nftables::NftablesProxy,
@@ -36,11 +43,14 @@ use wharf_agent::{
 
 /// How pods' containers are run.
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum Runtime {
+enum RuntimeKind {
     /// Each container's command runs on the node's filesystem (copy on
     /// write) in its own namespaces and cgroups; images are recorded,
     /// not pulled.
     Process,
+    /// A CRI runtime (containerd, CRI-O) at --container-runtime-endpoint
+    /// runs sandboxes and images; it calls the CNI plugins itself.
+    Cri,
 }
 
 /// How pods reach pods on other nodes: one way for the whole cluster.
@@ -119,7 +129,12 @@ struct Args {
 
     /// How the pods bound to this node are run.
     #[arg(long, value_enum, default_value = "process")]
-    runtime: Runtime,
+    runtime: RuntimeKind,
+
+    /// The CRI runtime's UNIX socket, with --runtime cri (kubelet's flag;
+    /// a `unix://` prefix is accepted).
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    container_runtime_endpoint: String,
 
     /// How pods reach pods on other nodes; every node of a cluster must
     /// say the same.
@@ -266,16 +281,17 @@ async fn main() -> anyhow::Result<()> {
         }
         routes::remove_all().context("removing the routes to other nodes' pods")?;
         // Pods go first: their CNI DEL needs the configuration.
-        let cgroups = Cgroups::new(&args.cgroup, &args.cgroup_v1_root, &args.node_name);
+        let runtime = pod_runtime(&args, &node_addresses);
         kubelet::remove_orphans(
             &pods_dir(&args),
-            &cgroups,
-            &cni_paths(&args),
+            runtime.as_ref(),
             &[],
             kubelet::Cleanup::Everything,
         )
         .await;
-        cgroups.remove_all().context("teardown: pod cgroups")?;
+        cgroups(&args)
+            .remove_all()
+            .context("teardown: pod cgroups")?;
         // The node's state (pod address allocations, pods) goes with it.
         let state = args.state_dir.join(&args.node_name);
         if state.exists() {
@@ -356,7 +372,6 @@ async fn main() -> anyhow::Result<()> {
             args.cluster_cidr.clone(),
             routing,
         ));
-        let Runtime::Process = args.runtime;
         let capacity = registration::system::capacity(args.max_pods);
         let amount = |name: &str| {
             capacity[name]
@@ -364,6 +379,7 @@ async fn main() -> anyhow::Result<()> {
                 .map(|q| k8s_openapi::apimachinery::pkg::api::resource::Quantity(q.into()))
         };
         let client_for_kubelet = client.clone();
+        let runtime = pod_runtime(&args, &node_addresses);
         let ctx = Context {
             client,
             node: args.node_name.clone(),
@@ -372,8 +388,7 @@ async fn main() -> anyhow::Result<()> {
                 .map(ToString::to_string)
                 .unwrap_or_default(),
             pods_dir: pods_dir(&args),
-            cgroups: Cgroups::new(&args.cgroup, &args.cgroup_v1_root, &args.node_name),
-            cni: cni_paths(&args),
+            runtime: Arc::clone(&runtime),
             node_milli_cpu: amount("cpu")
                 .as_ref()
                 .and_then(wharf_quantity::milli)
@@ -394,6 +409,7 @@ async fn main() -> anyhow::Result<()> {
                     args.kubelet_bind_address,
                     ca,
                     args.state_dir.join(&args.node_name),
+                    runtime,
                 ));
             }
             Some(Err(error)) => {
@@ -522,10 +538,34 @@ fn pods_dir(args: &Args) -> PathBuf {
     args.state_dir.join(&args.node_name).join("pods")
 }
 
-fn cni_paths(args: &Args) -> CniPaths {
-    CniPaths {
-        bin_dir: args.cni_bin_dir.clone(),
-        conf_dir: args.cni_conf_dir.clone(),
+fn cgroups(args: &Args) -> Cgroups {
+    Cgroups::new(&args.cgroup, &args.cgroup_v1_root, &args.node_name)
+}
+
+/// What runs this node's pods (`--runtime`).
+fn pod_runtime(args: &Args, node_addresses: &[Ipv4Addr]) -> Arc<dyn Runtime> {
+    let node_ip = node_addresses
+        .first()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    match args.runtime {
+        RuntimeKind::Process => Arc::new(ProcessRuntime {
+            cgroups: cgroups(args),
+            cni: CniPaths {
+                bin_dir: args.cni_bin_dir.clone(),
+                conf_dir: args.cni_conf_dir.clone(),
+            },
+            node_ip,
+        }),
+        RuntimeKind::Cri => {
+            let endpoint = &args.container_runtime_endpoint;
+            Arc::new(CriRuntime::new(
+                PathBuf::from(endpoint.strip_prefix("unix://").unwrap_or(endpoint)),
+                args.node_name.clone(),
+                node_ip,
+                cgroups(args),
+            ))
+        }
     }
 }
 

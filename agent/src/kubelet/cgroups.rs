@@ -33,7 +33,7 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
 }
 
 /// CFS period for CPU limits, as kubelet sets it (100 ms).
-const CPU_PERIOD_US: u64 = 100_000;
+pub const CPU_PERIOD_US: u64 = 100_000;
 
 /// What a container may use, from its resources.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -77,6 +77,10 @@ struct Hierarchy {
 #[derive(Clone, Debug)]
 pub struct Cgroups {
     v2: Hierarchy,
+    /// Where the cgroup2 file system holding `v2` is mounted.
+    v2_mount: Option<PathBuf>,
+    /// Where v1 hierarchies are mounted.
+    v1_root: PathBuf,
     /// Controllers enabled for pods in v2.
     v2_memory: bool,
     v2_cpu: bool,
@@ -126,6 +130,8 @@ impl Cgroups {
             })
         };
         Self {
+            v2_mount: cgroup2_mount(v2_root),
+            v1_root: v1_root.to_path_buf(),
             v1_memory: v1("memory"),
             v1_cpu: v1("cpu"),
             v2_memory: in_v2("memory"),
@@ -303,6 +309,70 @@ impl Cgroups {
             }
         }
         Ok(())
+    }
+}
+
+/// The mount point of the cgroup2 file system `dir` is in: the longest
+/// cgroup2 mount (from /proc/self/mountinfo) that is a prefix of it.
+fn cgroup2_mount(dir: &Path) -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let (fields, rest) = line.split_once(" - ")?;
+            let point = fields.split(' ').nth(4)?;
+            (rest.split(' ').next() == Some("cgroup2")).then(|| PathBuf::from(point))
+        })
+        .filter(|point| dir.starts_with(point))
+        .max_by_key(|point| point.as_os_str().len())
+}
+
+/// Removes a cgroup directory, its children first.
+fn remove_tree(dir: &Path) -> Result<(), CgroupError> {
+    let Ok(children) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for child in children.flatten() {
+        if child.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_tree(&child.path())?;
+        }
+    }
+    remove_dir(dir)
+}
+
+impl Cgroups {
+    /// Pod `uid`'s cgroup as a path from the hierarchies' roots, for a
+    /// CRI runtime that makes it (the sandbox's `cgroup_parent`): the
+    /// same place in the v2 tree as the process runtime's, so socket-LB
+    /// covers both; runc makes it in every v1 hierarchy too.
+    pub fn pod_parent(&self, pod_uid: &str) -> Option<String> {
+        let relative = self.v2.pods.strip_prefix(self.v2_mount.as_ref()?).ok()?;
+        Some(format!("/{}/pod{pod_uid}", relative.display()))
+    }
+
+    /// Removes what a CRI runtime left of pod `uid`'s cgroup (runc
+    /// removes its containers' cgroups but not their parent), in every
+    /// hierarchy; the containers must be gone.
+    pub async fn release_runtime_pod(&self, pod_uid: &str) -> Result<(), CgroupError> {
+        let Some(parent) = self.pod_parent(pod_uid) else {
+            return Ok(());
+        };
+        let roots: Vec<PathBuf> = std::fs::read_dir(&self.v1_root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .chain(self.v2_mount.clone())
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            for root in roots {
+                remove_tree(&root.join(parent.trim_start_matches('/')))?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap_or(Ok(()))
     }
 }
 

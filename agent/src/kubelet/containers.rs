@@ -25,7 +25,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     cgroups::{CgroupError, Cgroups, ContainerCgroup, Limits},
+    env::CommandLine,
     probe::Outcome,
+    sandbox::Sandbox,
     spawn::{self, Bind, Exit, Placement, Process, SpawnError},
     status::Ended,
 };
@@ -50,7 +52,15 @@ pub enum ContainerError {
     NoCommand { container: String },
     #[error("the start was cut short: {0}")]
     Interrupted(String),
+    #[error(transparent)]
+    Runtime(#[from] super::runtime::RuntimeError),
+    #[error("image {image} is not on the node and imagePullPolicy is Never")]
+    ImageNeverPull { image: String },
 }
+
+/// The scheme of the process runtime's container IDs (a CRI runtime's
+/// are `<its name>://<id>`).
+pub const PROCESS_SCHEME: &str = "wharf-process";
 
 /// What a restarted agent needs to adopt an instance.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -72,9 +82,9 @@ pub struct Record {
     pub group: Option<u32>,
 }
 
-/// A running container instance.
+/// A running container instance of the process runtime.
 #[derive(Debug)]
-pub struct Instance {
+pub struct ProcessInstance {
     pub process: Arc<Process>,
     pub record: Record,
     pub cgroup: ContainerCgroup,
@@ -129,6 +139,22 @@ pub fn limits(container: &Container) -> Limits {
     }
 }
 
+/// The user and group a container runs as: its security context's, else
+/// the pod's, else the image's (the process runtime: root).
+pub fn identity(pod: &Pod, container: &Container) -> (Option<u32>, Option<u32>) {
+    let security = container.security_context.as_ref();
+    let pod_security = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    let user = security
+        .and_then(|s| s.run_as_user)
+        .or_else(|| pod_security.and_then(|s| s.run_as_user))
+        .and_then(|u| u32::try_from(u).ok());
+    let group = security
+        .and_then(|s| s.run_as_group)
+        .or_else(|| pod_security.and_then(|s| s.run_as_group))
+        .and_then(|g| u32::try_from(g).ok());
+    (user, group)
+}
+
 /// Everything a start needs.
 #[derive(Debug)]
 pub struct Start<'a> {
@@ -137,9 +163,9 @@ pub struct Start<'a> {
     pub container: &'a Container,
     pub layout: Layout<'a>,
     pub restart_count: i32,
-    pub argv: Vec<String>,
+    pub command_line: CommandLine,
     pub env: Vec<(String, String)>,
-    pub netns: PathBuf,
+    pub sandbox: &'a Sandbox,
     pub binds: Vec<Bind>,
 }
 
@@ -151,8 +177,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ContainerError + '_ {
 }
 
 /// Starts an instance and records it.
-pub async fn start(cgroups: &Cgroups, start: Start<'_>) -> Result<Instance, ContainerError> {
-    if start.argv.is_empty() {
+pub async fn start(cgroups: &Cgroups, start: Start<'_>) -> Result<ProcessInstance, ContainerError> {
+    let argv = start.command_line.argv();
+    if argv.is_empty() {
         return Err(ContainerError::NoCommand {
             container: start.container.name.clone(),
         });
@@ -173,29 +200,16 @@ pub async fn start(cgroups: &Cgroups, start: Start<'_>) -> Result<Instance, Cont
     }
     let stage = start.layout.dir().join("stage");
     std::fs::create_dir_all(&stage).map_err(io(&stage))?;
-    let security = start.container.security_context.as_ref();
-    let pod_security = start
-        .pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.security_context.as_ref());
-    let user = security
-        .and_then(|s| s.run_as_user)
-        .or_else(|| pod_security.and_then(|s| s.run_as_user))
-        .and_then(|u| u32::try_from(u).ok());
-    let group = security
-        .and_then(|s| s.run_as_group)
-        .or_else(|| pod_security.and_then(|s| s.run_as_group))
-        .and_then(|g| u32::try_from(g).ok());
+    let (user, group) = identity(start.pod, start.container);
     let working_dir = start.container.working_dir.clone().unwrap_or_default();
     let stdout = spawn::append(&log)?;
     let stderr = stdout.try_clone().map_err(io(&log))?;
     let spec = spawn::Spec {
-        argv: start.argv,
+        argv,
         env: start.env.clone(),
         working_dir: working_dir.clone(),
         placement: Placement::Container {
-            netns: start.netns,
+            netns: start.sandbox.netns.clone(),
             hostname: super::env::hostname(start.pod),
             stage,
             binds: start.binds,
@@ -217,7 +231,7 @@ pub async fn start(cgroups: &Cgroups, start: Start<'_>) -> Result<Instance, Cont
         started_at: Utc::now(),
         restart_count: start.restart_count,
         id: format!(
-            "wharf-process://{}-{}-{}",
+            "{PROCESS_SCHEME}://{}-{}-{}",
             start.uid, start.container.name, start.restart_count
         ),
         env: start.env,
@@ -225,15 +239,13 @@ pub async fn start(cgroups: &Cgroups, start: Start<'_>) -> Result<Instance, Cont
         user,
         group,
     };
-    let path = start.layout.record();
-    let text = serde_json::to_vec(&record).unwrap_or_default();
-    if let Err(error) = std::fs::write(&path, text) {
+    if let Err(error) = save(&start.layout, &record) {
         // Unrecorded, it could not be adopted or cleaned up later.
         process.signal(libc::SIGKILL);
         process.wait().await;
-        return Err(io(&path)(error));
+        return Err(error);
     }
-    Ok(Instance {
+    Ok(ProcessInstance {
         process: Arc::new(process),
         record,
         cgroup,
@@ -246,15 +258,24 @@ pub fn adopt(
     uid: &str,
     container: &Container,
     layout: &Layout<'_>,
-) -> Option<Instance> {
+) -> Option<ProcessInstance> {
     let record: Record = serde_json::from_slice(&std::fs::read(layout.record()).ok()?).ok()?;
     let process = Process::adopt(record.pid, record.start_time)?;
     let cgroup = cgroups.existing(uid, &container.name);
-    Some(Instance {
+    Some(ProcessInstance {
         process: Arc::new(process),
         record,
         cgroup,
     })
+}
+
+/// Records a started instance (see `recorded`).
+pub fn save(layout: &Layout<'_>, record: &Record) -> Result<(), ContainerError> {
+    let path = layout.record();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    }
+    std::fs::write(&path, serde_json::to_vec(record).unwrap_or_default()).map_err(io(&path))
 }
 
 /// The last instance recorded for a container (its restart count and
@@ -277,7 +298,7 @@ pub fn recorded_end(layout: &Layout<'_>, id: &str) -> Option<Ended> {
 
 /// Stops an instance: SIGTERM, then SIGKILL after `grace`. Returns how
 /// it ended.
-pub async fn stop(instance: &Instance, grace: Duration) -> Exit {
+pub async fn stop(instance: &ProcessInstance, grace: Duration) -> Exit {
     if !grace.is_zero() {
         instance.process.signal(libc::SIGTERM);
         if let Ok(exit) = tokio::time::timeout(grace, instance.process.wait()).await {
@@ -289,7 +310,7 @@ pub async fn stop(instance: &Instance, grace: Duration) -> Exit {
 }
 
 /// Runs `argv` inside a running instance, bounded by `timeout`.
-pub async fn exec(instance: &Instance, argv: &[String], timeout: Duration) -> Outcome {
+pub async fn exec(instance: &ProcessInstance, argv: &[String], timeout: Duration) -> Outcome {
     let (mut output, write) = match spawn::pipe() {
         Ok(pipe) => pipe,
         Err(error) => return Outcome::Failure(error.to_string()),

@@ -406,19 +406,40 @@ pub fn environment(
         .collect())
 }
 
-/// The command line: command then args, each expanded. Empty without a
-/// command: args alone would go to an image's entrypoint, which the
-/// process runtime does not have.
-pub fn command_line(container: &Container, env: &[(String, String)]) -> Vec<String> {
-    let vars: BTreeMap<String, String> = env.iter().cloned().collect();
-    let Some(command) = container.command.as_ref().filter(|c| !c.is_empty()) else {
-        return Vec::new();
-    };
-    command
-        .iter()
-        .chain(container.args.iter().flatten())
-        .map(|word| expand(word, &vars))
-        .collect()
+/// A container's command and args, each expanded; a runtime with images
+/// puts them in place of the image's entrypoint and cmd (as the CRI
+/// does).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommandLine {
+    pub command: Vec<String>,
+    pub args: Vec<String>,
+}
+
+impl CommandLine {
+    pub fn of(container: &Container, env: &[(String, String)]) -> Self {
+        let vars: BTreeMap<String, String> = env.iter().cloned().collect();
+        let expanded = |words: Option<&Vec<String>>| -> Vec<String> {
+            words
+                .into_iter()
+                .flatten()
+                .map(|word| expand(word, &vars))
+                .collect()
+        };
+        Self {
+            command: expanded(container.command.as_ref()),
+            args: expanded(container.args.as_ref()),
+        }
+    }
+
+    /// What the process runtime runs: command then args. Empty without
+    /// a command: args alone would go to an image's entrypoint, which
+    /// the process runtime does not have.
+    pub fn argv(&self) -> Vec<String> {
+        if self.command.is_empty() {
+            return Vec::new();
+        }
+        self.command.iter().chain(&self.args).cloned().collect()
+    }
 }
 
 /// The pod's hostname as kubelet makes it: `spec.hostname` or the pod's
@@ -509,7 +530,7 @@ mod tests {
         assert_eq!(get("HOSTNAME"), Some("web-1"));
         assert!(get("PATH").is_some());
         assert_eq!(
-            command_line(container, &env),
+            CommandLine::of(container, &env).argv(),
             ["echo", "hello from $(POD_NAME) $(GREETING) $(NOPE)", "web"]
         );
         assert_eq!(
@@ -551,7 +572,9 @@ mod tests {
     fn args_without_a_command_have_nothing_to_run() {
         let container: Container =
             serde_json::from_value(json!({"name": "c", "args": ["sleep", "1"]})).unwrap();
-        assert!(command_line(&container, &[]).is_empty());
+        let line = CommandLine::of(&container, &[]);
+        assert!(line.argv().is_empty());
+        assert_eq!(line.args, ["sleep", "1"], "kept for an image's entrypoint");
     }
 
     #[test]

@@ -18,8 +18,10 @@
 
 pub mod cgroups;
 pub mod containers;
+pub mod cri;
 pub mod env;
 pub mod probe;
+pub mod runtime;
 pub mod sandbox;
 pub mod server;
 pub mod spawn;
@@ -44,8 +46,8 @@ use tokio::{sync::watch, task::JoinSet};
 use tracing::{info, warn};
 
 use self::{
-    cgroups::Cgroups,
-    sandbox::{CniPaths, Sandbox},
+    runtime::{PodRef, Runtime},
+    sandbox::Sandbox,
     worker::Context,
 };
 
@@ -75,7 +77,7 @@ pub async fn run(ctx: Arc<Context>) {
                             .iter()
                             .filter_map(|p| p.metadata.uid.clone())
                             .collect();
-                        remove_orphans(&ctx.pods_dir, &ctx.cgroups, &ctx.cni, &known, Cleanup::KeepFailed).await;
+                        remove_orphans(&ctx.pods_dir, ctx.runtime.as_ref(), &known, Cleanup::KeepFailed).await;
                     }
                 }
                 Some(Ok(_)) => {}
@@ -147,11 +149,10 @@ pub enum Cleanup {
 }
 
 /// Stops and removes what pods not in `known` left on the node: their
-/// processes, networks, cgroups and files.
+/// containers, sandboxes, cgroups and files.
 pub async fn remove_orphans(
     pods_dir: &Path,
-    cgroups: &Cgroups,
-    cni: &CniPaths,
+    runtime: &dyn Runtime,
     known: &[String],
     cleanup: Cleanup,
 ) {
@@ -161,7 +162,7 @@ pub async fn remove_orphans(
         .flatten()
         .filter_map(|e| e.file_name().to_str().map(str::to_string))
         .collect();
-    uids.extend(cgroups.pods());
+    uids.extend(runtime.pods().await);
     uids.sort();
     uids.dedup();
     for uid in uids.into_iter().filter(|uid| !known.contains(uid)) {
@@ -178,11 +179,8 @@ pub async fn remove_orphans(
                 pod_dir: &dir,
                 container: &name,
             };
-            if let Some(record) = containers::recorded(&layout)
-                && let Some(process) = spawn::Process::adopt(record.pid, record.start_time)
-            {
-                process.signal(libc::SIGKILL);
-                process.wait().await;
+            if let Some(record) = containers::recorded(&layout) {
+                runtime.kill(&record).await;
             }
         }
         let named: Value = std::fs::read(dir.join("pod.json"))
@@ -192,20 +190,23 @@ pub async fn remove_orphans(
         let recorded: Option<Sandbox> = std::fs::read(dir.join("sandbox.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        let namespace = named["namespace"].as_str().unwrap_or_default();
-        let name = named["name"].as_str().unwrap_or_default();
-        if let Err(error) =
-            sandbox::delete_network(cni, namespace, name, &uid, recorded.as_ref()).await
-        {
-            warn!(pod = %uid, %error, "releasing an orphaned pod's network failed");
+        let at = PodRef {
+            namespace: named["namespace"].as_str().unwrap_or_default(),
+            name: named["name"].as_str().unwrap_or_default(),
+            uid: &uid,
+            dir: &dir,
+        };
+        if let Err(error) = runtime.remove_sandbox(at, recorded.as_ref()).await {
+            warn!(pod = %uid, %error, "releasing an orphaned pod's sandbox failed");
             if cleanup == Cleanup::KeepFailed {
                 continue;
             }
+            // The node goes away: its namespace goes whatever DEL said.
+            if let Err(error) = sandbox::remove_namespace(&uid).await {
+                warn!(pod = %uid, %error, "removing an orphaned pod's network namespace failed");
+            }
         }
-        if let Err(error) = sandbox::remove_namespace(&uid).await {
-            warn!(pod = %uid, %error, "removing an orphaned pod's network namespace failed");
-        }
-        if let Err(error) = cgroups.release_pod(&uid).await {
+        if let Err(error) = runtime.release_pod(&uid).await {
             warn!(pod = %uid, %error, "removing an orphaned pod's cgroups failed");
         }
         let _ = std::fs::remove_dir_all(&dir);

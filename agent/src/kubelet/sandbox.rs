@@ -50,9 +50,13 @@ pub struct CniPaths {
     pub conf_dir: PathBuf,
 }
 
-/// A pod's network, as ADD left it.
+/// A pod's sandbox: its network, as ADD left it (process runtime), or the
+/// CRI runtime's sandbox.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Sandbox {
+    /// The CRI runtime's sandbox id; empty in the process runtime.
+    #[serde(default)]
+    pub id: String,
     pub netns: PathBuf,
     pub address: Ipv4Addr,
     /// The configuration list's name and version and the last plugin's
@@ -60,6 +64,21 @@ pub struct Sandbox {
     pub network: String,
     pub cni_version: String,
     pub result: Value,
+}
+
+impl Sandbox {
+    /// A CRI runtime's sandbox `id`, whose pod has `address`: the runtime
+    /// keeps its network to itself.
+    pub fn of_runtime(id: String, address: Ipv4Addr) -> Self {
+        Self {
+            id,
+            netns: PathBuf::new(),
+            address,
+            network: String::new(),
+            cni_version: String::new(),
+            result: Value::Null,
+        }
+    }
 }
 
 /// The namespace name of pod `uid`.
@@ -262,6 +281,7 @@ pub fn host(node_ip: &str) -> Result<Sandbox, SandboxError> {
         SandboxError::NoAddress(format!("the node has no IPv4 address ({node_ip:?})"))
     })?;
     Ok(Sandbox {
+        id: String::new(),
         netns: PathBuf::from("/proc/self/ns/net"),
         address,
         network: String::new(),
@@ -306,6 +326,7 @@ pub async fn create(
         }
     };
     Ok(Sandbox {
+        id: String::new(),
         netns,
         address,
         network: call_for.network,

@@ -38,7 +38,7 @@ use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 use tower::ServiceExt as _;
 use tracing::{debug, info, warn};
 
-use super::{containers, spawn};
+use super::{containers, runtime::Runtime};
 use crate::bootstrap;
 
 /// The group whose members may read logs (the API server's kubelet
@@ -51,10 +51,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a followed log is checked for more.
 const FOLLOW_PERIOD: Duration = Duration::from_millis(200);
 
-/// Where the server finds logs.
+/// Where the server finds logs, and who knows whether their containers
+/// still run.
 #[derive(Clone, Debug)]
 struct Logs {
     pods_dir: PathBuf,
+    runtime: Arc<dyn Runtime>,
 }
 
 /// Asks for the serving certificate, or takes the one kept in the
@@ -67,6 +69,7 @@ pub async fn serve(
     bind: SocketAddr,
     ca_pem: String,
     state: PathBuf,
+    runtime: Arc<dyn Runtime>,
 ) {
     let (cert_pem, key_pem) = loop {
         match bootstrap::serving_certificate(&client, &node, &addresses, &state, &ca_pem).await {
@@ -99,6 +102,7 @@ pub async fn serve(
         )
         .with_state(Logs {
             pods_dir: state.join("pods"),
+            runtime,
         });
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     loop {
@@ -280,9 +284,10 @@ async fn container_logs(
     // The newest instance, if it no longer runs (a container in
     // back-off), is the previous one, as kubelet has it.
     let record = containers::recorded(&layout);
-    let newest_ended = record
-        .as_ref()
-        .is_none_or(|r| spawn::start_time_of(r.pid) != Some(r.start_time));
+    let newest_ended = match &record {
+        Some(record) => !logs.runtime.running(record).await,
+        None => true,
+    };
     let chosen = match (query.previous, newest_ended) {
         (true, true) => instances.last(),
         (true, false) => instances.iter().rev().nth(1),
@@ -303,9 +308,11 @@ async fn container_logs(
     let Ok(text) = tokio::fs::read(&path).await else {
         return error(StatusCode::NOT_FOUND, format!("{} is gone", path.display()));
     };
+    let format = logs.runtime.log_format();
+    let (output, used) = format.decode(&text);
     let mut head = match query.tail_lines {
-        Some(lines) => tail(&text, lines).to_vec(),
-        None => text.clone(),
+        Some(lines) => tail(&output, lines).to_vec(),
+        None => output,
     };
     let limit = query.limit_bytes.unwrap_or(usize::MAX);
     head.truncate(limit);
@@ -315,14 +322,10 @@ async fn container_logs(
     // Following: what is there, then what is appended while the instance
     // runs.
     let record = record.filter(|r| r.restart_count == instance);
-    let alive = move || {
-        record
-            .as_ref()
-            .is_some_and(|r| spawn::start_time_of(r.pid) == Some(r.start_time))
-    };
-    let state = (Some(head), text.len() as u64, limit, path);
-    let stream = futures::stream::unfold(state, move |(first, offset, left, path)| {
-        let alive = alive.clone();
+    let runtime = Arc::clone(&logs.runtime);
+    let state = (Some(head), used as u64, limit, path);
+    let stream = futures::stream::unfold(state, move |(first, mut offset, left, path)| {
+        let (record, runtime) = (record.clone(), Arc::clone(&runtime));
         async move {
             if let Some(first) = first {
                 let left = left.saturating_sub(first.len());
@@ -332,15 +335,22 @@ async fn container_logs(
                 if left == 0 {
                     return None;
                 }
-                let running = alive();
+                // Asked before reading, so what it wrote before it ended
+                // is read.
+                let running = match &record {
+                    Some(record) => runtime.running(record).await,
+                    None => false,
+                };
                 let mut file = tokio::fs::File::open(&path).await.ok()?;
                 file.seek(std::io::SeekFrom::Start(offset)).await.ok()?;
                 let mut more = Vec::new();
                 file.read_to_end(&mut more).await.ok()?;
-                more.truncate(left);
-                if !more.is_empty() {
-                    let next = (None, offset + more.len() as u64, left - more.len(), path);
-                    return Some((Ok(more), next));
+                let (mut output, used) = format.decode(&more);
+                offset += used as u64;
+                output.truncate(left);
+                if !output.is_empty() {
+                    let left = left - output.len();
+                    return Some((Ok(output), (None, offset, left, path)));
                 }
                 if !running {
                     return None;

@@ -30,11 +30,11 @@ use tokio::{
 use tracing::{info, warn};
 
 use super::{
-    cgroups::Cgroups,
-    containers::{self, Instance, Layout},
-    env::{self, Downward, Refs},
+    containers::{self, Layout},
+    env::{self, CommandLine, Downward, Refs},
     probe::{self, Check, Kind, Outcome, Schedule, Tally},
-    sandbox::{self, CniPaths, Sandbox},
+    runtime::{Instance, PodRef, Runtime},
+    sandbox::Sandbox,
     spawn::Exit,
     status::{self, Ended, Facts, Now, View},
     volumes,
@@ -59,8 +59,8 @@ pub struct Context {
     pub node_ip: String,
     /// `<state dir>/<node>/pods`: a directory per pod uid.
     pub pods_dir: PathBuf,
-    pub cgroups: Cgroups,
-    pub cni: CniPaths,
+    /// What runs the pods (`--runtime`).
+    pub runtime: Arc<dyn Runtime>,
     /// Allocatable CPU (millicores) and memory (bytes): what the
     /// downward API reports for a container without limits.
     pub node_milli_cpu: i64,
@@ -83,6 +83,8 @@ enum Event {
         name: String,
         generation: u64,
         exit: Exit,
+        /// Killed for running out of memory.
+        oom: bool,
     },
     Probe {
         name: String,
@@ -101,7 +103,7 @@ struct Slot {
     /// Counts instances, so events of an earlier one are ignored.
     generation: u64,
     restart_count: i32,
-    instance: Option<Arc<Instance>>,
+    instance: Option<Arc<dyn Instance>>,
     probes: Option<tokio::task::AbortHandle>,
     ready: bool,
     started: bool,
@@ -148,8 +150,8 @@ impl Slot {
         let (now, last) = match (&self.instance, &self.ended) {
             (Some(instance), _) => (
                 Now::Running {
-                    started_at: instance.record.started_at,
-                    container_id: instance.record.id.clone(),
+                    started_at: instance.record().started_at,
+                    container_id: instance.record().id.clone(),
                 },
                 self.last.clone(),
             ),
@@ -269,7 +271,7 @@ pub async fn run(
     let (tx, mut events) = mpsc::unbounded_channel();
     let uid = pod.metadata.uid.clone().unwrap_or_default();
     let mut worker = Worker::new(ctx, uid, pod, tx);
-    worker.adopt();
+    worker.adopt().await;
     loop {
         let gone = updates.borrow_and_update().clone();
         match gone {
@@ -376,16 +378,17 @@ impl Worker {
 
     /// Takes on what an earlier agent left: the sandbox and running
     /// instances.
-    fn adopt(&mut self) {
+    async fn adopt(&mut self) {
         let record = self.dir.join("sandbox.json");
         if let Some(sandbox) = std::fs::read(&record)
             .ok()
             .and_then(|bytes| serde_json::from_slice::<Sandbox>(&bytes).ok())
-            .filter(|s| s.netns.exists())
+            && self.ctx.runtime.sandbox_stands(&sandbox).await
         {
             info!(pod = %self.uid, address = %sandbox.address, "sandbox adopted");
             self.sandbox = Some(sandbox);
         }
+        let (namespace, name) = pod_name(&self.pod);
         for index in 0..self.slots.len() {
             let layout = Layout {
                 pod_dir: &self.dir,
@@ -395,19 +398,24 @@ impl Worker {
                 continue;
             };
             let end = containers::recorded_end(&layout, &record.id);
-            let adopted = containers::adopt(
-                &self.ctx.cgroups,
-                &self.uid,
-                &self.slots[index].spec,
-                &layout,
-            );
+            let at = PodRef {
+                namespace: &namespace,
+                name: &name,
+                uid: &self.uid,
+                dir: &self.dir,
+            };
+            let adopted = self
+                .ctx
+                .runtime
+                .adopt(at, &self.slots[index].spec, &layout)
+                .await;
             let slot = &mut self.slots[index];
             slot.restart_count = record.restart_count;
             match adopted {
                 Some(instance) => {
                     self.adopted = true;
-                    info!(pod = %self.uid, container = %slot.spec.name, pid = instance.process.pid, "container adopted");
-                    self.watch(index, Arc::new(instance));
+                    info!(pod = %self.uid, container = %slot.spec.name, id = %instance.record().id, "container adopted");
+                    self.watch(index, instance);
                 }
                 None => {
                     slot.ended = Some(end.unwrap_or(Ended {
@@ -430,6 +438,7 @@ impl Worker {
                 name,
                 generation,
                 exit,
+                oom,
             } => {
                 let Some(slot) = self.slots.iter_mut().find(|s| s.spec.name == name) else {
                     return;
@@ -443,17 +452,13 @@ impl Worker {
                 if let Some(probes) = slot.probes.take() {
                     probes.abort();
                 }
-                // Whatever the first process left (an exec probe's
-                // children) goes with it.
-                instance.cgroup.kill_all();
-                let oom = instance.cgroup.oom_killed();
                 let reason = match exit {
                     Exit::Unknown => "ContainerStatusUnknown",
                     _ if oom => "OOMKilled",
                     Exit::Code(0) => "Completed",
                     _ => "Error",
                 };
-                let ran = Utc::now() - instance.record.started_at;
+                let ran = Utc::now() - instance.record().started_at;
                 if ran.num_seconds() >= BACKOFF_RESET.as_secs() as i64 {
                     slot.backoff = None;
                 }
@@ -469,9 +474,9 @@ impl Worker {
                     },
                     reason: reason.into(),
                     message: None,
-                    started_at: instance.record.started_at,
+                    started_at: instance.record().started_at,
                     finished_at: Utc::now(),
-                    container_id: instance.record.id.clone(),
+                    container_id: instance.record().id.clone(),
                 };
                 // Kept for a restarted agent, which can no longer learn it.
                 let layout = Layout {
@@ -514,7 +519,7 @@ impl Worker {
                         slot.stopping = true;
                         if let Some(instance) = slot.instance.clone() {
                             tokio::spawn(async move {
-                                containers::stop(&instance, grace).await;
+                                instance.stop(grace).await;
                             });
                         }
                     }
@@ -539,7 +544,7 @@ impl Worker {
     }
 
     /// Starts watching an instance: its exit and its probes.
-    fn watch(&mut self, index: usize, instance: Arc<Instance>) {
+    fn watch(&mut self, index: usize, instance: Arc<dyn Instance>) {
         let pod_ip = self.pod_ip();
         let slot = &mut self.slots[index];
         slot.generation += 1;
@@ -553,11 +558,13 @@ impl Worker {
         let waiter = Arc::clone(&instance);
         let waiter_name = name.clone();
         self.tasks.spawn(async move {
-            let exit = waiter.process.wait().await;
+            let exit = waiter.wait().await;
+            let oom = waiter.finish().await;
             let _ = events.send(Event::Exited {
                 name: waiter_name,
                 generation,
                 exit,
+                oom,
             });
         });
         let has_probes = spec.startup_probe.is_some()
@@ -605,7 +612,7 @@ impl Worker {
                 slot.stopping = true;
                 if let Some(instance) = slot.instance.clone() {
                     tokio::spawn(async move {
-                        containers::stop(&instance, grace).await;
+                        instance.stop(grace).await;
                     });
                 }
             }
@@ -668,17 +675,13 @@ impl Worker {
                 self.dir.join("pod.json"),
                 json!({"namespace": namespace, "name": name}).to_string(),
             );
-            let host_network = self
-                .pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.host_network)
-                .unwrap_or(false);
-            let made = if host_network {
-                sandbox::host(&self.ctx.node_ip)
-            } else {
-                sandbox::create(&self.ctx.cni, &namespace, &name, &self.uid).await
+            let at = PodRef {
+                namespace: &namespace,
+                name: &name,
+                uid: &self.uid,
+                dir: &self.dir,
             };
+            let made = self.ctx.runtime.run_sandbox(&self.pod, at).await;
             match made {
                 Ok(sandbox) => {
                     info!(pod = %format!("{namespace}/{name}"), address = %sandbox.address, "sandbox ready");
@@ -809,7 +812,7 @@ impl Worker {
             wake.push(at);
             return;
         }
-        let Some(netns) = self.sandbox.as_ref().map(|s| s.netns.clone()) else {
+        let Some(sandbox) = self.sandbox.clone() else {
             return;
         };
         let refs = self.refs().await;
@@ -842,10 +845,11 @@ impl Worker {
                 return;
             }
         };
-        let argv = env::command_line(&slot.spec, &env);
-        let started = containers::start(
-            &self.ctx.cgroups,
-            containers::Start {
+        let command_line = CommandLine::of(&slot.spec, &env);
+        let started = self
+            .ctx
+            .runtime
+            .start(containers::Start {
                 pod: &self.pod,
                 uid: &self.uid,
                 container: &slot.spec,
@@ -854,17 +858,16 @@ impl Worker {
                     container: &slot.spec.name,
                 },
                 restart_count,
-                argv,
+                command_line,
                 env,
-                netns,
+                sandbox: &sandbox,
                 binds,
-            },
-        )
-        .await;
+            })
+            .await;
         let name = slot.spec.name.clone();
         match started {
             Ok(instance) => {
-                info!(pod = %self.uid, container = %name, pid = instance.process.pid, restart_count, "container started");
+                info!(pod = %self.uid, container = %name, id = %instance.record().id, restart_count, "container started");
                 let slot = &mut self.slots[index];
                 if let Some(ended) = slot.ended.take() {
                     slot.last = Some(ended);
@@ -878,7 +881,6 @@ impl Worker {
                     .as_ref()
                     .and_then(|l| l.post_start.clone());
                 let (container, generation) = (slot.spec.clone(), slot.generation + 1);
-                let instance = Arc::new(instance);
                 self.watch(index, Arc::clone(&instance));
                 if let Some(hook) = post_start {
                     // A failed postStart hook restarts the container, as
@@ -888,7 +890,7 @@ impl Worker {
                     self.tasks.spawn(async move {
                         let deadline = Instant::now() + grace;
                         let outcome =
-                            run_hook(&instance, &container, &hook, pod_ip, deadline).await;
+                            run_hook(instance.as_ref(), &container, &hook, pod_ip, deadline).await;
                         if let Outcome::Failure(message) = outcome {
                             let _ = events.send(Event::Probe {
                                 name: container.name.clone(),
@@ -1000,14 +1002,17 @@ impl Worker {
     /// Gives the pod's network back (CNI DEL, namespace removed).
     async fn release_sandbox(&mut self) {
         let (namespace, name) = pod_name(&self.pod);
-        match sandbox::remove(
-            &self.ctx.cni,
-            &namespace,
-            &name,
-            &self.uid,
-            self.sandbox.as_ref(),
-        )
-        .await
+        let at = PodRef {
+            namespace: &namespace,
+            name: &name,
+            uid: &self.uid,
+            dir: &self.dir,
+        };
+        match self
+            .ctx
+            .runtime
+            .remove_sandbox(at, self.sandbox.as_ref())
+            .await
         {
             Ok(()) => {
                 let _ = std::fs::remove_file(self.dir.join("sandbox.json"));
@@ -1041,16 +1046,18 @@ impl Worker {
             let name = slot.spec.name.clone();
             stops.spawn(async move {
                 if let Some(hook) = hook {
-                    let outcome = run_hook(&instance, &container, &hook, pod_ip, deadline).await;
+                    let outcome =
+                        run_hook(instance.as_ref(), &container, &hook, pod_ip, deadline).await;
                     if let Outcome::Failure(message) = outcome {
                         warn!(container = %name, %message, "preStop hook failed");
                     }
                 }
                 let left = deadline.saturating_duration_since(Instant::now());
-                (name, containers::stop(&instance, left).await)
+                let exit = instance.stop(left).await;
+                (name, exit, instance.finish().await)
             });
         }
-        while let Some(Ok((name, exit))) = stops.join_next().await {
+        while let Some(Ok((name, exit, oom))) = stops.join_next().await {
             let generation = self
                 .slots
                 .iter()
@@ -1060,6 +1067,7 @@ impl Worker {
                 name,
                 generation,
                 exit,
+                oom,
             });
         }
         self.tasks.abort_all();
@@ -1068,15 +1076,17 @@ impl Worker {
             self.write_not_before = None;
             self.write_status().await;
         }
-        let sandbox = self.sandbox.clone();
-        let released = match sandbox::remove(
-            &self.ctx.cni,
-            &namespace,
-            &name,
-            &self.uid,
-            sandbox.as_ref(),
-        )
-        .await
+        let at = PodRef {
+            namespace: &namespace,
+            name: &name,
+            uid: &self.uid,
+            dir: &self.dir,
+        };
+        let released = match self
+            .ctx
+            .runtime
+            .remove_sandbox(at, self.sandbox.as_ref())
+            .await
         {
             Ok(()) => true,
             Err(error) => {
@@ -1086,7 +1096,7 @@ impl Worker {
                 false
             }
         };
-        if let Err(error) = self.ctx.cgroups.release_pod(&self.uid).await {
+        if let Err(error) = self.ctx.runtime.release_pod(&self.uid).await {
             warn!(pod = %self.uid, %error, "removing the pod's cgroups failed");
         }
         if released {
@@ -1140,7 +1150,7 @@ fn merge_conditions(
 
 /// Runs a postStart or preStop handler, bounded by `deadline`.
 async fn run_hook(
-    instance: &Instance,
+    instance: &dyn Instance,
     container: &Container,
     handler: &k8s_openapi::api::core::v1::LifecycleHandler,
     pod_ip: Option<IpAddr>,
@@ -1148,7 +1158,9 @@ async fn run_hook(
 ) -> Outcome {
     let left = deadline.saturating_duration_since(Instant::now());
     if let Some(exec) = &handler.exec {
-        return containers::exec(instance, exec.command.as_deref().unwrap_or(&[]), left).await;
+        return instance
+            .exec(exec.command.as_deref().unwrap_or(&[]), left)
+            .await;
     }
     if let Some(sleep) = &handler.sleep {
         let wanted = Duration::from_secs(u64::try_from(sleep.seconds).unwrap_or(0));
@@ -1173,9 +1185,9 @@ async fn run_hook(
     Outcome::Failure("the hook has no supported handler (exec, httpGet, sleep)".into())
 }
 
-async fn run_check(instance: &Instance, check: &Check, timeout: Duration) -> Outcome {
+async fn run_check(instance: &dyn Instance, check: &Check, timeout: Duration) -> Outcome {
     match check {
-        Check::Exec(argv) => containers::exec(instance, argv, timeout).await,
+        Check::Exec(argv) => instance.exec(argv, timeout).await,
         Check::Http {
             address,
             path,
@@ -1187,7 +1199,7 @@ async fn run_check(instance: &Instance, check: &Check, timeout: Duration) -> Out
 
 /// One instance's probes and where their transitions go.
 struct Prober {
-    instance: Arc<Instance>,
+    instance: Arc<dyn Instance>,
     events: mpsc::UnboundedSender<Event>,
     name: String,
     generation: u64,
@@ -1219,7 +1231,7 @@ impl Prober {
         tokio::time::sleep_until(self.started_at + schedule.initial_delay).await;
         loop {
             let outcome = match &check {
-                Ok(check) => run_check(&self.instance, check, schedule.timeout).await,
+                Ok(check) => run_check(self.instance.as_ref(), check, schedule.timeout).await,
                 Err(message) => Outcome::Failure(message.clone()),
             };
             if let Some(ok) = tally.record(&outcome) {
