@@ -280,8 +280,40 @@ async fn main() -> anyhow::Result<()> {
             info!("removed the pod egress table");
         }
         routes::remove_all().context("removing the routes to other nodes' pods")?;
-        // Pods go first: their CNI DEL needs the configuration.
+        // Pods go first: their CNI DEL needs the configuration, and the
+        // agent API to give their addresses back (served here for the
+        // while if the agent is not running).
         let runtime = pod_runtime(&args, &node_addresses);
+        let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+        let ipam = args.state_dir.join(&args.node_name).join("ipam.json");
+        let serving = if ipam.exists()
+            && tokio::net::UnixStream::connect(&args.api_socket)
+                .await
+                .is_err()
+        {
+            let service = IpamService::open(&ipam, watch::channel(None).1)
+                .context("teardown: opening the pod address allocations")?;
+            let socket = args.api_socket.clone();
+            Some(tokio::spawn(async move {
+                let stopped = async {
+                    let _ = api_stopped.await;
+                };
+                agent_api::serve(&socket, service, stopped).await
+            }))
+        } else {
+            None
+        };
+        if serving.is_some() {
+            for _ in 0..100 {
+                if tokio::net::UnixStream::connect(&args.api_socket)
+                    .await
+                    .is_ok()
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         kubelet::remove_orphans(
             &pods_dir(&args),
             runtime.as_ref(),
@@ -289,6 +321,10 @@ async fn main() -> anyhow::Result<()> {
             kubelet::Cleanup::Everything,
         )
         .await;
+        let _ = stop_api.send(());
+        if let Some(serving) = serving {
+            let _ = serving.await;
+        }
         cgroups(&args)
             .remove_all()
             .context("teardown: pod cgroups")?;

@@ -28,6 +28,7 @@ use std::{
 };
 
 use crate::{
+    containerd::Containerd,
     control::{ControlPlane, StoreKind},
     lab::{Lab, agent_binary, command, workspace_binary},
     node::node_files,
@@ -72,27 +73,43 @@ pub struct NodeAgent {
     pub agent: usize,
     /// The agent's arguments.
     pub args: Vec<String>,
+    /// Those past the node's names and files (routing, runtime).
+    pub extra: Vec<String>,
 }
 
 impl NodeAgent {
-    /// The flags naming this node's files and cgroup, for `--teardown`.
+    /// The flags naming this node's files, cgroup, routing and runtime,
+    /// for `--teardown`.
     pub fn file_args(&self) -> Vec<String> {
         let mut args = vec![
             format!("--node-name={}", self.name),
             format!("--cgroup={}", self.cgroup.display()),
         ];
         args.extend(node_files(&self.files));
+        args.extend(self.extra.iter().cloned());
         args
     }
 }
 
 /// How the nodes are connected.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Underlay {
     /// One L2 segment.
+    #[default]
     Segment,
     /// Two subnets joined by a router namespace, `r`.
     Routed,
+}
+
+/// How a cluster is built, past its proxy mode.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options<'a> {
+    pub underlay: Underlay,
+    /// More flags for every agent.
+    pub agent_args: &'a [&'a str],
+    /// Each node runs its pods with a containerd of its own, started in
+    /// its namespace (`--runtime cri`).
+    pub containerd: bool,
 }
 
 #[derive(Debug)]
@@ -108,25 +125,19 @@ impl Cluster {
     /// Two nodes on one segment whose agents run proxy mode `mode`;
     /// `control_args` go to wharf-control.
     pub fn new(test: &str, mode: &str, control_args: &[&str]) -> Self {
-        Self::build(test, mode, control_args, Underlay::Segment, &[])
+        Self::build(test, mode, control_args, Options::default())
     }
 
-    /// Two nodes joined by `underlay` whose agents run proxy mode `mode`
-    /// with `agent_args`; `control_args` go to wharf-control.
-    pub fn build(
-        test: &str,
-        mode: &str,
-        control_args: &[&str],
-        underlay: Underlay,
-        agent_args: &[&str],
-    ) -> Self {
+    /// Two nodes built as `options` say whose agents run proxy mode
+    /// `mode`; `control_args` go to wharf-control.
+    pub fn build(test: &str, mode: &str, control_args: &[&str], options: Options<'_>) -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let net = 100 + NEXT.fetch_add(1, Ordering::Relaxed) % 100;
         let mut lab = Lab::new(test);
         let n1 = lab.netns("n1");
         let n2 = lab.netns("n2");
         // n2's way to n1 and the host, and the router's namespace.
-        let (a1, a2, n2_gateway, router) = match underlay {
+        let (a1, a2, n2_gateway, router) = match options.underlay {
             Underlay::Segment => {
                 let (a1, a2) = (format!("192.168.{net}.1"), format!("192.168.{net}.2"));
                 lab.veth(&n1, "underlay", &n2, "underlay");
@@ -186,12 +197,27 @@ impl Cluster {
             nodes: Vec::new(),
         };
         for (ns, address) in [(n1, a1), (n2, a2)] {
-            cluster.start_agent(ns, address, mode, agent_args);
+            let mut args: Vec<String> =
+                options.agent_args.iter().map(ToString::to_string).collect();
+            if options.containerd {
+                let short = ns.rsplit('-').next().unwrap().to_string();
+                let cni = cluster.lab.dir.join(&short).join("cni");
+                let containerd =
+                    Containerd::start(&mut cluster.lab, &ns, &cni.join("bin"), &cni.join("net.d"));
+                args.push("--runtime=cri".into());
+                args.push(format!(
+                    "--container-runtime-endpoint={}",
+                    containerd.socket.display()
+                ));
+                // The agents' teardowns still need it.
+                cluster.lab.hold(Box::new(containerd));
+            }
+            cluster.start_agent(ns, address, mode, &args);
         }
         cluster
     }
 
-    fn start_agent(&mut self, ns: String, address: String, mode: &str, extra: &[&str]) {
+    fn start_agent(&mut self, ns: String, address: String, mode: &str, extra: &[String]) {
         let short = ns.rsplit('-').next().unwrap().to_string();
         let name = self.lab.node(&short);
         let files = self.lab.dir.join(&short);
@@ -205,7 +231,7 @@ impl Cluster {
             // Status every 2 s: Ready shows soon after the node is.
             "--node-lease-duration-seconds=8".into(),
         ];
-        args.extend(extra.iter().map(ToString::to_string));
+        args.extend(extra.iter().cloned());
         args.extend(node_files(&files));
         let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = format!("{short}.log");
@@ -218,6 +244,7 @@ impl Cluster {
             cgroup,
             agent,
             args,
+            extra: extra.to_vec(),
         };
         // Whatever the test leaves running on the node goes with the lab.
         let mut teardown = node.file_args();

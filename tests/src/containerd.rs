@@ -43,7 +43,9 @@ pub struct Containerd {
     /// Its root, state, socket and log.
     pub dir: PathBuf,
     pub socket: PathBuf,
-    /// The cgroup parent pods are to name (`LinuxPodSandboxConfig`).
+    /// The lab's cgroup as a path from the hierarchies' roots: pods are
+    /// to be below it (`LinuxPodSandboxConfig::cgroup_parent`), and what
+    /// runc leaves there in any hierarchy goes at drop.
     pub cgroup_parent: String,
     child: Child,
     started: SystemTime,
@@ -55,7 +57,10 @@ impl Containerd {
     /// plugins in `cni_bin` with the configuration in `cni_conf`, and
     /// imports the sandbox and busybox images.
     pub fn start(lab: &mut Lab, ns: &str, cni_bin: &Path, cni_conf: &Path) -> Self {
-        let dir = lab.dir.join("containerd");
+        let short = ns.rsplit('-').next().unwrap_or(ns);
+        let dir = lab.dir.join(format!("containerd-{short}"));
+        fs::create_dir_all(cni_bin).unwrap();
+        fs::create_dir_all(cni_conf).unwrap();
         fs::create_dir_all(&dir).unwrap();
         assert!(
             Path::new(LOOPBACK_PLUGIN).exists(),
@@ -113,7 +118,7 @@ state = "{state}"
             .stderr(log)
             .spawn()
             .expect("containerd (Debian's containerd package)");
-        let cgroup_parent = format!("/{}", lab.dir.file_name().unwrap().to_string_lossy());
+        let cgroup_parent = format!("/{}", lab.cgroup_name());
         let started = SystemTime::now();
         let containerd = Self {
             dir,

@@ -40,6 +40,9 @@ pub struct Lab {
     cleanups: Vec<(String, PathBuf, Vec<String>)>,
     /// Routes added to the host's table: (destination, next hop).
     host_routes: Vec<(String, Ipv4Addr)>,
+    /// Things dropped after the cleanups and before the namespaces and
+    /// the directory go (a runtime the cleanups still need).
+    held: Vec<Box<dyn std::fmt::Debug>>,
     pub dir: PathBuf,
 }
 
@@ -59,6 +62,7 @@ impl Lab {
             nodes: Vec::new(),
             cleanups: Vec::new(),
             host_routes: Vec::new(),
+            held: Vec::new(),
             dir,
         }
     }
@@ -149,13 +153,27 @@ impl Lab {
 
     /// The lab's own cgroup v2 directory, created on first use.
     pub fn cgroup(&mut self) -> PathBuf {
+        let name = self.cgroup_name();
         self.cgroup
             .get_or_insert_with(|| {
-                let path = Path::new(CGROUP2).join(format!("wharf-{}", self.prefix));
+                let path = Path::new(CGROUP2).join(name);
                 fs::create_dir_all(&path).expect("creating the lab cgroup");
                 path
             })
             .clone()
+    }
+
+    /// The lab's cgroup's name (in the v2 tree; a runtime's pods below
+    /// it get the same path in v1 hierarchies).
+    pub fn cgroup_name(&self) -> String {
+        format!("wharf-{}", self.prefix)
+    }
+
+    /// Keeps `thing` until the lab is dropped: after the processes are
+    /// killed and the cleanups ran, before the namespaces and the
+    /// directory go.
+    pub fn hold(&mut self, thing: Box<dyn std::fmt::Debug>) {
+        self.held.push(thing);
     }
 
     /// A directory of its own below the lab's cgroup (removed at drop,
@@ -336,6 +354,7 @@ impl Drop for Lab {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let _ = self.command(&ns, false, &program, &args).output();
         }
+        self.held.clear();
         for node in &self.nodes {
             let _ = Dataplane::teardown(Path::new(BPFFS), node);
         }

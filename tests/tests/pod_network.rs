@@ -19,7 +19,7 @@ use std::{
 
 use serde_json::Value;
 use wharf_tests::{
-    cluster::{Cluster, Underlay, eventually, ip},
+    cluster::{Cluster, Options, Underlay, eventually, ip},
     lab::agent_binary,
 };
 
@@ -83,8 +83,11 @@ fn pods_on_nodes_in_two_subnets_follow_the_network_model_over_vxlan() {
         "podvx",
         "iptables",
         &["--without=scheduler"],
-        Underlay::Routed,
-        &["--routing=vxlan"],
+        Options {
+            underlay: Underlay::Routed,
+            agent_args: &["--routing=vxlan"],
+            ..Options::default()
+        },
     );
     network_model(cluster, true);
 }

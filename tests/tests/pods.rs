@@ -9,6 +9,10 @@
 //! readiness probe fails, keep running and serving while their agent is
 //! away and are adopted when it returns, and stop gracefully (preStop
 //! hook) when deleted; a node's teardown leaves no pod behind.
+//!
+//! Once more with the `cri` runtime: each node's pods run in a
+//! containerd of their own (images built from busybox), its CRI plugin
+//! wiring them with wharf-cni.
 
 use std::{
     collections::BTreeSet,
@@ -18,7 +22,8 @@ use std::{
 
 use serde_json::Value;
 use wharf_tests::{
-    cluster::{Cluster, NodeAgent, eventually, eventually_within},
+    cluster::{Cluster, NodeAgent, Options, eventually, eventually_within},
+    containerd::BUSYBOX_IMAGE,
     lab::{agent_binary, workspace_binary},
 };
 
@@ -590,4 +595,229 @@ spec:
             .join(format!("wharf-pods-{}", node.name))
             .exists()
     );
+}
+
+/// `ctr` against node `node`'s containerd (CRI namespace), lines out.
+fn ctr(node: &NodeAgent, args: &[&str]) -> Vec<String> {
+    let endpoint = node
+        .extra
+        .iter()
+        .find_map(|a| a.strip_prefix("--container-runtime-endpoint="))
+        .expect("a cri node");
+    let output = std::process::Command::new("ctr")
+        .args(["--address", endpoint, "--namespace", "k8s.io"])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// A busybox pod on `node` running `script` under `policy`, with
+/// `limits`.
+fn busybox_pod(
+    cluster: &Cluster,
+    name: &str,
+    node: &str,
+    policy: &str,
+    script: &str,
+    memory: &str,
+) {
+    cluster.api.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default}}
+spec:
+  restartPolicy: {policy}
+  terminationGracePeriodSeconds: 1
+  nodeSelector: {{kubernetes.io/hostname: {node}}}
+  containers:
+  - name: main
+    image: {BUSYBOX_IMAGE}
+    command: ["sh", "-c", {script:?}]
+    resources: {{limits: {{memory: {memory}}}}}
+"#
+    ));
+}
+
+#[test]
+fn nodes_run_their_pods_cri() {
+    let mut cluster = Cluster::build(
+        "pods-cri",
+        "iptables",
+        &[],
+        Options {
+            containerd: true,
+            ..Options::default()
+        },
+    );
+    cluster.wait_ready();
+    let (n1, n2) = (cluster.nodes[0].name.clone(), cluster.nodes[1].name.clone());
+
+    // A Deployment over both nodes behind a ClusterIP: each pod serves
+    // its own name (downward API), ready once it answers.
+    cluster.api.apply(&format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web, namespace: default}}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      affinity:
+        podAntiAffinity:
+          requiredDuringSchedulingIgnoredDuringExecution:
+          - {{labelSelector: {{matchLabels: {{app: web}}}}, topologyKey: kubernetes.io/hostname}}
+      containers:
+      - name: httpd
+        image: {BUSYBOX_IMAGE}
+        command: ["sh", "-c", "mkdir -p /tmp/www && echo $(POD_NAME) > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www"]
+        env: [{{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}]
+        readinessProbe: {{httpGet: {{port: 8080}}, periodSeconds: 1}}
+        livenessProbe: {{exec: {{command: ["test", "-f", "/tmp/www/index.html"]}}, periodSeconds: 2}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  selector: {{app: web}}
+  clusterIP: 10.96.0.60
+  ports: [{{port: 80, targetPort: 8080}}]
+"#
+    ));
+    eventually_within("2 web pods Ready", Duration::from_secs(60), || {
+        let web = pods(&cluster, "app=web");
+        web.len() == 2 && web.iter().all(|p| p.4)
+    });
+    let web = pods(&cluster, "app=web");
+    let nodes: BTreeSet<&str> = web.iter().map(|p| p.2.as_str()).collect();
+    assert_eq!(nodes, BTreeSet::from([n1.as_str(), n2.as_str()]));
+    for pod in &web {
+        let status = pod_json(&cluster, &pod.0)["status"].clone();
+        let id = status["containerStatuses"][0]["containerID"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(id.starts_with("containerd://"), "{status}");
+    }
+    // From a pod on n1, through the ClusterIP: both pods answer. (With
+    // nc: busybox-static's wget crashes in a root without glibc's
+    // modules.)
+    busybox_pod(
+        &cluster,
+        "client",
+        &n1,
+        "Never",
+        "for i in $(seq 30); do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 10.96.0.60 80 | tail -n 1; done",
+        "64Mi",
+    );
+    let status = finished(&cluster, "client");
+    assert_eq!(status["phase"], "Succeeded", "{status}");
+    let answers: BTreeSet<String> = cluster
+        .api
+        .kubectl_ok(&["logs", "client"])
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let names: BTreeSet<String> = web.iter().map(|p| p.0.clone()).collect();
+    assert_eq!(answers, names);
+
+    // One-shot pods: an exit code, and the kernel's OOM killer under a
+    // 16 MiB limit; their logs through kubectl.
+    busybox_pod(
+        &cluster,
+        "once",
+        &n1,
+        "Never",
+        "echo hello from cri; exit 3",
+        "64Mi",
+    );
+    busybox_pod(
+        &cluster,
+        "hog",
+        &n1,
+        "Never",
+        "head -c 500000000 /dev/zero | tail -n 1 > /dev/null",
+        "16Mi",
+    );
+    let status = finished(&cluster, "once");
+    assert_eq!(status["phase"], "Failed", "{status}");
+    let terminated = &status["containerStatuses"][0]["state"]["terminated"];
+    assert_eq!(
+        (
+            terminated["exitCode"].as_i64(),
+            terminated["reason"].as_str()
+        ),
+        (Some(3), Some("Error"))
+    );
+    assert_eq!(
+        cluster.api.kubectl_ok(&["logs", "once"]),
+        "hello from cri\n"
+    );
+    let status = finished(&cluster, "hog");
+    assert_eq!(
+        status["containerStatuses"][0]["state"]["terminated"]["reason"], "OOMKilled",
+        "{status}"
+    );
+
+    // A container that keeps failing is restarted; its previous
+    // instance's log stays readable.
+    busybox_pod(
+        &cluster,
+        "flaky",
+        &n2,
+        "Always",
+        "echo run; sleep 1; exit 1",
+        "64Mi",
+    );
+    eventually_within("flaky restarted", Duration::from_secs(60), || {
+        pod_json(&cluster, "flaky")["status"]["containerStatuses"][0]["restartCount"]
+            .as_i64()
+            .is_some_and(|n| n >= 1)
+    });
+    assert_eq!(
+        cluster.api.kubectl_ok(&["logs", "flaky", "--previous"]),
+        "run\n"
+    );
+
+    // Deleted pods take their sandboxes with them.
+    cluster
+        .api
+        .kubectl_ok(&["delete", "pod", "once", "hog", "client"]);
+    let node = cluster.nodes[0].clone();
+    eventually("n1's one-shot sandboxes removed", || {
+        ctr(&node, &["containers", "ls", "-q"]).len() == 2
+    });
+
+    // n2's teardown, its agent stopped, removes its pods from its
+    // containerd and gives their addresses back through the agent API.
+    let node = cluster.nodes[1].clone();
+    cluster.lab.stop(node.agent);
+    assert!(!ctr(&node, &["containers", "ls", "-q"]).is_empty());
+    let mut teardown = node.file_args();
+    teardown.push("--teardown".into());
+    let teardown: Vec<&str> = teardown.iter().map(String::as_str).collect();
+    cluster.lab.run(&node.ns, false, &agent_binary(), &teardown);
+    assert_eq!(
+        ctr(&node, &["containers", "ls", "-q"]),
+        Vec::<String>::new()
+    );
+    assert!(
+        !ip_links(&node.ns).contains(": wh"),
+        "{}",
+        ip_links(&node.ns)
+    );
+}
+
+/// `ip -o link` in `ns`.
+fn ip_links(ns: &str) -> String {
+    let output = std::process::Command::new("ip")
+        .args(["-n", ns, "-o", "link"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
