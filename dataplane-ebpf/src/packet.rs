@@ -66,6 +66,13 @@ pub trait Packet {
 /// The XDP metadata word that marks a packet XDP translated.
 const TRANSLATED_BY_XDP: u32 = 0x5748_5844; // "WHXD"
 
+/// Whether this kernel lets XDP programs call bpf_xdp_adjust_meta (set by
+/// the loader from a probe: some kernel builds refuse it). A constant of
+/// the frozen `.rodata` map, so the verifier never walks the call it
+/// guards where it is 0.
+#[unsafe(no_mangle)]
+static XDP_METADATA: u8 = 1;
+
 /// Whether XDP on this device already translated the packet.
 #[inline(always)]
 pub fn translated_by_xdp(ctx: &TcContext) -> bool {
@@ -235,6 +242,10 @@ impl Packet for XdpPacket {
             && unsafe { ptr::read_unaligned(meta as *const u32) } == TRANSLATED_BY_XDP
         {
             return true;
+        }
+        // SAFETY: a plain read of a global the loader may set.
+        if unsafe { ptr::read_volatile(&XDP_METADATA) } == 0 {
+            return false;
         }
         // SAFETY: plain helper call on the program's own context.
         if unsafe { bpf_xdp_adjust_meta(self.ctx.ctx, -(size_of::<u32>() as i32)) } != 0 {

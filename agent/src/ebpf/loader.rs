@@ -18,12 +18,13 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, MapError, MapInfo, PerCpuArray},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp,
-        XdpMode,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, ProgramType, SchedClassifier, TcAttachType,
+        Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         tc::SchedClassifierLink,
         xdp::XdpLink,
     },
+    sys::BpfHelper,
 };
 use dataplane_common::{
     Backend, Counter, CtKey, CtValue, MaglevTable, RevNat, ServiceKey, ServiceValue, SockRevKey,
@@ -43,6 +44,8 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Program names, as the eBPF crate's entry points are called.
 const XDP_PROGRAM: &str = "wharf_xdp";
+/// The programs' switch for XDP metadata (`dataplane-ebpf`'s packet.rs).
+const XDP_METADATA: &str = "XDP_METADATA";
 const TC_INGRESS_PROGRAM: &str = "wharf_tc";
 const TC_EGRESS_PROGRAM: &str = "wharf_tc_egress";
 const TC_PROGRAMS: [&str; 2] = [TC_INGRESS_PROGRAM, TC_EGRESS_PROGRAM];
@@ -137,8 +140,10 @@ impl Dataplane {
             source,
         })?;
         drop_incompatible_pins(&pin_dir)?;
+        let xdp_metadata = u8::from(xdp_metadata_supported());
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
+            .override_global(XDP_METADATA, &xdp_metadata, true)
             .load(OBJECT)?;
         let mut dataplane = Self { ebpf, pin_dir };
         dataplane
@@ -573,4 +578,12 @@ fn fs_magic(path: &Path) -> io::Result<i64> {
         return Err(io::Error::last_os_error());
     }
     Ok(stat.f_type)
+}
+
+/// Whether XDP programs may call bpf_xdp_adjust_meta here. Some kernel
+/// builds refuse it (6.18.44 on this project's CI); there XDP passes what
+/// it would hand to TC with a mark untranslated, and TC translates it.
+pub fn xdp_metadata_supported() -> bool {
+    aya::sys::is_helper_supported(ProgramType::Xdp, BpfHelper::BPF_FUNC_xdp_adjust_meta)
+        .unwrap_or(false)
 }

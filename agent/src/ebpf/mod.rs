@@ -6,7 +6,7 @@ pub mod maglev;
 mod reconciler;
 pub mod table;
 
-pub use loader::{Dataplane, LoadError, read_counters};
+pub use loader::{Dataplane, LoadError, read_counters, xdp_metadata_supported};
 pub use reconciler::{FlowTimeouts, Maps, ReconcileError, Reconciler};
 
 use crate::proxy::{DesiredState, Forwarding, ServiceProxy, SyncStats};
