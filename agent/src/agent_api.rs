@@ -1,6 +1,7 @@
 //! The gRPC API the agent serves on its root-only UNIX socket (see
-//! `proto/agent.proto`): today the `Ipam` service wharf-cni asks for pod
-//! addresses. Addresses come from the node's podCIDR, which the API
+//! `proto/agent.proto`): the `Ipam` service wharf-cni asks for pod
+//! addresses, and the `Datapath` service it tells about each pod link it
+//! wired, so the eBPF mode's TC programs are on it before the pod runs. Addresses come from the node's podCIDR, which the API
 //! server's node IPAM assigns after registration (or `--pod-cidr`), and
 //! which the allocations file remembers across restarts; while none is
 //! known, allocating fails with UNAVAILABLE and a message saying so, but
@@ -9,18 +10,23 @@
 use std::{
     os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 use wharf_proto::{
-    Assignment, Attachment, Released, StatusReply, StatusRequest, ValidAttachments,
+    Assignment, Attachment, PodLink, PodLinkAttached, Released, StatusReply, StatusRequest,
+    ValidAttachments,
+    datapath_server::{Datapath as DatapathRpc, DatapathServer},
     ipam_server::{Ipam as IpamRpc, IpamServer},
 };
 
-use crate::ipam::{self, Ipam, IpamError, PodCidr};
+use crate::{
+    ebpf::Dataplane,
+    ipam::{self, Ipam, IpamError, PodCidr},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentApiError {
@@ -190,6 +196,56 @@ impl IpamRpc for IpamService {
     }
 }
 
+/// The `Datapath` service: pod links get the eBPF dataplane's TC
+/// programs once the agent runs the eBPF mode, and nothing in the others.
+#[derive(Debug, Clone, Default)]
+pub struct DatapathService {
+    /// Unset while the mode is being chosen; `None` for modes without
+    /// per-link programs.
+    dataplane: Arc<OnceLock<Option<Arc<Mutex<Dataplane>>>>>,
+}
+
+impl DatapathService {
+    /// Says what pod links get from now on: the loaded eBPF dataplane, or
+    /// nothing (`None`). Only the first call counts.
+    pub fn set(&self, dataplane: Option<Dataplane>) {
+        let _ = self
+            .dataplane
+            .set(dataplane.map(|d| Arc::new(Mutex::new(d))));
+    }
+}
+
+#[tonic::async_trait]
+impl DatapathRpc for DatapathService {
+    async fn attach_pod_link(
+        &self,
+        request: Request<PodLink>,
+    ) -> Result<Response<PodLinkAttached>, Status> {
+        let name = request.into_inner().name;
+        if name.is_empty() || name.len() > 15 || name.contains('/') {
+            return Err(Status::invalid_argument(format!(
+                "{name:?} is not a link name"
+            )));
+        }
+        let Some(chosen) = self.dataplane.get() else {
+            return Err(Status::unavailable(
+                "the agent has not chosen its proxy mode yet",
+            ));
+        };
+        let Some(dataplane) = chosen.clone() else {
+            return Ok(Response::new(PodLinkAttached { attached: false }));
+        };
+        tokio::task::spawn_blocking(move || {
+            let mut dataplane = dataplane.lock().unwrap_or_else(|e| e.into_inner());
+            dataplane.attach_pod_link(&name)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("attach task failed: {e}")))?
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(PodLinkAttached { attached: true }))
+    }
+}
+
 /// Binds the socket at `path` and serves until `shutdown`. Its directory
 /// must be the agent's own: created 0700 if missing, and refused if it
 /// exists and others may enter it, so the socket is never reachable by
@@ -198,6 +254,7 @@ impl IpamRpc for IpamService {
 pub async fn serve(
     path: &Path,
     service: IpamService,
+    datapath: DatapathService,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentApiError> {
     let error = |source| AgentApiError::Socket {
@@ -241,6 +298,7 @@ pub async fn serve(
     info!(socket = %path.display(), "agent API serving");
     tonic::transport::Server::builder()
         .add_service(IpamServer::new(service))
+        .add_service(DatapathServer::new(datapath))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
             shutdown,
@@ -268,8 +326,10 @@ mod tests {
         let service = IpamService::open(&dir.path().join("ipam.json"), watched).unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let path = socket.clone();
+        let datapath = DatapathService::default();
+        let pod_links = datapath.clone();
         let server = tokio::spawn(async move {
-            serve(&path, service, async {
+            serve(&path, service, pod_links, async {
                 let _ = stopped.await;
             })
             .await
@@ -280,7 +340,20 @@ mod tests {
         }
         let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        let mut client = wharf_proto::connect(&socket).await.unwrap();
+        let wharf_proto::AgentClient {
+            ipam: mut client,
+            datapath: mut links,
+        } = wharf_proto::connect(&socket).await.unwrap();
+
+        // Pod links wait for the proxy mode; rule-based modes need nothing.
+        let link = |name: &str| PodLink { name: name.into() };
+        let early = links.attach_pod_link(link("wh0")).await.unwrap_err();
+        assert_eq!(early.code(), tonic::Code::Unavailable);
+        datapath.set(None);
+        let attached = links.attach_pod_link(link("wh0")).await.unwrap();
+        assert!(!attached.into_inner().attached);
+        let bad = links.attach_pod_link(link("../x")).await.unwrap_err();
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument);
 
         let error = client.allocate(attachment("a")).await.unwrap_err();
         assert_eq!(error.code(), tonic::Code::Unavailable);
@@ -335,9 +408,14 @@ mod tests {
         std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
         let (_cidrs, watched) = watch::channel(None);
         let service = IpamService::open(&dir.path().join("ipam.json"), watched).unwrap();
-        let error = serve(&shared.join("agent.sock"), service, async {})
-            .await
-            .unwrap_err();
+        let error = serve(
+            &shared.join("agent.sock"),
+            service,
+            DatapathService::default(),
+            async {},
+        )
+        .await
+        .unwrap_err();
         assert!(
             matches!(error, AgentApiError::SharedDirectory { mode: 0o755, .. }),
             "{error}"

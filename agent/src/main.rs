@@ -12,7 +12,7 @@ use clap::{Parser, ValueEnum};
 use tokio::sync::watch;
 use tracing::info;
 use wharf_agent::{
-    agent_api::{self, IpamService},
+    agent_api::{self, DatapathService, IpamService},
     bootstrap,
     cluster::{self, Cluster},
     cni_install,
@@ -298,7 +298,7 @@ async fn main() -> anyhow::Result<()> {
                 let stopped = async {
                     let _ = api_stopped.await;
                 };
-                agent_api::serve(&socket, service, stopped).await
+                agent_api::serve(&socket, service, DatapathService::default(), stopped).await
             }))
         } else {
             None
@@ -454,6 +454,7 @@ async fn main() -> anyhow::Result<()> {
             None => {}
         }
     }
+    let datapath = DatapathService::default();
     if !args.proxy_only && (kubeconfig.is_some() || args.pod_cidr.is_some()) {
         let state = args.state_dir.join(&args.node_name);
         std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
@@ -464,8 +465,11 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
         let available = service.available();
         let socket = args.api_socket.clone();
+        let pod_links = datapath.clone();
         tokio::spawn(async move {
-            if let Err(error) = agent_api::serve(&socket, service, std::future::pending()).await {
+            if let Err(error) =
+                agent_api::serve(&socket, service, pod_links, std::future::pending()).await
+            {
                 tracing::error!(%error, "the agent API stopped");
             }
         });
@@ -506,6 +510,10 @@ async fn main() -> anyhow::Result<()> {
         ProxyMode::Auto => mode::choose(&System),
     };
     info!(?mode, %reason, "proxy mode");
+    if mode != Mode::Ebpf {
+        // Rule-based modes act on forwarded packets: pod links need nothing.
+        datapath.set(None);
+    }
     mode::remove_state(
         Some(mode),
         &System,
@@ -516,7 +524,8 @@ async fn main() -> anyhow::Result<()> {
     .context("removing other proxy modes' state")?;
     match mode {
         Mode::Ebpf => {
-            let mut reconciler = load_ebpf(&args, &node_addresses)?;
+            let (mut reconciler, dataplane) = load_ebpf(&args, &node_addresses)?;
+            datapath.set(Some(dataplane));
             serve(&mut reconciler, &args, client, &telemetry).await?;
             // Programs and maps stay pinned: forwarding continues while
             // the agent is away, and the next start picks up where this
@@ -646,7 +655,7 @@ fn node_addresses(args: &Args) -> anyhow::Result<Vec<Ipv4Addr>> {
 }
 
 /// Loads and attaches the eBPF datapath as the flags say.
-fn load_ebpf(args: &Args, node_addresses: &[Ipv4Addr]) -> anyhow::Result<Reconciler> {
+fn load_ebpf(args: &Args, node_addresses: &[Ipv4Addr]) -> anyhow::Result<(Reconciler, Dataplane)> {
     let mut dataplane =
         Dataplane::load(&args.bpffs, &args.node_name).context("loading the eBPF dataplane")?;
     let mut snat_addresses = Vec::new();
@@ -683,7 +692,8 @@ fn load_ebpf(args: &Args, node_addresses: &[Ipv4Addr]) -> anyhow::Result<Reconci
         .context("SNAT addresses")?;
     info!(node = %args.node_name, addresses = ?node_addresses, "dataplane ready");
 
-    Reconciler::new(dataplane.maps()?).context("reading the pinned maps")
+    let reconciler = Reconciler::new(dataplane.maps()?).context("reading the pinned maps")?;
+    Ok((reconciler, dataplane))
 }
 
 async fn shutdown_signal() {

@@ -63,6 +63,9 @@ pub struct NodeConfig {
 /// comes up (syncs, installs the CNI configuration).
 const STARTUP_GRACE: Duration = Duration::from_secs(60);
 
+/// How often the node is read and its status written while it starts.
+const STARTUP_POLL: Duration = Duration::from_millis(500);
+
 /// How long to wait before trying a failed registration again.
 const REGISTER_RETRY: Duration = Duration::from_secs(5);
 
@@ -113,7 +116,8 @@ pub async fn run(
     );
 }
 
-/// Every quarter of the lease duration: reads the Node and writes its
+/// Every quarter of the lease duration (every 500 ms while the node
+/// starts, until it is Ready with a podCIDR): reads the Node and writes its
 /// status when the live Ready differs from the agent's (the lifecycle
 /// controller may have marked it Unknown while the agent was away) or
 /// the last write is five minutes old, except that a live Ready=True is
@@ -124,13 +128,21 @@ async fn report_status(
     telemetry: &Telemetry,
     pod_cidr: &watch::Sender<Option<String>>,
 ) {
-    let mut ticker = tokio::time::interval(config.lease_duration / 4);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let period = config.lease_duration / 4;
     let mut written: Option<tokio::time::Instant> = None;
     let started = tokio::time::Instant::now();
     let mut been_ready = false;
+    // Until the node is Ready with its podCIDR, as kubelet's fast status
+    // updates at start: the podCIDR, the addresses peers route by and
+    // Ready show within a second instead of a period (10 s by default).
+    let mut settled = false;
+    let mut first = true;
     loop {
-        ticker.tick().await;
+        if !first {
+            let fast = !settled && started.elapsed() < STARTUP_GRACE;
+            tokio::time::sleep(if fast { STARTUP_POLL } else { period }).await;
+        }
+        first = false;
         let node = match nodes.get(&config.name).await {
             Ok(node) => node,
             Err(error) => {
@@ -139,6 +151,7 @@ async fn report_status(
             }
         };
         let cidr = node.spec.as_ref().and_then(|s| s.pod_cidr.clone());
+        let has_cidr = cidr.is_some();
         pod_cidr.send_if_modified(|known| {
             let changed = *known != cidr;
             *known = cidr;
@@ -153,12 +166,17 @@ async fn report_status(
         let starting = !been_ready && started.elapsed() < STARTUP_GRACE && live == Some("True");
         let differs = live != Some(if ready { "True" } else { "False" });
         let due = differs || written.is_none_or(|at| at.elapsed() >= STATUS_REPORT_INTERVAL);
+        let mut current = !differs && written.is_some();
         if due && !starting {
             match write_status(nodes, config, ready, &node).await {
-                Ok(()) => written = Some(tokio::time::Instant::now()),
+                Ok(()) => {
+                    written = Some(tokio::time::Instant::now());
+                    current = true;
+                }
                 Err(error) => warn!(%error, "writing node status failed; retrying"),
             }
         }
+        settled = ready && has_cidr && current;
     }
 }
 

@@ -11,12 +11,10 @@ use std::{io::Read as _, net::Ipv4Addr, path::Path, process::ExitCode};
 
 use spec::{Attached, CniError, Code, Command, Invocation, NetConf};
 use wharf_agent::podnet::{self, Wiring};
-use wharf_proto::{Attachment, StatusRequest, ValidAttachments, ipam_client::IpamClient};
+use wharf_proto::{AgentClient, Attachment, PodLink, StatusRequest, ValidAttachments};
 
 /// The pods' MTU unless the configuration says.
 const DEFAULT_MTU: u32 = 1500;
-
-type Client = IpamClient<tonic::transport::Channel>;
 
 fn main() -> ExitCode {
     let mut stdin = Vec::new();
@@ -67,7 +65,7 @@ fn run(stdin: &[u8]) -> Result<Option<serde_json::Value>, CniError> {
     })
 }
 
-async fn agent(conf: &NetConf) -> Result<Client, CniError> {
+async fn agent(conf: &NetConf) -> Result<AgentClient, CniError> {
     let socket = conf.agent_socket();
     wharf_proto::connect(&socket).await.map_err(|e| {
         CniError::new(
@@ -132,6 +130,7 @@ async fn add(invocation: &Invocation, conf: &NetConf) -> Result<serde_json::Valu
     let netns = netns(invocation)?;
     let mut agent = agent(conf).await?;
     let assigned = agent
+        .ipam
         .allocate(attachment(&invocation.container_id, &invocation.ifname))
         .await
         .map_err(agent_error)?
@@ -153,6 +152,7 @@ async fn add(invocation: &Invocation, conf: &NetConf) -> Result<serde_json::Valu
             // Leave nothing behind: the runtime will retry ADD or DEL.
             let _ = podnet::detach(&wiring.host_ifname);
             let _ = agent
+                .ipam
                 .release(attachment(&invocation.container_id, &invocation.ifname))
                 .await;
             return Err(CniError::new(
@@ -162,6 +162,22 @@ async fn add(invocation: &Invocation, conf: &NetConf) -> Result<serde_json::Valu
             ));
         }
     };
+    // The node's per-packet programs on the pod's link before the pod
+    // runs: replies to clients outside the node are translated there.
+    if let Err(status) = agent
+        .datapath
+        .attach_pod_link(PodLink {
+            name: wiring.host_ifname.clone(),
+        })
+        .await
+    {
+        let _ = podnet::detach(&wiring.host_ifname);
+        let _ = agent
+            .ipam
+            .release(attachment(&invocation.container_id, &invocation.ifname))
+            .await;
+        return Err(agent_error(status));
+    }
     Ok(spec::result(
         &conf.cni_version,
         &Attached {
@@ -191,6 +207,7 @@ async fn del(invocation: &Invocation, conf: &NetConf) -> Result<(), CniError> {
     })?;
     agent(conf)
         .await?
+        .ipam
         .release(attachment(&invocation.container_id, &invocation.ifname))
         .await
         .map_err(agent_error)?;
@@ -260,6 +277,7 @@ async fn gc(conf: &NetConf) -> Result<(), CniError> {
         .collect();
     agent(conf)
         .await?
+        .ipam
         .collect(ValidAttachments { attachments })
         .await
         .map_err(agent_error)?;
@@ -274,6 +292,7 @@ async fn status(conf: &NetConf) -> Result<(), CniError> {
         .await
         .map_err(|e| not_available(e.to_string()))?;
     agent
+        .ipam
         .status(StatusRequest {})
         .await
         .map_err(|e| not_available(e.message().to_string()))?;

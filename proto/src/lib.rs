@@ -53,11 +53,20 @@ pub mod cri {
 /// Where the agent serves its API unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/wharf/agent.sock";
 
+/// Clients of the agent API's services, over one connection.
+#[derive(Clone, Debug)]
+pub struct AgentClient {
+    pub ipam: ipam_client::IpamClient<tonic::transport::Channel>,
+    pub datapath: datapath_client::DatapathClient<tonic::transport::Channel>,
+}
+
 /// A client of the agent API on the UNIX socket at `path`.
-pub async fn connect(
-    path: &std::path::Path,
-) -> Result<ipam_client::IpamClient<tonic::transport::Channel>, tonic::transport::Error> {
-    Ok(ipam_client::IpamClient::new(unix_channel(path).await?))
+pub async fn connect(path: &std::path::Path) -> Result<AgentClient, tonic::transport::Error> {
+    let channel = unix_channel(path).await?;
+    Ok(AgentClient {
+        ipam: ipam_client::IpamClient::new(channel.clone()),
+        datapath: datapath_client::DatapathClient::new(channel),
+    })
 }
 
 /// A gRPC channel to the UNIX socket at `path`.

@@ -212,7 +212,7 @@ fn the_agent_registers_its_node_and_keeps_it_ready() {
     assert_eq!(get(".spec.podCIDR"), pod_cidr);
     let socket = node.lab.dir.join("run/agent.sock");
     let status = api.runtime().block_on(async {
-        let mut client = wharf_proto::connect(&socket).await.expect("agent API");
+        let mut client = wharf_proto::connect(&socket).await.expect("agent API").ipam;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             match client.status(wharf_proto::StatusRequest {}).await {

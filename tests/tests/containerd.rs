@@ -25,7 +25,7 @@ const POD_CIDR: &str = "10.244.8.0/24";
 
 /// The agent's pod addresses in use.
 async fn allocated(socket: &Path) -> u32 {
-    let mut agent = wharf_proto::connect(socket).await.expect("agent API");
+    let mut agent = wharf_proto::connect(socket).await.expect("agent API").ipam;
     agent
         .status(wharf_proto::StatusRequest {})
         .await

@@ -246,6 +246,31 @@ impl Dataplane {
         swap_pin(&pin, link)
     }
 
+    /// Attaches TC to a pod's node-side link (wired by the CNI plugin),
+    /// and drops the pins of links whose device is gone (pods deleted
+    /// since: their attachments went with their veths).
+    pub fn attach_pod_link(&mut self, device: &str) -> Result<(), LoadError> {
+        self.attach_tc(device)?;
+        let links = self.pin_dir.join("links");
+        let entries = fs::read_dir(&links).map_err(|source| LoadError::Pin {
+            path: links.clone(),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let pin = entry.file_name();
+            let Some(pin) = pin.to_str() else { continue };
+            let gone = ["tc-egress-", "tc-", "xdp-"]
+                .iter()
+                .find_map(|prefix| pin.strip_prefix(prefix))
+                .is_some_and(|device| crate::netdev::ifindex(device).is_err());
+            if gone {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        info!(device, "pod link attached");
+        Ok(())
+    }
+
     /// Attaches XDP in native (driver) mode. Returns false, leaving the
     /// device to TC, where the driver has no native XDP.
     pub fn attach_xdp(&mut self, device: &str) -> Result<bool, LoadError> {
