@@ -57,26 +57,12 @@ fn free_port() -> Result<u16, EtcdProcessError> {
 impl EtcdProcess {
     /// Starts etcd with its data in `data_dir` and waits until it serves.
     pub async fn start(data_dir: &Path) -> Result<Self, EtcdProcessError> {
-        // etcd warns about (and future versions refuse) group-readable data.
-        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700)).map_err(
-            |source| EtcdProcessError::DataDir {
-                path: data_dir.to_owned(),
-                source,
-            },
-        )?;
+        prepare(data_dir)?;
         let binary = PathBuf::from("etcd");
         let client = format!("http://127.0.0.1:{}", free_port()?);
         let peer = format!("http://127.0.0.1:{}", free_port()?);
         let child = Command::new(&binary)
-            .arg("--name=wharf")
-            .arg(format!("--data-dir={}", data_dir.display()))
-            .arg(format!("--listen-client-urls={client}"))
-            .arg(format!("--advertise-client-urls={client}"))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=wharf={peer}"))
-            .arg("--logger=zap")
-            .arg("--log-level=error")
+            .args(args(data_dir, &client, &peer))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .kill_on_drop(true)
@@ -86,24 +72,58 @@ impl EtcdProcess {
             _child: child,
             endpoint: client,
         };
-        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Ok(store) = EtcdStore::connect(std::slice::from_ref(&process.endpoint)).await
-                && store.revision().await.is_ok()
-            {
-                return Ok(process);
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(EtcdProcessError::NotReady {
-                    endpoint: process.endpoint.clone(),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_ready(&process.endpoint).await?;
+        Ok(process)
     }
 
     /// The client URL (`http://127.0.0.1:PORT`).
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+}
+
+/// Makes etcd's data directory, private: etcd warns about (and future
+/// versions refuse) group-readable data.
+pub fn prepare(data_dir: &Path) -> Result<(), EtcdProcessError> {
+    let failed = |source| EtcdProcessError::DataDir {
+        path: data_dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(data_dir).map_err(failed)?;
+    std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700)).map_err(failed)
+}
+
+/// The flags of a single-member etcd named `wharf` with its data in
+/// `data_dir`, serving clients at `client` and itself at `peer`, logging
+/// errors only.
+pub fn args(data_dir: &Path, client: &str, peer: &str) -> Vec<String> {
+    vec![
+        "--name=wharf".into(),
+        format!("--data-dir={}", data_dir.display()),
+        format!("--listen-client-urls={client}"),
+        format!("--advertise-client-urls={client}"),
+        format!("--listen-peer-urls={peer}"),
+        format!("--initial-advertise-peer-urls={peer}"),
+        format!("--initial-cluster=wharf={peer}"),
+        "--logger=zap".into(),
+        "--log-level=error".into(),
+    ]
+}
+
+/// Waits until the etcd at `endpoint` answers a read.
+pub async fn wait_ready(endpoint: &str) -> Result<(), EtcdProcessError> {
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Ok(store) = EtcdStore::connect(&[endpoint.to_string()]).await
+            && store.revision().await.is_ok()
+        {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(EtcdProcessError::NotReady {
+                endpoint: endpoint.into(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
