@@ -11,14 +11,18 @@ use crate::{
     parse::Flow,
 };
 
-/// SNAT source ports: above Linux's default ephemeral range (32768-60999)
-/// so they never collide with the node's own connections to a backend.
-const NAT_PORT_MIN: u32 = 61_000;
-const NAT_PORT_COUNT: u32 = 65_536 - NAT_PORT_MIN;
+/// SNAT source ports: below Linux's default ephemeral range (32768-60999)
+/// so they never collide with the node's own connections to a backend,
+/// and many, since a closed flow keeps its port for 10 s or more: a node
+/// SNATing 300 new connections a second to one backend holds about 6,000
+/// (the 4,536 ports above the range ran out).
+const NAT_PORT_MIN: u32 = 1_024;
+const NAT_PORT_COUNT: u32 = 32_768 - NAT_PORT_MIN;
 /// Ports tried before giving up; each try is one map insert, and only new
 /// flows whose first choice is taken pay for more than one.
 const NAT_PORT_TRIES: u32 = 8;
-/// Spreads the tries over the range (prime, coprime to the range size).
+/// Spreads the tries over the range (prime, coprime to the range size,
+/// 31,744 = 2^10 * 31).
 const NAT_PORT_STRIDE: u32 = 1_009;
 
 /// CLOCK_MONOTONIC seconds: the unit of `CtValue::last_seen`.
