@@ -116,7 +116,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("next steps:");
             println!("  export KUBECONFIG={}", kubeconfig.display());
             println!("  kubectl get nodes -o wide");
-            println!("  kubectl apply -f examples/demo/");
+            println!("  kubectl apply -f examples/demo/web.yaml");
             println!("  wharf cluster down --name {name}");
             Ok(ExitCode::SUCCESS)
         }
