@@ -8,8 +8,10 @@
 //! ClusterIP, answered by every backend, which see the client pod's own
 //! address; the NodePort of every node from the host and from a host on
 //! the underlay outside the cluster; a rolling update of the backends
-//! under 10,000 requests through a NodePort without a failed one; and
-//! `wharf cluster down` leaving nothing behind.
+//! under 10,000 requests through a NodePort without a failed one; a
+//! node's agent stopped and started again under load through its node,
+//! again without a failed request; and `wharf cluster down` leaving
+//! nothing behind.
 
 use std::{
     collections::BTreeSet,
@@ -308,6 +310,63 @@ fn get(target: SocketAddr) -> Result<String, String> {
         .ok_or_else(|| format!("no body in {answer:?}"))
 }
 
+/// New-connection GETs to a target, one after another, on a thread of
+/// their own, counted.
+struct Load {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    thread: thread::JoinHandle<Option<String>>,
+}
+
+impl Load {
+    fn start(target: String) -> Self {
+        let target: SocketAddr = target.parse().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (done, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let thread = {
+            let (stop, done, failed) = (stop.clone(), done.clone(), failed.clone());
+            thread::spawn(move || {
+                let mut first_failure = None;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Err(error) = get(target) {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        first_failure.get_or_insert(error);
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                first_failure
+            })
+        };
+        Self {
+            stop,
+            done,
+            failed,
+            thread,
+        }
+    }
+
+    /// Stops once `count` requests were made; asserts none failed
+    /// `during` what the case did meanwhile.
+    fn finish_after(self, count: u64, during: &str) {
+        eventually_within(
+            &format!("{count} requests"),
+            Duration::from_secs(120),
+            || self.done.load(Ordering::Relaxed) >= count,
+        );
+        self.stop.store(true, Ordering::Relaxed);
+        let first_failure = self.thread.join().unwrap();
+        let (done, failed) = (
+            self.done.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        );
+        assert_eq!(
+            failed, 0,
+            "{failed} of {done} requests failed during {during}; the first: {first_failure:?}"
+        );
+    }
+}
+
 /// The backend pod named in an answer (`<pod> on <node> from <address>`).
 fn backend(answer: &str) -> &str {
     answer.split(' ').next().unwrap_or_default()
@@ -366,45 +425,37 @@ fn service_routing(case: &str, args: &[&str]) {
     }
 
     // A rolling update under load: not one request fails.
-    let target: SocketAddr = format!("{}:30080", cluster.node_address(0))
-        .parse()
-        .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (done, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let load = {
-        let (stop, done, failed) = (stop.clone(), done.clone(), failed.clone());
-        thread::spawn(move || {
-            let mut first_failure = None;
-            while !stop.load(Ordering::Relaxed) {
-                match get(target) {
-                    Ok(_) => {}
-                    Err(error) => {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        first_failure.get_or_insert(error);
-                    }
-                }
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-            first_failure
-        })
-    };
+    let load = Load::start(format!("{}:30080", cluster.node_address(0)));
     cluster.kubectl(&["set", "env", "deploy/web", "REVISION=2"]);
     cluster.kubectl(&["rollout", "status", "deploy/web", "--timeout=120s"]);
-    eventually_within("10,000 requests", Duration::from_secs(120), || {
-        done.load(Ordering::Relaxed) >= 10_000
-    });
-    stop.store(true, Ordering::Relaxed);
-    let first_failure = load.join().unwrap();
+    load.finish_after(10_000, "the rolling update");
     let new_pods: BTreeSet<String> = cluster.web_pods().into_iter().map(|(n, _)| n).collect();
     assert!(new_pods.is_disjoint(&all.iter().map(|s| s.to_string()).collect()));
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "{} of {} requests failed during the rolling update; the first: {first_failure:?}",
-        failed.load(Ordering::Relaxed),
-        done.load(Ordering::Relaxed)
-    );
     eventually("the old pods gone", || cluster.web_pods().len() == 3);
+
+    // A node's agent stopped and started again (`up` restarts what died)
+    // under load through that node: it keeps forwarding meanwhile.
+    let load = Load::start(format!("{}:30080", cluster.node_address(1)));
+    let agent = format!("--node-name={}-n2 ", cluster.name);
+    run("pkill", &["-TERM", "-f", "--", &agent]);
+    eventually("the agent stopped", || {
+        !Command::new("pgrep")
+            .args(["-f", "--", &agent])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    });
+    thread::sleep(Duration::from_secs(1));
+    let mut again = vec!["cluster", "up", "--name", &cluster.name, "--nodes", "3"];
+    again.extend_from_slice(args);
+    let output = wharf(&again);
+    assert!(
+        output.status.success(),
+        "cluster up again: {}",
+        text(&output)
+    );
+    load.finish_after(3_000, "the agent's restart");
 
     cluster.down();
 }

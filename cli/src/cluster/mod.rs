@@ -487,9 +487,9 @@ fn agent_daemon(
     }
 }
 
-/// Fails with its log if a daemon of `state` has exited.
-fn check_alive(state: &State) -> Result<(), ClusterError> {
-    for record in &state.daemons {
+/// Fails with its log if one of `records` has exited.
+fn check_alive<'a>(records: impl IntoIterator<Item = &'a Record>) -> Result<(), ClusterError> {
+    for record in records {
         if record.running.is_some_and(|r| !r.alive()) {
             return Err(ClusterError::Exited {
                 role: record.daemon.role.clone(),
@@ -506,7 +506,8 @@ fn check_alive(state: &State) -> Result<(), ClusterError> {
 async fn wait_for_control(layout: &Layout, state: &State) -> Result<Client, ClusterError> {
     let deadline = Instant::now() + CONTROL_TIMEOUT;
     loop {
-        check_alive(state)?;
+        // Agents that died are started again only after this.
+        check_alive(state.daemons.iter().filter(|r| r.daemon.netns.is_none()))?;
         if layout.kubeconfig().exists()
             && let Ok(client) = wharf_control::components::client(&layout.kubeconfig()).await
             && client.apiserver_version().await.is_ok()
@@ -552,7 +553,7 @@ async fn wait_for_nodes(
     let names: Vec<String> = (0..state.spec.nodes).map(|i| layout.node(i).name).collect();
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
-        check_alive(state)?;
+        check_alive(&state.daemons)?;
         let ready = ready_nodes(client).await.unwrap_or_default();
         let waiting: Vec<&String> = names.iter().filter(|n| !ready.contains(n)).collect();
         if waiting.is_empty() {
