@@ -54,6 +54,13 @@ enum ClusterCommand {
         store: StoreKind,
         #[arg(long, value_enum, default_value = "process")]
         runtime: RuntimeKind,
+        /// A further flag for wharf-control (repeat for more), e.g.
+        /// `--control-arg=--node-monitor-grace-period=10`.
+        #[arg(long = "control-arg", allow_hyphen_values = true)]
+        control_args: Vec<String>,
+        /// A further flag for every wharf-agent (repeat for more).
+        #[arg(long = "agent-arg", allow_hyphen_values = true)]
+        agent_args: Vec<String>,
     },
     /// Removes every trace of a cluster: processes, pods, namespaces,
     /// links, routes, BPF pins, cgroups, rules and its directory.
@@ -101,17 +108,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             proxy_mode,
             store,
             runtime,
+            control_args,
+            agent_args,
         } => {
             let spec = Spec {
                 nodes,
                 proxy_mode,
                 store,
                 runtime,
+                control_args,
+                agent_args,
             };
             eprintln!("wharf: cluster {name} up");
+            let nodes = spec.nodes;
             let layout = cluster::up(&host, &name, spec).await?;
             let kubeconfig = layout.kubeconfig();
-            println!("cluster {name} is up: {} node(s) Ready", spec.nodes);
+            println!("cluster {name} is up: {nodes} node(s) Ready");
             println!("  kubeconfig: {}", kubeconfig.display());
             println!("next steps:");
             println!("  export KUBECONFIG={}", kubeconfig.display());

@@ -133,8 +133,8 @@ impl Local {
     }
 
     /// The pods of the web Deployment that are Ready and not being
-    /// deleted: (name, address).
-    fn web_pods(&self) -> Vec<(String, String)> {
+    /// deleted: (name, address, node).
+    fn web_pods(&self) -> Vec<(String, String, String)> {
         let list: serde_json::Value =
             serde_json::from_str(&self.kubectl(&["get", "pods", "-l", "app=web", "-o", "json"]))
                 .expect("a pod list");
@@ -151,15 +151,11 @@ impl Local {
                     .any(|c| c["type"] == "Ready" && c["status"] == "True")
             })
             .map(|pod| {
+                let field = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
                 (
-                    pod["metadata"]["name"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string(),
-                    pod["status"]["podIP"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string(),
+                    field(&pod["metadata"]["name"]),
+                    field(&pod["status"]["podIP"]),
+                    field(&pod["spec"]["nodeName"]),
                 )
             })
             .collect()
@@ -378,7 +374,7 @@ fn service_routing(case: &str, args: &[&str]) {
     cluster.deploy_web();
     let pods = cluster.web_pods();
     assert_eq!(pods.len(), 3, "{pods:?}");
-    let all: BTreeSet<&str> = pods.iter().map(|(n, _)| n.as_str()).collect();
+    let all: BTreeSet<&str> = pods.iter().map(|(n, _, _)| n.as_str()).collect();
 
     // ClusterIP from a pod on every node: every backend answers, and sees
     // the client pod's own address (no NAT between pods).
@@ -429,7 +425,7 @@ fn service_routing(case: &str, args: &[&str]) {
     cluster.kubectl(&["set", "env", "deploy/web", "REVISION=2"]);
     cluster.kubectl(&["rollout", "status", "deploy/web", "--timeout=120s"]);
     load.finish_after(10_000, "the rolling update");
-    let new_pods: BTreeSet<String> = cluster.web_pods().into_iter().map(|(n, _)| n).collect();
+    let new_pods: BTreeSet<String> = cluster.web_pods().into_iter().map(|(n, _, _)| n).collect();
     assert!(new_pods.is_disjoint(&all.iter().map(|s| s.to_string()).collect()));
     eventually("the old pods gone", || cluster.web_pods().len() == 3);
 
@@ -478,4 +474,56 @@ fn service_routing_nftables() {
 #[test]
 fn service_routing_on_etcd() {
     service_routing("etcd", &["--store", "etcd"]);
+}
+
+/// A node whose agent is killed for good: the node goes Unknown, its pods
+/// are replaced on the other nodes, and the Service sends nothing more to
+/// the pods left behind (they still run: pods outlive their agent).
+/// Timings shortened through `up`'s pass-through flags: the lease lapses
+/// after 6 s, and pods tolerate an unreachable node for 2 s.
+#[test]
+fn a_dead_node_s_pods_move_and_leave_the_service() {
+    let cluster = Local::up(
+        "dead",
+        &[
+            "--control-arg=--node-monitor-grace-period=6",
+            "--control-arg=--default-unreachable-toleration-seconds=2",
+            "--control-arg=--default-not-ready-toleration-seconds=2",
+            "--agent-arg=--node-lease-duration-seconds=4",
+        ],
+    );
+    cluster.deploy_web();
+    let dead = format!("{}-n3", cluster.name);
+    assert!(cluster.web_pods().iter().any(|(_, _, node)| *node == dead));
+    run(
+        "pkill",
+        &["-KILL", "-f", "--", &format!("--node-name={dead} ")],
+    );
+    eventually_within(&format!("{dead} Unknown"), Duration::from_secs(30), || {
+        cluster.kubectl(&[
+            "get",
+            "node",
+            &dead,
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ]) == "Unknown"
+    });
+    eventually_within(
+        "three Ready web pods on live nodes",
+        Duration::from_secs(60),
+        || {
+            let pods = cluster.web_pods();
+            pods.len() == 3 && pods.iter().all(|(_, _, node)| *node != dead)
+        },
+    );
+    let live: BTreeSet<String> = cluster.web_pods().into_iter().map(|(n, _, _)| n).collect();
+    let target: SocketAddr = format!("{}:30080", cluster.node_address(0))
+        .parse()
+        .unwrap();
+    eventually_within(
+        "the NodePort answered by live pods only",
+        Duration::from_secs(20),
+        || (0..30).all(|_| get(target).is_ok_and(|answer| live.contains(backend(&answer)))),
+    );
+    cluster.down();
 }

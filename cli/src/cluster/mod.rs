@@ -87,12 +87,18 @@ fn value_name(value: impl ValueEnum) -> String {
 }
 
 /// What a cluster is asked to be.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Spec {
     pub nodes: u8,
     pub proxy_mode: ProxyMode,
     pub store: StoreKind,
     pub runtime: RuntimeKind,
+    /// More flags for wharf-control (timings for tests, say).
+    #[serde(default)]
+    pub control_args: Vec<String>,
+    /// More flags for every agent.
+    #[serde(default)]
+    pub agent_args: Vec<String>,
 }
 
 /// A cluster as recorded.
@@ -292,13 +298,19 @@ fn require_root() -> Result<(), ClusterError> {
 }
 
 fn describe(spec: &Spec) -> String {
-    format!(
+    let mut text = format!(
         "{} node(s), proxy mode {}, store {}, runtime {}",
         spec.nodes,
         value_name(spec.proxy_mode),
         value_name(spec.store),
         value_name(spec.runtime)
-    )
+    );
+    for (whose, args) in [("control", &spec.control_args), ("agent", &spec.agent_args)] {
+        if !args.is_empty() {
+            text.push_str(&format!(", {whose} flags {}", args.join(" ")));
+        }
+    }
+    text
 }
 
 /// The last lines of a log, for an error message.
@@ -343,7 +355,7 @@ pub async fn up(host: &Host, name: &str, spec: Spec) -> Result<Layout, ClusterEr
             let state = State {
                 name: name.into(),
                 slot: host.free_slot(name)?,
-                spec,
+                spec: spec.clone(),
                 daemons: Vec::new(),
             };
             host.write_state(&state)?;
@@ -430,6 +442,7 @@ fn control_daemons(layout: &Layout, spec: &Spec, control: &Path) -> Vec<Record> 
         format!("--service-cidr={SERVICE_CIDR}"),
         format!("--cluster-cidr={CLUSTER_CIDR}"),
     ];
+    args.extend(spec.control_args.iter().cloned());
     if spec.store == StoreKind::Etcd {
         let (client, peer) = layout.etcd_urls();
         daemons.push(Record {
@@ -477,6 +490,7 @@ fn agent_daemon(
         format!("--token={}", join.token),
         format!("--ca-cert-hash={}", join.ca_cert_hash),
     ]);
+    args.extend(spec.agent_args.iter().cloned());
     Daemon {
         role: node.short.clone(),
         program: agent.to_path_buf(),
@@ -757,7 +771,7 @@ pub async fn status(host: &Host, name: Option<&str>) -> Result<Vec<Status>, Clus
         let nodes = node_health(&layout, &state).await;
         statuses.push(Status {
             name: state.name.clone(),
-            spec: state.spec,
+            spec: state.spec.clone(),
             api_url: layout.api_url(),
             kubeconfig: layout.kubeconfig(),
             daemons,
