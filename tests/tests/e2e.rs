@@ -10,13 +10,14 @@
 //! the underlay outside the cluster; a rolling update of the backends
 //! under 10,000 requests through a NodePort without a failed one; a
 //! node's agent stopped and started again under load through its node,
-//! again without a failed request; and `wharf cluster down` leaving
-//! nothing behind.
+//! again without a failed request; UDP from one source port through a
+//! NodePort while its service scales to zero and back, answered again by
+//! the new backend; and `wharf cluster down` leaving nothing behind.
 
 use std::{
     collections::BTreeSet,
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::{SocketAddr, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::{Command, Output},
     sync::{
@@ -135,8 +136,14 @@ impl Local {
     /// The pods of the web Deployment that are Ready and not being
     /// deleted: (name, address, node).
     fn web_pods(&self) -> Vec<(String, String, String)> {
+        self.ready_pods("app=web")
+    }
+
+    /// The pods `selector` selects that are Ready and not being deleted:
+    /// (name, address, node).
+    fn ready_pods(&self, selector: &str) -> Vec<(String, String, String)> {
         let list: serde_json::Value =
-            serde_json::from_str(&self.kubectl(&["get", "pods", "-l", "app=web", "-o", "json"]))
+            serde_json::from_str(&self.kubectl(&["get", "pods", "-l", selector, "-o", "json"]))
                 .expect("a pod list");
         list["items"]
             .as_array()
@@ -159,6 +166,53 @@ impl Local {
                 )
             })
             .collect()
+    }
+
+    /// A UDP echo Deployment of one (`wharf-probe serve`, answering each
+    /// datagram with its pod's name) behind a Service: ClusterIP
+    /// 10.96.0.101:53, NodePort 30053.
+    fn deploy_udp(&self) {
+        let probe = workspace_binary("wharf-probe");
+        // Two files: kubectl validates a `kind: List` against the
+        // protobuf OpenAPI document, which wharf does not serve.
+        let manifests = [
+            serde_json::json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "udp"},
+                "spec": {
+                    "replicas": 1,
+                    "selector": {"matchLabels": {"app": "udp"}},
+                    "template": {
+                        "metadata": {"labels": {"app": "udp"}},
+                        // PID 1 of its namespace, the probe ignores
+                        // SIGTERM: SIGKILL comes after a second.
+                        "spec": {"terminationGracePeriodSeconds": 1, "containers": [{
+                            "name": "echo", "image": "wharf-probe",
+                            "command": [probe, "serve", "$(POD_NAME)", "--udp", "9053"],
+                            "env": [{"name": "POD_NAME",
+                                     "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                        }]},
+                    },
+                },
+            }),
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "udp"},
+                "spec": {
+                    "type": "NodePort", "clusterIP": "10.96.0.101",
+                    "selector": {"app": "udp"},
+                    "ports": [{"protocol": "UDP", "port": 53, "targetPort": 9053, "nodePort": 30053}],
+                },
+            }),
+        ];
+        for (index, manifest) in manifests.iter().enumerate() {
+            let file = clusters_dir()
+                .join(&self.name)
+                .join(format!("udp-{index}.json"));
+            std::fs::write(&file, manifest.to_string()).unwrap();
+            self.kubectl(&["apply", "-f", file.to_str().unwrap()]);
+        }
+        self.kubectl(&["rollout", "status", "deploy/udp", "--timeout=60s"]);
     }
 
     /// Runs a pod on node `index` that GETs `url` `count` times; returns
@@ -363,6 +417,15 @@ impl Load {
     }
 }
 
+/// One datagram to `target` from `socket`: the name in the answer, if one
+/// came within a second.
+fn ask(socket: &UdpSocket, target: SocketAddr) -> Option<String> {
+    socket.send_to(b"ping", target).ok()?;
+    let mut buf = [0u8; 256];
+    let (n, _) = socket.recv_from(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+}
+
 /// The backend pod named in an answer (`<pod> on <node> from <address>`).
 fn backend(answer: &str) -> &str {
     answer.split(' ').next().unwrap_or_default()
@@ -452,6 +515,41 @@ fn service_routing(case: &str, args: &[&str]) {
         text(&output)
     );
     load.finish_after(3_000, "the agent's restart");
+
+    // UDP from one source port through a NodePort while its service is
+    // scaled to zero and back: the new backend answers the same 5-tuple
+    // (no conntrack entry left pointing at nothing).
+    cluster.deploy_udp();
+    let target: SocketAddr = format!("{}:30053", cluster.node_address(0))
+        .parse()
+        .unwrap();
+    let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let first = cluster.ready_pods("app=udp")[0].0.clone();
+    eventually_within("the UDP backend answers", Duration::from_secs(20), || {
+        ask(&socket, target).as_deref() == Some(first.as_str())
+    });
+    cluster.kubectl(&["scale", "deploy/udp", "--replicas=0"]);
+    eventually("no UDP pod left", || {
+        cluster
+            .kubectl(&["get", "pods", "-l", "app=udp", "-o", "name"])
+            .trim()
+            .is_empty()
+    });
+    for _ in 0..3 {
+        assert_eq!(ask(&socket, target), None, "nothing to answer");
+    }
+    cluster.kubectl(&["scale", "deploy/udp", "--replicas=1"]);
+    cluster.kubectl(&["rollout", "status", "deploy/udp", "--timeout=60s"]);
+    let second = cluster.ready_pods("app=udp")[0].0.clone();
+    assert_ne!(first, second);
+    eventually_within(
+        "the new UDP backend answers the same 5-tuple",
+        Duration::from_secs(5),
+        || ask(&socket, target).as_deref() == Some(second.as_str()),
+    );
 
     cluster.down();
 }
