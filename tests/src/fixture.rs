@@ -50,7 +50,11 @@ impl Fixture {
         let node = format!("test-{name}-{}", std::process::id());
         let bpffs = std::path::Path::new(BPFFS);
         Dataplane::teardown(bpffs, &node).expect("removing stale pins");
-        let mut dataplane = Dataplane::load(bpffs, &node).expect("loading the dataplane");
+        let mut dataplane = Dataplane::load(bpffs, &node).unwrap_or_else(|error| {
+            // Maps are pinned before the programs load: leave none behind.
+            let _ = Dataplane::teardown(bpffs, &node);
+            panic!("loading the dataplane: {error}");
+        });
         let reconciler = Reconciler::new(dataplane.maps().expect("maps")).expect("reconciler");
         Self {
             dataplane,
