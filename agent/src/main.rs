@@ -201,7 +201,7 @@ struct Args {
     pod_devices: Vec<String>,
 
     /// cgroup v2 directory whose processes get socket-LB.
-    #[arg(long, default_value_os_t = default_cgroup())]
+    #[arg(long, default_value_os_t = kubelet::cgroups::v2_mount())]
     cgroup: PathBuf,
 
     /// Skip socket-LB: every packet is translated by TC/XDP instead.
@@ -244,17 +244,6 @@ fn default_node_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "node".into())
-}
-
-/// The cgroup v2 mount: hybrid hosts (like this project's CI) have it at
-/// /sys/fs/cgroup/unified, unified hosts at /sys/fs/cgroup.
-fn default_cgroup() -> PathBuf {
-    let unified = PathBuf::from("/sys/fs/cgroup/unified");
-    if unified.join("cgroup.procs").exists() {
-        unified
-    } else {
-        PathBuf::from("/sys/fs/cgroup")
-    }
 }
 
 /// Multi-threaded: a sync blocks its thread (iptables-restore at 10k

@@ -12,7 +12,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
-use crate::cluster::{Host, ProxyMode, RuntimeKind, Spec, StoreKind};
+use crate::cluster::{Host, Spec};
 
 #[derive(Debug, Parser)]
 #[command(name = "wharf", version, about = "wharf: local clusters")]
@@ -46,21 +46,8 @@ enum ClusterCommand {
     Up {
         #[arg(long, default_value = "wharf")]
         name: String,
-        #[arg(long, default_value_t = 2)]
-        nodes: u8,
-        #[arg(long, value_enum, default_value = "auto")]
-        proxy_mode: ProxyMode,
-        #[arg(long, value_enum, default_value = "embedded")]
-        store: StoreKind,
-        #[arg(long, value_enum, default_value = "process")]
-        runtime: RuntimeKind,
-        /// A further flag for wharf-control (repeat for more), e.g.
-        /// `--control-arg=--node-monitor-grace-period=10`.
-        #[arg(long = "control-arg", allow_hyphen_values = true)]
-        control_args: Vec<String>,
-        /// A further flag for every wharf-agent (repeat for more).
-        #[arg(long = "agent-arg", allow_hyphen_values = true)]
-        agent_args: Vec<String>,
+        #[command(flatten)]
+        spec: Spec,
     },
     /// Removes every trace of a cluster: processes, pods, namespaces,
     /// links, routes, BPF pins, cgroups, rules and its directory.
@@ -102,23 +89,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     } = cli.command;
     let host = Host::new(clusters_dir)?;
     match command {
-        ClusterCommand::Up {
-            name,
-            nodes,
-            proxy_mode,
-            store,
-            runtime,
-            control_args,
-            agent_args,
-        } => {
-            let spec = Spec {
-                nodes,
-                proxy_mode,
-                store,
-                runtime,
-                control_args,
-                agent_args,
-            };
+        ClusterCommand::Up { name, spec } => {
             eprintln!("wharf: cluster {name} up");
             let nodes = spec.nodes;
             let layout = cluster::up(&host, &name, spec).await?;

@@ -303,20 +303,14 @@ impl Lab {
     /// NIC has no such need.
     pub fn passthrough_xdp(&mut self, ns: &str, device: &str) {
         let node = self.node(&format!("xdp-{ns}-{device}"));
-        let netns = fs::File::open(format!("/run/netns/{ns}")).expect("namespace file");
-        let device = device.to_string();
-        thread::spawn(move || {
-            // SAFETY: setns on a descriptor we own, for this thread only.
-            let entered = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(entered, 0, "setns: {}", std::io::Error::last_os_error());
-            let mut dataplane = Dataplane::load(Path::new(BPFFS), &node).expect("loading");
-            assert!(
-                dataplane.attach_xdp(&device).expect("attaching XDP"),
-                "no native XDP on {device}"
-            );
-        })
-        .join()
+        let native = Dataplane::attach_passthrough(
+            Path::new(BPFFS),
+            &node,
+            &Path::new("/run/netns").join(ns),
+            &[device.to_string()],
+        )
         .expect("attaching the passthrough XDP program");
+        assert!(native, "no native XDP on {device}");
     }
 
     /// Routes `destination` through `via` in the host's own table (an

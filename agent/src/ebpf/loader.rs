@@ -107,6 +107,12 @@ pub enum LoadError {
     },
     #[error(transparent)]
     Table(#[from] TableError),
+    #[error("network namespace {path}: {source}")]
+    Namespace {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// The loaded dataplane of one node.
@@ -163,6 +169,50 @@ impl Dataplane {
                 .map_err(|source| program_error(name, source))?;
         }
         Ok(dataplane)
+    }
+
+    /// Attaches a dataplane with no services, pinned as `name`, by XDP to
+    /// `devices` of the network namespace at `netns`: it passes every
+    /// frame. A veth delivers what its partner sends back out (XDP_TX)
+    /// only to a peer that runs XDP itself, which a real NIC never needs;
+    /// the veth "wires" of local clusters and of the netns tests get one.
+    /// Returns whether every device took native XDP.
+    pub fn attach_passthrough(
+        bpffs: &Path,
+        name: &str,
+        netns: &Path,
+        devices: &[String],
+    ) -> Result<bool, LoadError> {
+        let namespace_error = |source| LoadError::Namespace {
+            path: netns.to_path_buf(),
+            source,
+        };
+        let namespace = fs::File::open(netns).map_err(namespace_error)?;
+        // A thread of its own joins the namespace and ends with the work.
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: setns(2) on a descriptor this thread owns;
+                    // it changes this short-lived thread's namespace only.
+                    let entered = unsafe {
+                        libc::setns(
+                            std::os::fd::AsRawFd::as_raw_fd(&namespace),
+                            libc::CLONE_NEWNET,
+                        )
+                    };
+                    if entered != 0 {
+                        return Err(namespace_error(io::Error::last_os_error()));
+                    }
+                    let mut dataplane = Self::load(bpffs, name)?;
+                    let mut native = true;
+                    for device in devices {
+                        native &= dataplane.attach_xdp(device)?;
+                    }
+                    Ok(native)
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
     }
 
     /// Removes a node's pins: detaches its programs and frees its maps

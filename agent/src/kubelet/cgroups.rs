@@ -32,6 +32,17 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
     }
 }
 
+/// The cgroup v2 mount: hybrid hosts (like this project's CI) have it at
+/// /sys/fs/cgroup/unified, unified hosts at /sys/fs/cgroup.
+pub fn v2_mount() -> PathBuf {
+    let unified = PathBuf::from("/sys/fs/cgroup/unified");
+    if unified.join("cgroup.procs").exists() {
+        unified
+    } else {
+        PathBuf::from("/sys/fs/cgroup")
+    }
+}
+
 /// CFS period for CPU limits, as kubelet sets it (100 ms).
 pub const CPU_PERIOD_US: u64 = 100_000;
 

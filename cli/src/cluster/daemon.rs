@@ -124,11 +124,7 @@ impl Daemon {
         let child = self
             .command()?
             .spawn()
-            .map_err(|source| DaemonError::Spawn {
-                role: self.role.clone(),
-                program: self.program.clone(),
-                source,
-            })?;
+            .map_err(|source| self.spawn_error(source))?;
         let pid = i32::try_from(child.id()).expect("pids fit in i32");
         // Reaped by init once this command exits; until then a zombie,
         // which `alive` does not count as running.
@@ -137,6 +133,21 @@ impl Daemon {
             pid,
             start: start_time(pid).unwrap_or(0),
         })
+    }
+
+    /// Runs it to its end instead (a one-off such as a teardown).
+    pub fn run(&self) -> Result<std::process::ExitStatus, DaemonError> {
+        self.command()?
+            .status()
+            .map_err(|source| self.spawn_error(source))
+    }
+
+    fn spawn_error(&self, source: std::io::Error) -> DaemonError {
+        DaemonError::Spawn {
+            role: self.role.clone(),
+            program: self.program.clone(),
+            source,
+        }
     }
 }
 

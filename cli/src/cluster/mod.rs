@@ -86,17 +86,25 @@ fn value_name(value: impl ValueEnum) -> String {
         .unwrap_or_default()
 }
 
-/// What a cluster is asked to be.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// What a cluster is asked to be: `up`'s flags, and what its state file
+/// records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 pub struct Spec {
+    #[arg(long, default_value_t = 2)]
     pub nodes: u8,
+    #[arg(long, value_enum, default_value = "auto")]
     pub proxy_mode: ProxyMode,
+    #[arg(long, value_enum, default_value = "embedded")]
     pub store: StoreKind,
+    #[arg(long, value_enum, default_value = "process")]
     pub runtime: RuntimeKind,
-    /// More flags for wharf-control (timings for tests, say).
+    /// A further flag for wharf-control (repeat for more), e.g.
+    /// `--control-arg=--node-monitor-grace-period=10`.
+    #[arg(long = "control-arg", allow_hyphen_values = true)]
     #[serde(default)]
     pub control_args: Vec<String>,
-    /// More flags for every agent.
+    /// A further flag for every wharf-agent (repeat for more).
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
     #[serde(default)]
     pub agent_args: Vec<String>,
 }
@@ -196,16 +204,9 @@ impl Host {
     /// beside the running `wharf`.
     pub fn new(clusters_dir: PathBuf) -> Result<Self, ClusterError> {
         let exe = std::env::current_exe().map_err(io_error(Path::new("/proc/self/exe")))?;
-        let unified = Path::new("/sys/fs/cgroup/unified");
-        // Hybrid hosts (this project's CI) have cgroup v2 there.
-        let cgroup_root = if unified.join("cgroup.procs").exists() {
-            unified.to_path_buf()
-        } else {
-            PathBuf::from("/sys/fs/cgroup")
-        };
         Ok(Self {
             clusters_dir,
-            cgroup_root,
+            cgroup_root: wharf_agent::kubelet::cgroups::v2_mount(),
             bpffs: PathBuf::from(network::BPFFS),
             bin_dir: exe.parent().map(Path::to_path_buf).unwrap_or_default(),
         })
@@ -698,15 +699,7 @@ fn teardown(agent: &Daemon, layout: &Layout) -> Result<(), ClusterError> {
         cgroup: node.agent_cgroup.clone(),
         log: log.clone(),
     };
-    let status = teardown
-        .command()?
-        .status()
-        .map_err(|source| DaemonError::Spawn {
-            role: teardown.role.clone(),
-            program: teardown.program.clone(),
-            source,
-        })?;
-    if !status.success() {
+    if !teardown.run()?.success() {
         return Err(ClusterError::Teardown {
             node: node.name,
             tail: tail(&log),

@@ -200,42 +200,22 @@ pub fn underlay_pins(name: &str) -> String {
     format!("{name}-underlay")
 }
 
-/// A pass-through XDP program (the dataplane with no services) on the
-/// underlay's ports: a veth delivers frames a node's XDP sends back out
-/// (XDP_TX, NodePorts to other nodes' pods) only to a peer that runs XDP
-/// itself. Real NICs have no such need.
+/// The dataplane with no services, by XDP, on the underlay's ports (see
+/// `Dataplane::attach_passthrough`: a veth peer must run XDP to receive
+/// a node's XDP_TX frames).
 pub fn passthrough_xdp(layout: &Layout, ports: &[String]) -> Result<(), NetworkError> {
-    let failed = |step: &str, error: String| NetworkError::Failed {
-        command: format!("{step} (pass-through XDP in {})", layout.underlay_netns()),
-        stderr: error,
-    };
-    let netns = fs::File::open(Path::new("/run/netns").join(layout.underlay_netns()))
-        .map_err(|e| failed("opening the namespace", e.to_string()))?;
-    let pins = underlay_pins(&layout.name);
-    // A thread of its own enters the namespace; it ends with the work.
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: setns on a descriptor this thread owns, for this
-                // thread only.
-                if unsafe {
-                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&netns), libc::CLONE_NEWNET)
-                } != 0
-                {
-                    return Err(failed("setns", std::io::Error::last_os_error().to_string()));
-                }
-                let mut dataplane = Dataplane::load(Path::new(BPFFS), &pins)
-                    .map_err(|e| failed("loading", e.to_string()))?;
-                for port in ports {
-                    dataplane
-                        .attach_xdp(port)
-                        .map_err(|e| failed(&format!("attaching to {port}"), e.to_string()))?;
-                }
-                Ok(())
-            })
-            .join()
-            .map_err(|_| failed("attaching", "the thread panicked".into()))?
-    })
+    let netns = Path::new("/run/netns").join(layout.underlay_netns());
+    Dataplane::attach_passthrough(
+        Path::new(BPFFS),
+        &underlay_pins(&layout.name),
+        &netns,
+        ports,
+    )
+    .map_err(|error| NetworkError::Failed {
+        command: format!("pass-through XDP in {}", layout.underlay_netns()),
+        stderr: error.to_string(),
+    })?;
+    Ok(())
 }
 
 /// The namespaces of the cluster named `name` that exist, nodes first:
