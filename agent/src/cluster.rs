@@ -199,9 +199,12 @@ impl Cluster {
 }
 
 impl Source for Cluster {
-    /// Short: programming latency is what this mode is judged by; changes
-    /// arriving during a sync are all taken by the next one.
-    const BATCH: Duration = Duration::from_millis(20);
+    /// Watch events carry whole objects: nothing to wait for.
+    const SETTLE: Duration = Duration::ZERO;
+    /// Short: programming latency is what this mode is judged by (a lone
+    /// endpoint change is programmed within a few ms of its event), and
+    /// changes arriving during a sync are all taken by the next one.
+    const MIN_INTERVAL: Duration = Duration::from_millis(20);
 
     async fn changed(&mut self) {
         match self.changes.recv().await {

@@ -79,7 +79,8 @@ impl Manifests {
 
 impl Source for Manifests {
     /// Editors and `kubectl`-style tools write a file in several steps.
-    const BATCH: Duration = Duration::from_millis(100);
+    const SETTLE: Duration = Duration::from_millis(100);
+    const MIN_INTERVAL: Duration = Duration::ZERO;
 
     async fn changed(&mut self) {
         if self.changes.recv().await.is_none() {

@@ -1,10 +1,11 @@
 //! The loop that keeps a `ServiceProxy` programmed from a source of
-//! desired state (manifest files or an API server): it batches bursts of
-//! changes into one sync, retries failed syncs with back-off, reads the
-//! dataplane back in full now and then to repair drift, and ages out idle
-//! flows. It never syncs (so never prunes a service) before the source
-//! knows the whole desired state, so a restart with the API server away
-//! leaves forwarding as it was; only idle flows age out meanwhile.
+//! desired state (manifest files or an API server): it programs a change
+//! at once and batches the rest of a burst into one more sync, retries
+//! failed syncs with back-off, reads the dataplane back in full now and
+//! then to repair drift, and ages out idle flows. It never syncs (so never
+//! prunes a service) before the source knows the whole desired state, so a
+//! restart with the API server away leaves forwarding as it was; only
+//! idle flows age out meanwhile.
 
 use std::{
     future::Future,
@@ -30,9 +31,15 @@ const FLOW_EXPIRY_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Where desired state comes from.
 pub trait Source {
-    /// How long to wait after a change for the rest of its burst, so a
-    /// burst costs one sync.
-    const BATCH: Duration;
+    /// How long to wait after a change before reading the source: for a
+    /// change that arrives in pieces (a file written in several steps).
+    const SETTLE: Duration;
+
+    /// Least time from the end of one sync to the start of the next. A
+    /// change after a quiet spell is programmed at once; the rest of its
+    /// burst waits out this interval and costs one more sync, however
+    /// long (kube-proxy's `minSyncPeriod` works the same way).
+    const MIN_INTERVAL: Duration;
 
     /// Resolves when something changed that may change the desired state.
     fn changed(&mut self) -> impl Future<Output = ()>;
@@ -73,15 +80,18 @@ pub async fn run<P: ServiceProxy, S: Source>(
     expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     full_resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     retry.after(programmer.sync(proxy, source));
+    let mut last_sync = tokio::time::Instant::now();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => return,
             () = source.changed() => {
                 telemetry.change_queued();
-                // The rest of the burst is taken in by `desired`.
-                tokio::time::sleep(S::BATCH).await;
+                // Whatever else arrives meanwhile is taken in by `desired`.
+                tokio::time::sleep(S::SETTLE).await;
+                tokio::time::sleep_until(last_sync + S::MIN_INTERVAL).await;
                 retry.after(programmer.sync(proxy, source));
+                last_sync = tokio::time::Instant::now();
             }
             () = tokio::time::sleep_until(retry.at.unwrap_or_else(tokio::time::Instant::now)), if retry.at.is_some() => {
                 retry.after(programmer.sync(proxy, source));
@@ -267,7 +277,8 @@ mod tests {
     struct Script(Vec<Update>);
 
     impl Source for Script {
-        const BATCH: Duration = Duration::ZERO;
+        const SETTLE: Duration = Duration::ZERO;
+        const MIN_INTERVAL: Duration = Duration::ZERO;
 
         async fn changed(&mut self) {
             std::future::pending().await
