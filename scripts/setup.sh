@@ -25,10 +25,11 @@ python3 -m pip --version >/dev/null 2>&1 \
 # back in tests), qemu + busybox for the VM harness the IPVS mode is
 # tested in (this host's kernel has no IPVS), and containerd, runc and the
 # CNI project's plugins (its loopback plugin) for the CRI tests (busybox
-# also makes their images).
+# also makes their images), and wrk, the keep-alive HTTP load of `wharf
+# bench routing`.
 packages=(llvm-22-dev libzstd-dev zlib1g-dev iproute2 ethtool curl etcd-server protobuf-compiler
   iptables nftables conntrack ipvsadm qemu-system-x86 busybox-static cpio binutils
-  containerd runc containernetworking-plugins)
+  containerd runc containernetworking-plugins wrk)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -1,6 +1,6 @@
-//! What `up` and `down` show while they work, on stderr: one line per
-//! finished step with its time, and on a terminal the step under way
-//! redrawn in place (waiting for nodes: `2/3 Ready`).
+//! What `cluster up|down` and `bench` show while they work, on stderr:
+//! one line per finished step with its time, and on a terminal the step
+//! under way redrawn in place (waiting for nodes: `2/3 Ready`).
 
 use std::{
     io::{IsTerminal as _, Write as _},

@@ -30,6 +30,7 @@ use std::{
 
 use wharf_tests::{
     cluster::{eventually, eventually_within},
+    containerd::BUSYBOX_IMAGE,
     fixture::require_root,
     lab::workspace_binary,
 };
@@ -229,7 +230,7 @@ impl Local {
                 "nodeName": format!("{}-n{}", self.name, index + 1),
                 "restartPolicy": "Never",
                 "containers": [{
-                    "name": "client", "image": "busybox:1.36",
+                    "name": "client", "image": BUSYBOX_IMAGE,
                     "command": ["/bin/busybox", "sh", "-c", script],
                 }],
             },
@@ -294,8 +295,27 @@ impl Local {
             .filter(|n| n.starts_with(&format!("wharf-{name}")) && !n.ends_with("-ext"))
             .collect();
         assert!(netns.is_empty(), "namespaces left: {netns:?}");
+        // containerd (cri runtime) keeps pod namespaces below its state
+        // directory, never in /run/netns.
+        let cri: Vec<String> = std::fs::read_dir("/run/netns")
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("cni-"))
+            .collect();
+        assert!(cri.is_empty(), "pod namespaces in /run/netns: {cri:?}");
         assert!(!Path::new(&format!("/sys/class/net/wh-{name}")).exists());
-        assert!(!Path::new(&format!("/sys/fs/cgroup/unified/wharf/{name}")).exists());
+        // Nor in a v1 hierarchy (runc makes pod cgroups there too).
+        let cgroups: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+            .unwrap()
+            .flatten()
+            .map(|h| h.path().join("wharf").join(&name))
+            .filter(|c| c.exists())
+            .collect();
+        assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
+        let dir = clusters_dir().join(&name).display().to_string();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mounts.contains(&dir), "mounts left below {dir}");
         let pins: Vec<String> = std::fs::read_dir("/sys/fs/bpf/wharf")
             .map(|d| {
                 d.flatten()
@@ -516,6 +536,15 @@ fn service_routing(case: &str, args: &[&str]) {
     );
     load.finish_after(3_000, "the agent's restart");
 
+    // The UDP server is wharf-probe, a binary of the host's: the cri
+    // runtime's busybox image has none.
+    if !args.contains(&"cri") {
+        udp_scale_to_zero_and_back(&cluster);
+    }
+    cluster.down();
+}
+
+fn udp_scale_to_zero_and_back(cluster: &Local) {
     // UDP from one source port through a NodePort while its service is
     // scaled to zero and back: the new backend answers the same 5-tuple
     // (no conntrack entry left pointing at nothing).
@@ -550,8 +579,6 @@ fn service_routing(case: &str, args: &[&str]) {
         Duration::from_secs(5),
         || ask(&socket, target).as_deref() == Some(second.as_str()),
     );
-
-    cluster.down();
 }
 
 #[test]
@@ -567,6 +594,13 @@ fn service_routing_iptables() {
 #[test]
 fn service_routing_nftables() {
     service_routing("nft", &["--proxy-mode", "nftables"]);
+}
+
+/// Pods run by each node's containerd, in eBPF mode: socket-LB and TC
+/// on the pods' cgroups and veths as containerd and runc make them.
+#[test]
+fn service_routing_cri() {
+    service_routing("cri", &["--proxy-mode", "ebpf", "--runtime", "cri"]);
 }
 
 #[test]

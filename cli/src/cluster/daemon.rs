@@ -212,6 +212,53 @@ pub fn remove_cgroup(dir: &Path) -> std::io::Result<()> {
     remove_tree(dir)
 }
 
+/// Removes `relative` (a cgroup path, e.g. `wharf/<cluster>`) from every
+/// cgroup v1 hierarchy beside the v2 mount `v2_mount`, children first;
+/// its processes must be gone (killed through the v2 tree).
+pub fn remove_v1_cgroups(v2_mount: &Path, relative: &Path) -> std::io::Result<()> {
+    let Some(root) = v2_mount.parent() else {
+        return Ok(());
+    };
+    let Ok(hierarchies) = fs::read_dir(root) else {
+        return Ok(());
+    };
+    for hierarchy in hierarchies.flatten() {
+        let path = hierarchy.path();
+        if path == v2_mount || !hierarchy.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let dir = path.join(relative);
+        if dir.exists() {
+            remove_tree(&dir)?;
+            // The clusters' common parent goes with the last of them.
+            if let Some(parent) = dir.parent() {
+                let _ = fs::remove_dir(parent);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Detaches every mount below `dir`, deepest first (what a killed
+/// containerd left: overlay root filesystems, sandbox shm).
+pub fn unmount_below(dir: &Path) {
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut targets: Vec<&str> = mounts
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .filter(|target| Path::new(target).starts_with(dir))
+        .collect();
+    targets.sort_by_key(|target| std::cmp::Reverse(target.len()));
+    for target in targets {
+        let Ok(target) = std::ffi::CString::new(target) else {
+            continue;
+        };
+        // SAFETY: `target` is a valid NUL-terminated path; a failure (not
+        // mounted any more) leaves nothing to undo.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
 fn remove_tree(dir: &Path) -> std::io::Result<()> {
     for entry in fs::read_dir(dir)? {
         let entry = entry?;

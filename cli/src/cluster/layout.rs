@@ -197,9 +197,25 @@ impl NodeLayout {
             format!("--cgroup={}", self.cgroup.display()),
             format!("--api-socket={}", path("run/agent.sock")),
             format!("--state-dir={}", path("state")),
-            format!("--cni-bin-dir={}", path("cni/bin")),
-            format!("--cni-conf-dir={}", path("cni/net.d")),
+            format!("--cni-bin-dir={}", self.cni_bin().display()),
+            format!("--cni-conf-dir={}", self.cni_conf().display()),
         ]
+    }
+
+    /// Where the agent installs wharf-cni (and containerd finds it).
+    pub fn cni_bin(&self) -> PathBuf {
+        self.dir.join("cni/bin")
+    }
+
+    /// Where the agent writes the CNI configuration.
+    pub fn cni_conf(&self) -> PathBuf {
+        self.dir.join("cni/net.d")
+    }
+
+    /// The node's containerd (cri runtime): configuration, root, state,
+    /// socket.
+    pub fn containerd_dir(&self) -> PathBuf {
+        self.dir.join("containerd")
     }
 }
 

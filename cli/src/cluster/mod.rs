@@ -12,7 +12,6 @@
 pub mod daemon;
 pub mod layout;
 pub mod network;
-mod progress;
 
 use std::{
     fs::{self, File},
@@ -26,14 +25,15 @@ use clap::ValueEnum;
 use k8s_openapi::api::core::v1::Node;
 use kube::{Api, Client, api::ListParams};
 use serde::{Deserialize, Serialize};
+use wharf_cli::containerd;
 use wharf_control::{etcd_process, join};
 
 use self::{
     daemon::{Daemon, DaemonError, Running},
     layout::{API_PORT, BadName, CLUSTER_CIDR, Layout, MAX_NODES, SERVICE_CIDR, SLOTS},
     network::NetworkError,
-    progress::Progress,
 };
+use crate::progress::Progress;
 
 /// How long wharf-control may take to serve (measured: under 1 s here;
 /// etcd adds about 0.3 s).
@@ -41,6 +41,9 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the nodes may take to be Ready once their agents run
 /// (measured: about 3 s for three nodes).
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a node's containerd may take to serve its socket (measured:
+/// about 0.2 s).
+const CONTAINERD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a daemon has between SIGTERM and SIGKILL (the agent's own
 /// shutdown takes well under a second).
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -77,6 +80,10 @@ pub enum RuntimeKind {
     /// Each container's command on the node's filesystem (copy on
     /// write); images are recorded, not pulled.
     Process,
+    /// A containerd per node (Debian's, with runc) through its CRI
+    /// plugin, wharf-cni as its network; it has the images `up` builds
+    /// from busybox-static (`wharf.local/busybox:1`), and pulls others.
+    Cri,
 }
 
 fn value_name(value: impl ValueEnum) -> String {
@@ -124,6 +131,16 @@ struct Record {
     daemon: Daemon,
     running: Option<Running>,
 }
+
+impl Record {
+    /// A node's agent (not its containerd, not the control plane).
+    fn is_agent(&self) -> bool {
+        self.daemon.netns.is_some() && !self.daemon.role.ends_with(CONTAINERD_ROLE)
+    }
+}
+
+/// The suffix of a node's containerd's role (`n1-containerd`).
+const CONTAINERD_ROLE: &str = "-containerd";
 
 /// Where clusters live on this host and what they are made of.
 #[derive(Clone, Debug)]
@@ -192,6 +209,20 @@ pub enum ClusterError {
     NotReady { nodes: String, logs: PathBuf },
     #[error("teardown of {node} failed; the end of its output:\n{tail}")]
     Teardown { node: String, tail: String },
+    #[error("containerd of {node}: {source}")]
+    Containerd {
+        node: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "containerd of {node} did not serve within {CONTAINERD_TIMEOUT:?}; the end of {log}:\n{tail}"
+    )]
+    ContainerdNotReady {
+        node: String,
+        log: PathBuf,
+        tail: String,
+    },
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError {
@@ -335,11 +366,24 @@ pub async fn up(host: &Host, name: &str, spec: Spec) -> Result<Layout, ClusterEr
     let control = host.binary("wharf-control")?;
     let agent = host.binary("wharf-agent")?;
     host.binary("wharf-cni")?;
-    if spec.store == StoreKind::Etcd && Command::new("etcd").arg("--version").output().is_err() {
-        return Err(ClusterError::Missing {
-            program: "etcd".into(),
-            hint: "apt-get install etcd-server",
-        });
+    let mut needed = Vec::new();
+    if spec.store == StoreKind::Etcd {
+        needed.push(("etcd", "apt-get install etcd-server"));
+    }
+    if spec.runtime == RuntimeKind::Cri {
+        needed.extend([
+            ("containerd", "apt-get install containerd"),
+            ("ctr", "apt-get install containerd"),
+            ("runc", "apt-get install runc"),
+        ]);
+    }
+    for (program, hint) in needed {
+        if Command::new(program).arg("--version").output().is_err() {
+            return Err(ClusterError::Missing {
+                program: program.into(),
+                hint,
+            });
+        }
     }
     let _lock = host.lock()?;
     let mut progress = Progress::new();
@@ -404,6 +448,14 @@ pub async fn up(host: &Host, name: &str, spec: Spec) -> Result<Layout, ClusterEr
         value_name(spec.store)
     ));
 
+    if spec.runtime == RuntimeKind::Cri {
+        start_containerds(host, &layout, &mut state)?;
+        progress.done(&format!(
+            "containerd on {} node(s), images imported",
+            spec.nodes
+        ));
+    }
+
     // Nodes join once, with a token of their own; restarted agents use
     // the credentials they got then.
     let unjoined: Vec<u8> = (0..spec.nodes)
@@ -432,6 +484,59 @@ pub async fn up(host: &Host, name: &str, spec: Spec) -> Result<Layout, ClusterEr
     wait_for_nodes(&layout, &state, &client, &mut progress).await?;
     progress.done(&format!("{} node(s) Ready", spec.nodes));
     Ok(layout)
+}
+
+/// With the cri runtime: each node's containerd started (or found
+/// running), serving, and holding the images, before its agent starts.
+fn start_containerds(host: &Host, layout: &Layout, state: &mut State) -> Result<(), ClusterError> {
+    let images = layout.dir.join("images");
+    for index in 0..state.spec.nodes {
+        let node = layout.node(index);
+        let failed = |source| ClusterError::Containerd {
+            node: node.name.clone(),
+            source,
+        };
+        let dir = node.containerd_dir();
+        let config =
+            containerd::configure(&dir, &node.cni_bin(), &node.cni_conf()).map_err(failed)?;
+        let role = format!("{}{CONTAINERD_ROLE}", node.short);
+        let position = match state.daemons.iter().position(|r| r.daemon.role == role) {
+            Some(position) => position,
+            None => {
+                state.daemons.push(Record {
+                    daemon: Daemon {
+                        log: layout.logs_dir().join(format!("{role}.log")),
+                        role,
+                        program: PathBuf::from("containerd"),
+                        args: vec!["--config".into(), config.display().to_string()],
+                        netns: Some(node.netns.clone()),
+                        cgroup: node.cgroup.join("containerd"),
+                    },
+                    running: None,
+                });
+                state.daemons.len() - 1
+            }
+        };
+        if state.daemons[position].running.is_none_or(|r| !r.alive()) {
+            state.daemons[position].running = Some(state.daemons[position].daemon.start()?);
+            host.write_state(state)?;
+        }
+        let socket = containerd::socket(&dir);
+        let deadline = Instant::now() + CONTAINERD_TIMEOUT;
+        while containerd::ctr(&socket, &["version"]).is_err() {
+            let record = &state.daemons[position];
+            if Instant::now() > deadline || record.running.is_some_and(|r| !r.alive()) {
+                return Err(ClusterError::ContainerdNotReady {
+                    node: node.name,
+                    log: record.daemon.log.clone(),
+                    tail: tail(&record.daemon.log),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        containerd::import_images(&socket, &images).map_err(failed)?;
+    }
+    Ok(())
 }
 
 /// etcd (with `--store etcd`) and wharf-control.
@@ -491,6 +596,10 @@ fn agent_daemon(
         format!("--token={}", join.token),
         format!("--ca-cert-hash={}", join.ca_cert_hash),
     ]);
+    if spec.runtime == RuntimeKind::Cri {
+        let socket = containerd::socket(&node.containerd_dir());
+        args.push(format!("--container-runtime-endpoint={}", socket.display()));
+    }
     args.extend(spec.agent_args.iter().cloned());
     Daemon {
         role: node.short.clone(),
@@ -619,8 +728,10 @@ pub fn down(host: &Host, name: &str, keep_data: bool) -> Result<Removed, Cluster
     let mut removed = Removed::default();
     if let Some(state) = &state {
         let layout = host.layout(name, state.slot);
-        let (agents, control): (Vec<&Record>, Vec<&Record>) =
-            state.daemons.iter().partition(|r| r.daemon.netns.is_some());
+        // Agents first, and torn down while their containerd still runs
+        // (their pods are removed through it).
+        let (agents, others): (Vec<&Record>, Vec<&Record>) =
+            state.daemons.iter().partition(|r| r.is_agent());
         for record in &agents {
             if let Some(running) = record.running.filter(Running::alive) {
                 running.stop(STOP_GRACE);
@@ -631,8 +742,8 @@ pub fn down(host: &Host, name: &str, keep_data: bool) -> Result<Removed, Cluster
             teardown(&record.daemon, &layout)?;
         }
         progress.done(&format!("{} node(s) torn down", agents.len()));
-        // wharf-control before etcd, its store.
-        for record in control.iter().rev() {
+        // Then containerds, wharf-control, and etcd, its store.
+        for record in others.iter().rev() {
             if let Some(running) = record.running.filter(Running::alive) {
                 running.stop(STOP_GRACE);
                 removed.processes += 1;
@@ -640,6 +751,11 @@ pub fn down(host: &Host, name: &str, keep_data: bool) -> Result<Removed, Cluster
         }
     }
     daemon::remove_cgroup(&cgroup).map_err(io_error(&cgroup))?;
+    // runc (the cri runtime) also makes pod cgroups in the v1
+    // hierarchies of a hybrid host, at the same relative path.
+    if let Ok(relative) = cgroup.strip_prefix(&host.cgroup_root) {
+        daemon::remove_v1_cgroups(&host.cgroup_root, relative).map_err(io_error(relative))?;
+    }
     // The clusters' common parent goes with the last of them.
     if let Some(parent) = cgroup.parent() {
         let _ = fs::remove_dir(parent);
@@ -654,6 +770,8 @@ pub fn down(host: &Host, name: &str, keep_data: bool) -> Result<Removed, Cluster
         "{} process(es) stopped, {} namespace(s) removed",
         removed.processes, removed.namespaces
     ));
+    // What containerd left mounted there (its processes are gone).
+    daemon::unmount_below(&dir);
     if keep_data {
         let state_file = dir.join("cluster.json");
         if state_file.exists() {
@@ -663,6 +781,44 @@ pub fn down(host: &Host, name: &str, keep_data: bool) -> Result<Removed, Cluster
         fs::remove_dir_all(&dir).map_err(io_error(&dir))?;
     }
     Ok(removed)
+}
+
+/// Stops node `index`'s agent and starts it again; with `clean`, the node
+/// is torn down in between (its pods, pins and rules gone), so the new
+/// agent programs everything from nothing: what `bench routing` times as
+/// a full sync. Returns the agent's log and its length before the start,
+/// where the new agent's lines begin.
+pub fn restart_agent(
+    host: &Host,
+    name: &str,
+    index: u8,
+    clean: bool,
+) -> Result<(PathBuf, u64), ClusterError> {
+    require_root()?;
+    let _lock = host.lock()?;
+    let mut state = host
+        .read_state(name)?
+        .ok_or_else(|| ClusterError::Unknown { name: name.into() })?;
+    let layout = host.layout(name, state.slot);
+    let short = layout.node(index).short;
+    let record = state
+        .daemons
+        .iter_mut()
+        .find(|r| r.daemon.role == short)
+        .ok_or_else(|| ClusterError::Unknown {
+            name: format!("{name}-{short}"),
+        })?;
+    if let Some(running) = record.running.take() {
+        running.stop(STOP_GRACE);
+    }
+    if clean {
+        teardown(&record.daemon, &layout)?;
+    }
+    let offset = fs::metadata(&record.daemon.log).map_or(0, |m| m.len());
+    record.running = Some(record.daemon.start()?);
+    let log = record.daemon.log.clone();
+    host.write_state(&state)?;
+    Ok((log, offset))
 }
 
 /// Runs the node's agent with `--teardown` in its namespace: its pods,
