@@ -10,7 +10,7 @@ use std::{
 };
 
 use futures::{StreamExt as _, TryStreamExt as _};
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::{
     Api, Client, Config,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
@@ -20,6 +20,7 @@ use kube::{
 use wharf_tests::control::{ControlPlane, StoreKind};
 
 wharf_tests::on_both_stores!(
+    bindings_write_the_pod_as_upstream_does,
     kube_watchers_see_every_change,
     acknowledged_writes_survive_kill_9,
     python_client_crud_and_watch,
@@ -39,6 +40,72 @@ fn config_map(name: &str, value: &str) -> ConfigMap {
         "data": { "k": value },
     }))
     .expect("a ConfigMap")
+}
+
+/// pods/binding as upstream's binding storage writes it: only a Node is a
+/// target; the pod gets the node, `PodScheduled` and the binding's
+/// annotations, and nothing else changes (no field manager's entry, no
+/// generation); a bound pod is not bound again.
+fn bindings_write_the_pod_as_upstream_does(plane: ControlPlane) {
+    plane.runtime().block_on(async {
+        let client = client(&plane.kubeconfig()).await;
+        let pods: Api<Pod> = Api::namespaced(client, "default");
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "bound"},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+        }))
+        .unwrap();
+        let created = pods.create(&PostParams::default(), &pod).await.unwrap();
+        let bind = |kind: &str| {
+            let binding = serde_json::json!({
+                "apiVersion": "v1", "kind": "Binding",
+                "metadata": {"name": "bound", "annotations": {"example.com/bound-by": "test"}},
+                "target": {"kind": kind, "name": "node-1"},
+            });
+            let pods = pods.clone();
+            async move {
+                pods.create_subresource::<serde_json::Value>(
+                    "binding",
+                    "bound",
+                    &PostParams::default(),
+                    serde_json::to_vec(&binding).unwrap(),
+                )
+                .await
+            }
+        };
+        let status = |outcome: Result<serde_json::Value, kube::Error>| match outcome {
+            Err(kube::Error::Api(response)) => response.code,
+            other => panic!("an API error, not {other:?}"),
+        };
+        assert_eq!(status(bind("Pod").await), 422, "only Nodes are targets");
+        bind("Node").await.expect("bound");
+
+        let bound = pods.get("bound").await.unwrap();
+        assert_eq!(
+            bound.spec.as_ref().unwrap().node_name.as_deref(),
+            Some("node-1")
+        );
+        let annotations = bound.metadata.annotations.clone().unwrap_or_default();
+        assert_eq!(
+            annotations.get("example.com/bound-by").map(String::as_str),
+            Some("test")
+        );
+        let conditions = bound.status.as_ref().unwrap().conditions.clone().unwrap();
+        let scheduled = conditions
+            .iter()
+            .find(|c| c.type_ == "PodScheduled")
+            .expect("PodScheduled");
+        assert_eq!(scheduled.status, "True");
+        assert!(scheduled.last_transition_time.is_some());
+        assert!(scheduled.last_probe_time.is_none());
+        assert_eq!(
+            bound.metadata.managed_fields,
+            created.metadata.managed_fields
+        );
+        assert_eq!(bound.metadata.generation, created.metadata.generation);
+
+        assert_eq!(status(bind("").await), 409, "already bound");
+    });
 }
 
 fn kube_watchers_see_every_change(plane: ControlPlane) {

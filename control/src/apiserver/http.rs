@@ -1264,11 +1264,25 @@ async fn bind<S: Store>(
         .filter(|n| !n.is_empty())
         .ok_or_else(|| rt.invalid(name, vec![super::status::Cause::required("target.name")]))?
         .to_owned();
+    // As upstream's binding validation: a binding targets a Node.
+    if let Some(kind) = binding["target"]["kind"].as_str()
+        && !kind.is_empty()
+        && kind != "Node"
+    {
+        return Err(rt.invalid(
+            name,
+            vec![super::status::Cause::not_supported(
+                "target.kind",
+                &binding["target"]["kind"],
+                &["Node"],
+            )],
+        ));
+    }
     app.update_object(
         rt,
         namespace,
         name,
-        UpdateMode::MainAndStatus,
+        UpdateMode::Binding,
         &call.write_options()?,
         |current| {
             if let Some(bound) = current["spec"]["nodeName"]
@@ -1296,8 +1310,20 @@ async fn bind<S: Store>(
             }
             let mut next = current.clone();
             next["spec"]["nodeName"] = json!(node);
+            // The binding's annotations go onto the pod.
+            if let Some(annotations) = binding["metadata"]["annotations"].as_object()
+                && !annotations.is_empty()
+            {
+                let pod = &mut next["metadata"]["annotations"];
+                if !pod.is_object() {
+                    *pod = json!({});
+                }
+                for (key, value) in annotations {
+                    pod[key] = value.clone();
+                }
+            }
             // As upstream's binding storage: the pod is now scheduled.
-            let scheduled = json!({ "type": "PodScheduled", "status": "True", "lastProbeTime": null,
+            let scheduled = json!({ "type": "PodScheduled", "status": "True",
                 "lastTransitionTime": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true) });
             let conditions = &mut next["status"]["conditions"];
             if !conditions.is_array() {

@@ -81,9 +81,11 @@ pub enum UpdateMode {
     Main,
     /// Only status.
     Status,
-    /// Both, for the server's own writes that set a field and the status
-    /// that reports it (a binding sets `nodeName` and `PodScheduled`).
-    MainAndStatus,
+    /// A pod's binding: written as it is proposed, as upstream's binding
+    /// storage writes it (a guaranteed update of `nodeName`,
+    /// `PodScheduled` and annotations, without the update strategy,
+    /// admission or field manager; the scheduler's one write per pod).
+    Binding,
     /// A CertificateSigningRequest's `Approved`/`Denied` conditions.
     Approval,
 }
@@ -94,7 +96,7 @@ impl UpdateMode {
         match self {
             Self::Status => Some("status"),
             Self::Approval => Some("approval"),
-            Self::Main | Self::MainAndStatus => None,
+            Self::Main | Self::Binding => None,
         }
     }
 }
@@ -723,10 +725,15 @@ impl<S: Store> App<S> {
             if pinned.is_some_and(|rv| rv != kv.mod_revision) {
                 return Err(self.conflict(rt, name));
             }
-            let next = self.prepare_update(rt, namespace, name, &current, proposed, mode)?;
-            let (mut next, warnings) = self.admit(rt, &next, options)?;
-            let now = now_rfc3339();
-            managed::track_update(Some(&current), &mut next, &options.writer(rt, &now, mode));
+            let (mut next, warnings) = if mode == UpdateMode::Binding {
+                (proposed, Vec::new())
+            } else {
+                let next = self.prepare_update(rt, namespace, name, &current, proposed, mode)?;
+                let (mut next, warnings) = self.admit(rt, &next, options)?;
+                let now = now_rfc3339();
+                managed::track_update(Some(&current), &mut next, &options.writer(rt, &now, mode));
+                (next, warnings)
+            };
             if same_but_resource_version(&next, &current) {
                 // A no-op update writes nothing and keeps resourceVersion.
                 return Ok(Written {

@@ -325,16 +325,19 @@ impl<'a> PodContext<'a> {
     }
 
     fn unschedulable(&self, node: &Node) -> Result<(), Vec<Reason>> {
-        let cordoned = node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true);
+        if node.spec.as_ref().and_then(|s| s.unschedulable) != Some(true) {
+            return Ok(());
+        }
         let taint = Taint {
             key: UNSCHEDULABLE_TAINT.to_owned(),
             effect: "NoSchedule".to_owned(),
             ..Default::default()
         };
-        if cordoned && !self.tolerations.iter().any(|t| pods::tolerates(t, &taint)) {
-            return Err(vec![Reason::Unschedulable]);
+        if self.tolerations.iter().any(|t| pods::tolerates(t, &taint)) {
+            Ok(())
+        } else {
+            Err(vec![Reason::Unschedulable])
         }
-        Ok(())
     }
 
     /// NoSchedule and NoExecute taints; a node that is not Ready counts
@@ -352,14 +355,24 @@ impl<'a> PodContext<'a> {
             .and_then(|s| s.conditions.as_ref())
             .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
             .is_some_and(|c| c.status == "True");
-        let implied =
-            (!ready && !written.iter().any(|t| t.key == NOT_READY_TAINT)).then(|| Taint {
-                key: NOT_READY_TAINT.to_owned(),
-                effect: "NoSchedule".to_owned(),
-                ..Default::default()
-            });
-        let taints: Vec<Taint> = written.iter().cloned().chain(implied).collect();
-        match pods::untolerated(&taints, self.tolerations, &["NoSchedule", "NoExecute"]) {
+        // Scheduling looks at hundreds of nodes per pod: the node's own
+        // taints are borrowed, and copied only when one is implied.
+        let implied;
+        let taints: &[Taint] = if !ready && !written.iter().any(|t| t.key == NOT_READY_TAINT) {
+            implied = written
+                .iter()
+                .cloned()
+                .chain([Taint {
+                    key: NOT_READY_TAINT.to_owned(),
+                    effect: "NoSchedule".to_owned(),
+                    ..Default::default()
+                }])
+                .collect::<Vec<Taint>>();
+            &implied
+        } else {
+            written
+        };
+        match pods::untolerated(taints, self.tolerations, &["NoSchedule", "NoExecute"]) {
             Some(taint) => Err(vec![Reason::UntoleratedTaint {
                 key: taint.key.clone(),
                 value: taint.value.clone().unwrap_or_default(),

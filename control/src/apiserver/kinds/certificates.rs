@@ -193,7 +193,7 @@ pub fn keep_on_update(current: &Value, next: &mut Value, mode: UpdateMode) {
     let mut status = match mode {
         UpdateMode::Approval => current["status"].clone(),
         UpdateMode::Status => next["status"].clone(),
-        UpdateMode::Main | UpdateMode::MainAndStatus => return,
+        UpdateMode::Main | UpdateMode::Binding => return,
     };
     if !status.is_object() {
         status = json!({});
