@@ -101,20 +101,10 @@ pub fn socket(dir: &Path) -> PathBuf {
 /// Runs `ctr` against `socket` in the k8s.io namespace (the CRI
 /// plugin's); its output.
 pub fn ctr(socket: &Path, args: &[&str]) -> Result<String, Error> {
-    let output = Command::new("ctr")
-        .arg("--address")
-        .arg(socket)
-        .args(["--namespace", "k8s.io"])
-        .args(args)
-        .output()?;
-    if !output.status.success() {
-        return Err(Error::other(format!(
-            "ctr {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    let socket = socket.display().to_string();
+    let mut all = vec!["--address", &socket, "--namespace", "k8s.io"];
+    all.extend_from_slice(args);
+    run("ctr", &all)
 }
 
 /// Builds `IMAGES` under `dir` (once: archives already there are kept)
@@ -135,6 +125,8 @@ pub fn import_images(socket: &Path, dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// Runs `program` to its end; its output, or its error output as the
+/// error.
 fn run(program: &str, args: &[&str]) -> Result<String, Error> {
     let output = Command::new(program).args(args).output()?;
     if !output.status.success() {

@@ -449,7 +449,7 @@ pub async fn up(host: &Host, name: &str, spec: Spec) -> Result<Layout, ClusterEr
     ));
 
     if spec.runtime == RuntimeKind::Cri {
-        start_containerds(host, &layout, &mut state)?;
+        start_containerds(host, &layout, &mut state).await?;
         progress.done(&format!(
             "containerd on {} node(s), images imported",
             spec.nodes
@@ -488,7 +488,11 @@ pub async fn up(host: &Host, name: &str, spec: Spec) -> Result<Layout, ClusterEr
 
 /// With the cri runtime: each node's containerd started (or found
 /// running), serving, and holding the images, before its agent starts.
-fn start_containerds(host: &Host, layout: &Layout, state: &mut State) -> Result<(), ClusterError> {
+async fn start_containerds(
+    host: &Host,
+    layout: &Layout,
+    state: &mut State,
+) -> Result<(), ClusterError> {
     let images = layout.dir.join("images");
     for index in 0..state.spec.nodes {
         let node = layout.node(index);
@@ -532,7 +536,7 @@ fn start_containerds(host: &Host, layout: &Layout, state: &mut State) -> Result<
                     tail: tail(&record.daemon.log),
                 });
             }
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         containerd::import_images(&socket, &images).map_err(failed)?;
     }
