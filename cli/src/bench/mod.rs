@@ -180,6 +180,10 @@ pub enum BenchError {
     },
     #[error("{what}: not within {limit:?}")]
     Timeout { what: String, limit: Duration },
+    #[error("{object} has no address")]
+    NoAddress { object: String },
+    #[error(transparent)]
+    Client(#[from] wharf_control::components::ComponentError),
     #[error("load pod {pod} ended {phase} without a report; its log:\n{log}")]
     Load {
         pod: String,
@@ -360,12 +364,7 @@ impl<'a> Bench<'a> {
         exe: &Path,
         progress: &'a mut Progress,
     ) -> Result<Self, BenchError> {
-        let client: Client = wharf_control::components::client(&layout.kubeconfig())
-            .await
-            .map_err(|e| BenchError::Io {
-                path: layout.kubeconfig(),
-                source: std::io::Error::other(e),
-            })?;
+        let client: Client = wharf_control::components::client(&layout.kubeconfig()).await?;
         let agent_log = (
             layout
                 .logs_dir()
@@ -405,9 +404,8 @@ impl<'a> Bench<'a> {
                 .status
                 .and_then(|s| s.pod_ip)
                 .and_then(|ip| ip.parse().ok())
-                .ok_or_else(|| BenchError::Timeout {
-                    what: format!("{name} has no pod IP"),
-                    limit: POD_TIMEOUT,
+                .ok_or_else(|| BenchError::NoAddress {
+                    object: format!("pod {name}"),
                 })?;
         }
         let first = bench.servers[0].1;
@@ -771,9 +769,8 @@ impl<'a> Bench<'a> {
             .spec
             .and_then(|s| s.cluster_ip)
             .and_then(|ip| ip.parse().ok())
-            .ok_or_else(|| BenchError::Timeout {
-                what: format!("a ClusterIP for {name}"),
-                limit: Duration::ZERO,
+            .ok_or_else(|| BenchError::NoAddress {
+                object: format!("Service {name}"),
             })
     }
 }
