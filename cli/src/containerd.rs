@@ -107,6 +107,12 @@ pub fn ctr(socket: &Path, args: &[&str]) -> Result<String, Error> {
     run("ctr", &all)
 }
 
+/// Whether the containerd at `socket` answers (its socket file appears
+/// before it serves).
+pub fn serving(socket: &Path) -> bool {
+    ctr(socket, &["version"]).is_ok()
+}
+
 /// Builds `IMAGES` under `dir` (once: archives already there are kept)
 /// and imports them into the containerd at `socket`.
 pub fn import_images(socket: &Path, dir: &Path) -> Result<(), Error> {

@@ -18,7 +18,7 @@ use std::{
 };
 
 pub use wharf_cli::containerd::{BUSYBOX_IMAGE, PAUSE_IMAGE};
-use wharf_cli::containerd::{configure, ctr, import_images, socket};
+use wharf_cli::containerd::{configure, ctr, import_images, serving, socket};
 
 use crate::lab::Lab;
 
@@ -68,14 +68,14 @@ impl Containerd {
             cgroup_parent,
             child,
         };
-        containerd.wait_for_socket();
+        containerd.wait_until_serving();
         import_images(&containerd.socket, &containerd.dir.join("images")).expect("images");
         containerd
     }
 
-    fn wait_for_socket(&self) {
+    fn wait_until_serving(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.socket.exists() {
+        while !serving(&self.socket) {
             assert!(
                 Instant::now() < deadline,
                 "containerd never served its socket: {}",

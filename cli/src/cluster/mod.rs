@@ -527,7 +527,7 @@ async fn start_containerds(
         }
         let socket = containerd::socket(&dir);
         let deadline = Instant::now() + CONTAINERD_TIMEOUT;
-        while containerd::ctr(&socket, &["version"]).is_err() {
+        while !containerd::serving(&socket) {
             let record = &state.daemons[position];
             if Instant::now() > deadline || record.running.is_some_and(|r| !r.alive()) {
                 return Err(ClusterError::ContainerdNotReady {
