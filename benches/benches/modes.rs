@@ -15,7 +15,7 @@
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf};
 
-use wharf_tests::{node::Node, services::nth, vm::Vm};
+use wharf_tests::{node::Node, services::nth, vm};
 
 /// `iptables-legacy` is the iptables mode on a node whose rules live in
 /// the legacy backend (seeded with one legacy rule, which the agent's
@@ -137,13 +137,13 @@ fn chosen<T: Copy + ToString>(list: &[T], name: &str) -> Vec<T> {
 /// has IPVS; returns its exit status.
 fn run_in_vm(modes: &[&str], sizes: &[u32]) -> i32 {
     let sizes: Vec<String> = sizes.iter().map(u32::to_string).collect();
-    let run = Vm::for_this_binary("modes")
-        .env("WHARF_BENCH_MODES", &modes.join(","))
-        .env("WHARF_BENCH_SIZES", &sizes.join(","))
-        .run(
-            "/wharf/deps/modes --bench\n",
-            std::time::Duration::from_secs(7200),
-        );
+    let run = vm::run(
+        &vm::for_this_binary("modes")
+            .env("WHARF_BENCH_MODES", &modes.join(","))
+            .env("WHARF_BENCH_SIZES", &sizes.join(",")),
+        "/wharf/deps/modes --bench\n",
+        std::time::Duration::from_secs(7200),
+    );
     println!("{}", run.console);
     run.status
 }

@@ -1,7 +1,9 @@
-//! `wharf bench routing` end to end, small: two modes (socket-LB eBPF and
-//! iptables) at 1 and 20 services, one short round of each load. Checks
+//! `wharf bench routing` end to end, small: three modes (socket-LB eBPF,
+//! iptables, and IPVS, which runs in a VM where this host's kernel has no
+//! ip_vs) at 1 and 20 services, one short round of each load. Checks
 //! that every figure was measured (not what it is: performance lives in
-//! the committed results, not in tests), that the files are written, and
+//! the committed results, not in tests), that the VM's points are marked
+//! as such and kept out of the charts, that the files are written, and
 //! that the mode clusters are gone afterwards.
 
 use std::{
@@ -11,7 +13,7 @@ use std::{
 
 use wharf_tests::{fixture::require_root, lab::workspace_binary};
 
-const CLUSTERS: [&str; 2] = ["wbebpf", "wbiptables"];
+const CLUSTERS: [&str; 3] = ["wbebpf", "wbiptables", "wbipvs"];
 
 fn wharf(clusters: &Path, args: &[&str]) -> std::process::Output {
     Command::new(workspace_binary("wharf"))
@@ -39,12 +41,13 @@ fn bench_routing_measures_every_mode_and_cleans_up() {
     let clusters = std::env::temp_dir().join("wharf-bench-e2e");
     let _cleanup = Cleanup(clusters.clone());
     let out = clusters.join("results");
+    let in_vm = !wharf_agent::ipvs::Kernel::available();
     let _ = std::fs::remove_dir_all(&out);
     let wharf = |args: &[&str]| wharf(&clusters, args);
     let run = wharf(&[
         "bench",
         "routing",
-        "--modes=ebpf,iptables",
+        "--modes=ebpf,iptables,ipvs",
         "--services=1,20",
         "--duration=1",
         "--rounds=1",
@@ -74,13 +77,26 @@ fn bench_routing_measures_every_mode_and_cleans_up() {
         .collect();
     assert_eq!(
         seen,
-        [("ebpf", 1), ("ebpf", 20), ("iptables", 1), ("iptables", 20)]
-            .map(|(m, n)| (m.to_string(), n)),
+        [
+            ("ebpf", 1),
+            ("ebpf", 20),
+            ("iptables", 1),
+            ("iptables", 20),
+            ("ipvs", 1),
+            ("ipvs", 20)
+        ]
+        .map(|(m, n)| (m.to_string(), n)),
         "{printed}"
     );
     for point in points {
         let what = format!("{} at {}", point["mode"], point["services"]);
         assert!(point["error"].is_null(), "{what}: {}", point["error"]);
+        assert_eq!(
+            point["vm"].is_string(),
+            in_vm && point["mode"] == "ipvs",
+            "{what}: {}",
+            point["vm"]
+        );
         assert!(point["full_sync_ms"].as_f64().unwrap() > 0.0, "{what}");
         let changes = point["programming_ms"].as_array().unwrap();
         assert_eq!(changes.len(), 3, "{what}");
@@ -113,11 +129,14 @@ fn bench_routing_measures_every_mode_and_cleans_up() {
         }
     }
     let table = std::fs::read_to_string(out.join("results.md")).expect("results.md");
-    assert_eq!(
-        table.lines().filter(|l| l.starts_with("| ebpf | ")).count(),
-        2,
-        "{table}"
-    );
+    let ipvs_row = if in_vm { "| ipvs (VM) | " } else { "| ipvs | " };
+    for row in ["| ebpf | ", ipvs_row] {
+        assert_eq!(
+            table.lines().filter(|l| l.starts_with(row)).count(),
+            2,
+            "{table}"
+        );
+    }
     for chart in [
         "keepalive-rate.svg",
         "crr-p99.svg",
@@ -127,6 +146,7 @@ fn bench_routing_measures_every_mode_and_cleans_up() {
     ] {
         let svg = std::fs::read_to_string(out.join(chart)).expect(chart);
         assert!(svg.contains("<polyline"), "{chart} draws lines");
+        assert_eq!(svg.contains(">ipvs"), !in_vm, "{chart}: {svg}");
     }
 
     for cluster in CLUSTERS {

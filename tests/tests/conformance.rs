@@ -9,7 +9,7 @@ use std::{fs, process::Command, thread, time::Duration};
 
 use wharf_tests::{
     node::{Node, both, tally},
-    vm::Vm,
+    vm,
 };
 
 /// Responses by backend, not checking peers (affinity and policy cases).
@@ -334,12 +334,11 @@ fn iptables_mode_uses_the_backend_the_node_already_uses() {
 /// from Debian's kernel (this host's has no IPVS).
 #[test]
 fn ipvs_in_a_vm() {
-    let run = Vm::for_this_binary("conformance")
-        .env("RUST_BACKTRACE", "1")
-        .run(
-            "/wharf/deps/conformance --include-ignored --test-threads 1 ipvs:: switching_from_ipvs\n",
-            Duration::from_secs(900),
-        );
+    let run = vm::run(
+        &vm::for_this_binary("conformance").env("RUST_BACKTRACE", "1"),
+        "/wharf/deps/conformance --include-ignored --test-threads 1 ipvs:: switching_from_ipvs\n",
+        Duration::from_secs(900),
+    );
     assert_eq!(
         run.status, 0,
         "the IPVS cases failed in the VM:\n{}",

@@ -23,6 +23,7 @@
 //! Results are written after each mode (see `report.rs`), so an
 //! interrupted run keeps what it measured.
 
+mod in_vm;
 pub mod load;
 mod report;
 mod wrk;
@@ -78,7 +79,7 @@ pub enum BenchMode {
     EbpfTc,
     Iptables,
     Nftables,
-    /// Needs the kernel's ip_vs (reported as incomplete without it).
+    /// On a kernel without ip_vs, measured in a VM (`in_vm`).
     Ipvs,
 }
 
@@ -125,7 +126,7 @@ pub struct RoutingArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "ebpf,ebpf-tc,iptables,nftables"
+        default_value = "ebpf,ebpf-tc,iptables,nftables,ipvs"
     )]
     pub modes: Vec<BenchMode>,
     /// Service counts, each with its filler Services.
@@ -198,6 +199,17 @@ pub enum BenchError {
     },
     #[error("{program} not found: {hint}")]
     Missing { program: String, hint: &'static str },
+    #[error(transparent)]
+    Vm(#[from] wharf_cli::vm::VmError),
+    #[error(
+        "the run in the VM exited {status} without results ({source}); its console ended:\n{console_tail}"
+    )]
+    VmResults {
+        status: i32,
+        #[source]
+        source: serde_json::Error,
+        console_tail: String,
+    },
 }
 
 fn api_error(what: impl Into<String>) -> impl FnOnce(kube::Error) -> BenchError {
@@ -259,12 +271,7 @@ pub async fn routing(
             })
             .collect();
         if mode == BenchMode::Ipvs && !wharf_agent::ipvs::Kernel::available() {
-            for point in &mut points {
-                point.error = Some(
-                    "this kernel has no ip_vs; IPVS is measured in a VM by `cargo bench --bench modes`"
-                        .into(),
-                );
-            }
+            in_vm::measure(host, args, &mut points, &mut progress).await;
         } else {
             run_mode(host, args, mode, &exe, &mut points, &mut progress).await;
         }

@@ -42,6 +42,12 @@ pub struct Settings {
 pub struct Point {
     pub mode: String,
     pub services: u32,
+    /// The machine the point was measured on when not this host: a
+    /// software-emulated VM (IPVS where the host has no ip_vs), tens of
+    /// times slower, so only its ratios to its own direct baseline
+    /// compare with the other modes'. Left out of the charts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
     /// Why the point is incomplete, if it is.
     pub error: Option<String>,
     /// From the first filler created to the client's node having
@@ -129,11 +135,25 @@ impl Results {
             ),
             ("results.md".to_string(), self.markdown()),
         ];
-        files.extend(self.charts());
+        files.extend(self.measured_here().charts());
         for (name, text) in &files {
             std::fs::write(dir.join(name), text)?;
         }
         Ok(files.into_iter().map(|(name, _)| name).collect())
+    }
+
+    /// The run without the points measured in a VM, whose emulated
+    /// scale would flatten the host's lines in a chart.
+    fn measured_here(&self) -> Self {
+        Self {
+            points: self
+                .points
+                .iter()
+                .filter(|p| p.vm.is_none())
+                .cloned()
+                .collect(),
+            ..self.clone()
+        }
     }
 
     fn modes(&self) -> Vec<String> {
@@ -182,7 +202,8 @@ impl Results {
              | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         );
         for point in &self.points {
-            let _ = write!(text, "| {} | {} |", point.mode, point.services);
+            let machine = if point.vm.is_some() { " (VM)" } else { "" };
+            let _ = write!(text, "| {}{machine} | {} |", point.mode, point.services);
             for kind in [LoadKind::KeepAlive, LoadKind::Crr, LoadKind::Udp] {
                 match point.load(kind, Target::Service) {
                     Some(s) => {
@@ -214,14 +235,26 @@ impl Results {
             }
             text.push('\n');
         }
+        let mut machines: Vec<&str> = self.points.iter().filter_map(|p| p.vm.as_deref()).collect();
+        machines.dedup();
+        for machine in machines {
+            let _ = writeln!(
+                text,
+                "\nRows marked (VM) were measured in a VM, {machine}, as this host's kernel has \
+                 no ip_vs: emulation makes every figure there tens of times slower, so only their \
+                 ratios to the VM's own direct baseline compare with the other rows. The charts \
+                 leave them out."
+            );
+        }
         let errors: Vec<&Point> = self.points.iter().filter(|p| p.error.is_some()).collect();
         if !errors.is_empty() {
             text.push_str("\nIncomplete points:\n\n");
             for point in errors {
                 let _ = writeln!(
                     text,
-                    "- {} at {} services: {}",
+                    "- {}{} at {} services: {}",
                     point.mode,
+                    if point.vm.is_some() { " (VM)" } else { "" },
                     point.services,
                     point.error.as_deref().unwrap_or_default()
                 );
@@ -546,6 +579,7 @@ mod tests {
         let point = |mode: &str, services: u32, service: f64| Point {
             mode: mode.into(),
             services,
+            vm: None,
             error: None,
             fill_s: Some(0.5),
             full_sync_ms: Some(f64::from(services) / 10.0 + 1.0),
@@ -598,6 +632,10 @@ mod tests {
                     error: Some("not programmed within 300 s".into()),
                     ..point("iptables", 1_000, 30_000.0)
                 },
+                Point {
+                    vm: Some("qemu TCG".into()),
+                    ..point("ipvs", 1, 1_000.0)
+                },
             ],
         }
     }
@@ -637,11 +675,16 @@ mod tests {
             2
         );
         assert!(table.contains("- iptables at 1000 services: not programmed within 300 s"));
+        assert!(
+            table.contains("| ipvs (VM) | 1 | 1,000 (0.03) |")
+                && table.contains("measured in a VM, qemu TCG,"),
+            "{table}"
+        );
     }
 
     #[test]
     fn charts_draw_a_line_per_mode_and_the_baseline() {
-        let charts = results().charts();
+        let charts = results().measured_here().charts();
         let names: Vec<&str> = charts.iter().map(|(name, _)| name.as_str()).collect();
         assert!(names.contains(&"keepalive-rate.svg") && names.contains(&"programming.svg"));
         let (_, keep_alive) = charts
@@ -657,6 +700,7 @@ mod tests {
         );
         assert!(keep_alive.contains(">direct to pod</text>"));
         for (name, svg) in &charts {
+            assert!(!svg.contains(">ipvs"), "{name} leaves the VM's points out");
             assert!(
                 svg.starts_with("<svg") && svg.ends_with("</svg>\n"),
                 "{name}"

@@ -247,7 +247,7 @@ impl Host {
         Layout::new(name, slot, &self.clusters_dir, &self.cgroup_root)
     }
 
-    fn binary(&self, name: &str) -> Result<PathBuf, ClusterError> {
+    pub(crate) fn binary(&self, name: &str) -> Result<PathBuf, ClusterError> {
         let path = self.bin_dir.join(name);
         if path.exists() {
             Ok(path)
