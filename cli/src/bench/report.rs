@@ -95,6 +95,14 @@ pub struct Load {
 }
 
 impl Point {
+    /// The mode, marked `(VM)` when measured in one.
+    fn label(&self) -> String {
+        match self.vm {
+            Some(_) => format!("{} (VM)", self.mode),
+            None => self.mode.clone(),
+        }
+    }
+
     /// The median round (by rate) of `kind` load to `target`.
     pub fn load(&self, kind: LoadKind, target: Target) -> Option<&Summary> {
         let mut runs: Vec<&Summary> = self
@@ -202,8 +210,7 @@ impl Results {
              | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         );
         for point in &self.points {
-            let machine = if point.vm.is_some() { " (VM)" } else { "" };
-            let _ = write!(text, "| {}{machine} | {} |", point.mode, point.services);
+            let _ = write!(text, "| {} | {} |", point.label(), point.services);
             for kind in [LoadKind::KeepAlive, LoadKind::Crr, LoadKind::Udp] {
                 match point.load(kind, Target::Service) {
                     Some(s) => {
@@ -252,9 +259,8 @@ impl Results {
             for point in errors {
                 let _ = writeln!(
                     text,
-                    "- {}{} at {} services: {}",
-                    point.mode,
-                    if point.vm.is_some() { " (VM)" } else { "" },
+                    "- {} at {} services: {}",
+                    point.label(),
                     point.services,
                     point.error.as_deref().unwrap_or_default()
                 );
