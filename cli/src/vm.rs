@@ -175,9 +175,7 @@ impl Vm {
     /// Boots the VM and runs `script` (busybox sh) as root; gives up
     /// after `timeout`.
     pub fn run(&self, script: &str, timeout: Duration) -> Result<VmRun, VmError> {
-        let kernel_root = Path::new(KERNEL_ROOT);
-        let vmlinuz = only_entry(&kernel_root.join("boot"), "vmlinuz-")?;
-        let modules_root = only_entry(&kernel_root.join("lib/modules"), "")?;
+        let vmlinuz = only_entry(&Path::new(KERNEL_ROOT).join("boot"), "vmlinuz-")?;
         let staging = tempfile::tempdir().map_err(io_error(Path::new("/tmp")))?;
         let root = staging.path().join("root");
         for dir in ["bin", "proc", "sys", "dev", "run", "tmp", "modules", "etc"] {
@@ -199,7 +197,7 @@ impl Vm {
             let inside = root.join(library.strip_prefix("/").unwrap_or(&library));
             copy(&library, &inside)?;
         }
-        let order = module_order(&modules_root.join("kernel"), &self.modules)?;
+        let order = module_order(&modules_dir()?, &self.modules)?;
         let mut names = Vec::new();
         for module in &order {
             let name = module
@@ -347,6 +345,11 @@ impl Vm {
             }),
         }
     }
+}
+
+/// The unpacked kernel's module tree (`lib/modules/<release>/kernel`).
+fn modules_dir() -> Result<PathBuf, VmError> {
+    Ok(only_entry(&Path::new(KERNEL_ROOT).join("lib/modules"), "")?.join("kernel"))
 }
 
 /// The one entry of `dir` whose name starts with `prefix`.
@@ -497,11 +500,7 @@ mod tests {
 
     #[test]
     fn module_dependencies_come_from_modinfo() {
-        let kernel = Path::new(KERNEL_ROOT);
-        let modules = only_entry(&kernel.join("lib/modules"), "")
-            .unwrap()
-            .join("kernel");
-        let order = module_order(&modules, &["ip_vs_rr".into()]).unwrap();
+        let order = module_order(&modules_dir().unwrap(), &["ip_vs_rr".into()]).unwrap();
         let names: Vec<String> = order
             .iter()
             .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
@@ -513,11 +512,7 @@ mod tests {
 
     #[test]
     fn a_missing_module_is_named() {
-        let kernel = Path::new(KERNEL_ROOT);
-        let modules = only_entry(&kernel.join("lib/modules"), "")
-            .unwrap()
-            .join("kernel");
-        let error = module_order(&modules, &["no_such_module".into()]).unwrap_err();
+        let error = module_order(&modules_dir().unwrap(), &["no_such_module".into()]).unwrap_err();
         assert!(error.to_string().contains("no_such_module"), "{error}");
     }
 }
